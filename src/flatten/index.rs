@@ -1,0 +1,204 @@
+//! Pass 1: read one layer's tar stream and record what each entry does (metadata only, no
+//! content), checking the layer's digests on the way. Layers are independent here, so they
+//! are indexed in parallel; the order of layers only matters when the indexes are merged.
+
+use std::io::Read;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::path::{classify, normalize, Name};
+use crate::source::Image;
+use crate::tarfmt::{Kind, Meta};
+
+/// What one layer entry does to the tree.
+#[derive(Debug)]
+pub enum Op {
+    Whiteout(String),
+    Opaque(String),
+    Put { ordinal: u32, path: String, meta: Meta },
+}
+
+/// Small files whose final content the targets need (users, OS release), kept from pass 1.
+pub const CAPTURE: &[&str] = &[
+    "etc/passwd",
+    "etc/group",
+    "etc/os-release",
+    "usr/lib/os-release",
+    "etc/alpine-release",
+    "etc/wsl.conf",
+];
+/// Largest captured file.
+const CAPTURE_MAX: u64 = 1 << 20;
+
+pub struct Captured {
+    pub ordinal: u32,
+    pub path: String,
+    pub data: Vec<u8>,
+}
+
+pub struct LayerIndex {
+    pub ops: Vec<Op>,
+    pub captured: Vec<Captured>,
+}
+
+/// Read pax records a layer entry carries: xattrs and the numeric fields that override the
+/// ustar header.
+struct Pax {
+    xattrs: Vec<(String, Vec<u8>)>,
+    uid: Option<u64>,
+    gid: Option<u64>,
+    mtime: Option<u64>,
+}
+
+fn pax<R: Read>(e: &mut tar::Entry<R>) -> Result<Pax> {
+    let mut p = Pax {
+        xattrs: Vec::new(),
+        uid: None,
+        gid: None,
+        mtime: None,
+    };
+    if let Some(exts) = e.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            let Ok(key) = ext.key() else { continue };
+            let num = || {
+                std::str::from_utf8(ext.value_bytes())
+                    .ok()
+                    .and_then(|v| v.split('.').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                p.xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+            } else if key == "uid" {
+                p.uid = num();
+            } else if key == "gid" {
+                p.gid = num();
+            } else if key == "mtime" {
+                p.mtime = num();
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// The metadata of one tar entry.
+fn meta_of<R: Read>(e: &mut tar::Entry<R>, path: &str) -> Result<Meta> {
+    let h = e.header();
+    let ty = h.entry_type();
+    let dev = |h: &tar::Header| -> Result<(u32, u32)> {
+        Ok((
+            h.device_major()?.unwrap_or(0),
+            h.device_minor()?.unwrap_or(0),
+        ))
+    };
+    let link = |e: &tar::Entry<R>| -> Result<Vec<u8>> {
+        e.link_name_bytes()
+            .map(|b| b.into_owned())
+            .ok_or_else(|| anyhow!("{path}: link without a target"))
+    };
+    let kind = match ty {
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => Kind::File,
+        tar::EntryType::Directory => Kind::Dir,
+        tar::EntryType::Symlink => {
+            let t = link(e)?;
+            if t.contains(&0) {
+                bail!("symlink {path} has a NUL byte in its target");
+            }
+            let t = String::from_utf8(t).map_err(|_| anyhow!("symlink {path}: target is not UTF-8"))?;
+            Kind::Symlink(t)
+        }
+        tar::EntryType::Link => {
+            let t = normalize(&link(e)?).with_context(|| format!("hard link {path}"))?;
+            if t.is_empty() {
+                bail!("hard link {path} points to the root folder");
+            }
+            Kind::Hardlink(t)
+        }
+        tar::EntryType::Char => {
+            let (a, b) = dev(h)?;
+            Kind::Char(a, b)
+        }
+        tar::EntryType::Block => {
+            let (a, b) = dev(h)?;
+            Kind::Block(a, b)
+        }
+        tar::EntryType::Fifo => Kind::Fifo,
+        other => bail!("{path}: unsupported tar entry type {other:?}"),
+    };
+    let size = if kind == Kind::File { e.size() } else { 0 };
+    let h = e.header();
+    let (mode, uid, gid, mtime) = (h.mode()?, h.uid()?, h.gid()?, h.mtime()?);
+    let p = pax(e)?;
+    Ok(Meta {
+        kind,
+        mode: mode & 0o7777,
+        uid: p.uid.unwrap_or(uid),
+        gid: p.gid.unwrap_or(gid),
+        mtime: p.mtime.unwrap_or(mtime),
+        size,
+        xattrs: p.xattrs,
+    })
+}
+
+/// Index layer `i` of `image`.
+pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<LayerIndex> {
+    let reader = image.open_layer(i, Some(counter))?;
+    let mut ar = tar::Archive::new(reader);
+    let mut ops = Vec::new();
+    let mut captured = Vec::new();
+    let mut ordinal: u32 = 0;
+    let entries = ar.entries().context("reading the layer as tar")?;
+    for entry in entries {
+        crate::signals::check()?;
+        let mut e = entry.context("reading a tar entry (truncated or corrupt layer?)")?;
+        let this = ordinal;
+        ordinal += 1;
+        let ty = e.header().entry_type();
+        if matches!(ty, tar::EntryType::XGlobalHeader) {
+            continue;
+        }
+        let raw = e.path_bytes().into_owned();
+        let name = classify(&raw).with_context(|| format!("entry {}", String::from_utf8_lossy(&raw)))?;
+        match name {
+            Name::Root | Name::Ignored => {}
+            Name::Whiteout(p) => ops.push(Op::Whiteout(p)),
+            Name::Opaque(p) => ops.push(Op::Opaque(p)),
+            Name::Path(path) => {
+                let meta = meta_of(&mut e, &path)?;
+                if meta.kind == Kind::File {
+                    if CAPTURE.contains(&path.as_str()) && meta.size <= CAPTURE_MAX {
+                        let mut data = Vec::with_capacity(meta.size as usize);
+                        e.read_to_end(&mut data)
+                            .with_context(|| format!("reading {path}"))?;
+                        check_len(&path, data.len() as u64, meta.size)?;
+                        captured.push(Captured {
+                            ordinal: this,
+                            path: path.clone(),
+                            data,
+                        });
+                    } else {
+                        let n = std::io::copy(&mut e, &mut std::io::sink())
+                            .with_context(|| format!("reading {path}"))?;
+                        check_len(&path, n, meta.size)?;
+                    }
+                }
+                ops.push(Op::Put {
+                    ordinal: this,
+                    path,
+                    meta,
+                });
+            }
+        }
+    }
+    ar.into_inner().finish()?;
+    Ok(LayerIndex { ops, captured })
+}
+
+pub fn check_len(path: &str, got: u64, want: u64) -> Result<()> {
+    if got != want {
+        bail!("{path}: layer ends after {got} of {want} bytes (truncated layer)");
+    }
+    Ok(())
+}

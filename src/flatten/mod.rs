@@ -1,0 +1,269 @@
+//! Flattening: an image's layers → one rootfs tar stream, with OCI whiteout semantics.
+//!
+//! Two passes keep memory bounded by the number of paths, never by file sizes:
+//! 1. [`index`] reads every layer (in parallel), checks its digests and records each entry's
+//!    metadata; the indexes are merged bottom to top into a [`tree::Tree`] of the final rootfs.
+//! 2. [`emit`] writes that tree to a [`Sink`]: folders first (sorted, so parents precede
+//!    children), then symlinks, devices and fifos (sorted), then regular files streamed from
+//!    their layers in layer order, then hard links (sorted), each after its target.
+//!    The output depends only on the image, never on timing.
+
+pub mod index;
+pub mod path;
+pub mod tree;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::progress::Progress;
+use crate::source::Image;
+use crate::tarfmt::{Kind, Meta};
+use index::{check_len, LayerIndex};
+use tree::{Node, Tree};
+
+/// Where the flattened rootfs goes, entry by entry. Paths are relative, without `./`.
+pub trait Sink {
+    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()>;
+    fn data(&mut self, buf: &[u8]) -> Result<()>;
+    fn end(&mut self) -> Result<()>;
+}
+
+/// What the targets learn about the image before any byte is written.
+#[derive(Debug, Default, Clone)]
+pub struct Facts {
+    /// Final content of the small files listed in [`index::CAPTURE`] that the image has,
+    /// symlinks (like `etc/os-release` → `../usr/lib/os-release`) resolved.
+    pub files: HashMap<String, Vec<u8>>,
+    /// Paths of the final tree.
+    pub paths: usize,
+    /// Bytes of regular-file content.
+    pub content_bytes: u64,
+}
+
+impl Facts {
+    pub fn text(&self, path: &str) -> Option<&str> {
+        self.files.get(path).and_then(|b| std::str::from_utf8(b).ok())
+    }
+}
+
+/// The result of pass 1.
+pub struct Plan {
+    tree: Tree,
+    pub facts: Facts,
+    /// Per layer: ordinal → (path, meta) of the regular files whose content comes from it.
+    files: Vec<BTreeMap<u32, (String, Meta)>>,
+    /// Non-folder, non-regular entries (sorted by path).
+    specials: Vec<(String, Meta)>,
+    /// Second and later paths of an inode (sorted by path).
+    links: Vec<(String, Meta)>,
+}
+
+impl Plan {
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+}
+
+/// Interval at which the progress bar of the parallel pass is refreshed.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Pass 1: index every layer, in parallel, and merge.
+pub fn index(image: &Image, progress: &Progress) -> Result<Plan> {
+    let n = image.layers.len();
+    let total: u64 = image.layers.iter().filter_map(|l| l.size).sum();
+    let mut task = progress.task("reading layers", total);
+    let counter = Arc::new(AtomicU64::new(0));
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<LayerIndex>>>> =
+        Mutex::new((0..n).map(|_| None).collect());
+    let workers = std::thread::available_parallelism()
+        .map(|p| p.get())
+        .unwrap_or(1)
+        .min(n.max(1));
+    let exited = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= n {
+                        break;
+                    }
+                    let r = index::index_layer(image, i, counter.clone()).with_context(|| {
+                        format!("layer {} of {} ({})", i + 1, n, image.layers[i].key)
+                    });
+                    if r.is_err() {
+                        // Stop handing out work; the error is reported below.
+                        next.store(n, Ordering::SeqCst);
+                    }
+                    results.lock().expect("poisoned")[i] = Some(r);
+                }
+                exited.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        while exited.load(Ordering::SeqCst) < workers {
+            task.set(counter.load(Ordering::Relaxed));
+            std::thread::sleep(TICK);
+        }
+    });
+    task.set(counter.load(Ordering::Relaxed));
+    let mut tree = Tree::default();
+    let mut captured = Vec::new();
+    for (i, r) in results.into_inner().expect("poisoned").into_iter().enumerate() {
+        let idx = match r {
+            Some(r) => r?,
+            None => bail!("layer {} was not read (an earlier layer failed)", i + 1),
+        };
+        tree.apply(i as u32, idx.ops)
+            .with_context(|| format!("applying layer {} of {n} ({})", i + 1, image.layers[i].key))?;
+        captured.push(idx.captured);
+    }
+    let plan = plan(tree, captured, n);
+    task.finish(&format!(
+        "{n} layers, {} paths, {} MB of files",
+        plan.facts.paths,
+        plan.facts.content_bytes / 1_000_000
+    ));
+    Ok(plan)
+}
+
+fn plan(tree: Tree, captured: Vec<Vec<index::Captured>>, layers: usize) -> Plan {
+    // Group paths by inode; the first-created surviving path of each carries the content.
+    let mut paths_of: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    for (p, e) in &tree.entries {
+        if let Node::Inode(n) = e.node {
+            paths_of.entry(n).or_default().push(p);
+        }
+    }
+    let mut files = vec![BTreeMap::new(); layers];
+    let mut specials = Vec::new();
+    let mut links = Vec::new();
+    let mut content_bytes = 0;
+    for (n, paths) in &paths_of {
+        let ino = &tree.inodes[*n as usize];
+        let primary = paths
+            .iter()
+            .find(|p| **p == ino.origin)
+            .unwrap_or(&paths[0])
+            .to_string();
+        for p in paths.iter().filter(|p| **p != primary) {
+            let mut m = ino.meta.clone();
+            m.kind = Kind::Hardlink(primary.clone());
+            m.size = 0;
+            links.push((p.to_string(), m));
+        }
+        if ino.meta.kind == Kind::File {
+            content_bytes += ino.meta.size;
+            files[ino.layer as usize].insert(ino.ordinal, (primary, ino.meta.clone()));
+        } else {
+            specials.push((primary, ino.meta.clone()));
+        }
+    }
+    specials.sort_by(|a, b| a.0.cmp(&b.0));
+    links.sort_by(|a, b| a.0.cmp(&b.0));
+
+    // The final content of captured files: only where the tree's inode is that very entry.
+    let mut facts = Facts {
+        paths: tree.len(),
+        content_bytes,
+        ..Default::default()
+    };
+    let mut by_source = HashMap::new();
+    for (layer, caps) in captured.into_iter().enumerate() {
+        for c in caps {
+            by_source.insert((layer as u32, c.ordinal), c);
+        }
+    }
+    for want in index::CAPTURE {
+        let mut p = want.to_string();
+        // Follow a few symlinks (etc/os-release → ../usr/lib/os-release).
+        for _ in 0..4 {
+            match tree.inode_at(&p) {
+                Some(ino) => match &ino.meta.kind {
+                    Kind::Symlink(t) => p = path::resolve_link(path::parent(&p), t),
+                    Kind::File => {
+                        if let Some(c) = by_source.get(&(ino.layer, ino.ordinal)) {
+                            facts.files.insert(want.to_string(), c.data.clone());
+                        }
+                        break;
+                    }
+                    _ => break,
+                },
+                None => break,
+            }
+        }
+    }
+    Plan {
+        tree,
+        facts,
+        files,
+        specials,
+        links,
+    }
+}
+
+/// Chunk size for streaming file content.
+const CHUNK: usize = 256 << 10;
+
+/// Pass 2: write the tree to `sink`.
+pub fn emit(image: &Image, plan: &Plan, sink: &mut dyn Sink, progress: &Progress) -> Result<()> {
+    let mut task = progress.task("writing rootfs", plan.facts.content_bytes);
+    for (p, e) in &plan.tree.entries {
+        if let Node::Dir(m) = &e.node {
+            sink.begin(p, m)?;
+            sink.end()?;
+        }
+    }
+    for (p, m) in &plan.specials {
+        sink.begin(p, m)?;
+        sink.end()?;
+    }
+    let mut buf = vec![0u8; CHUNK];
+    for (layer, wanted) in plan.files.iter().enumerate() {
+        if wanted.is_empty() {
+            continue;
+        }
+        let reader = image.open_layer(layer, None)?;
+        let mut ar = tar::Archive::new(reader);
+        let mut left = wanted.len();
+        let what = || format!("layer {} ({})", layer + 1, image.layers[layer].key);
+        for (ordinal, entry) in ar.entries().with_context(what)?.enumerate() {
+            crate::signals::check()?;
+            let mut e = entry.with_context(what)?;
+            let Some((p, m)) = wanted.get(&(ordinal as u32)) else {
+                continue;
+            };
+            sink.begin(p, m)?;
+            let mut n = 0u64;
+            loop {
+                let k = e.read(&mut buf).with_context(|| format!("reading {p}"))?;
+                if k == 0 {
+                    break;
+                }
+                n += k as u64;
+                sink.data(&buf[..k])?;
+                task.inc(k as u64);
+            }
+            check_len(p, n, m.size)?;
+            sink.end()?;
+            left -= 1;
+            if left == 0 {
+                break;
+            }
+        }
+        if left != 0 {
+            bail!("{}: {left} files missing on the second read (the image changed while it was read)", what());
+        }
+    }
+    for (p, m) in &plan.links {
+        sink.begin(p, m)?;
+        sink.end()?;
+    }
+    task.finish(&format!("{} paths", plan.facts.paths));
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! alpine-boxes: the image factory of a homelab. The pipeline, in the order of `src/`:
+//! [`source`] (an image reference → config + layers) → [`flatten`] (layers → one rootfs tar
+//! stream) → [`target`] (WSL, LXD/Incus, plain rootfs writers) → [`output`] (atomic artifacts,
+//! `SHA256SUMS`, `manifest.json`). [`export`] drives it; [`cmd`] runs external tools.
+
+pub mod cli;
+pub mod cmd;
+pub mod export;
+pub mod flatten;
+pub mod output;
+pub mod progress;
+pub mod signals;
+pub mod source;
+pub mod tarfmt;
+pub mod target;

@@ -1,0 +1,239 @@
+//! Output files: each artifact is written under a temporary name in the output folder and only
+//! renamed to its final name when the whole run succeeded, so a failed or interrupted run leaves
+//! no artifact behind. Also the run's `SHA256SUMS` and `manifest.json`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// A file being written. Dropped without [`PendingFile::commit`], it removes itself.
+pub struct PendingFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: Option<File>,
+    committed: bool,
+}
+
+impl PendingFile {
+    pub fn create(dest: &Path) -> Result<Self> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        let name = dest
+            .file_name()
+            .with_context(|| format!("{} has no file name", dest.display()))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .or_else(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    std::fs::remove_file(&tmp)?;
+                    OpenOptions::new().write(true).create_new(true).open(&tmp)
+                } else {
+                    Err(e)
+                }
+            })
+            .with_context(|| {
+                format!(
+                    "cannot write in the output folder {} (is it writable? choose another with -o)",
+                    dir.display()
+                )
+            })?;
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            file: Some(file),
+            committed: false,
+        })
+    }
+
+    /// The temporary path (for tools that write the file themselves).
+    pub fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("file open until commit")
+    }
+
+    /// Flush to disk and move to the final name.
+    pub fn commit(mut self) -> Result<()> {
+        if let Some(f) = self.file.take() {
+            f.sync_all()
+                .with_context(|| format!("writing {}", self.tmp.display()))?;
+        }
+        std::fs::rename(&self.tmp, &self.dest)
+            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            drop(self.file.take());
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A writer that hashes and counts what passes through.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            len: 0,
+        }
+    }
+    pub fn finish(self) -> (W, String, u64) {
+        (self.inner, hex::encode(self.hasher.finalize()), self.len)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// sha256 and size of a file on disk, read as a stream.
+pub fn hash_file(path: &Path) -> Result<(String, u64)> {
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut w = HashingWriter::new(io::sink());
+    io::copy(&mut f, &mut w).with_context(|| format!("reading {}", path.display()))?;
+    let (_, sha, len) = w.finish();
+    Ok((sha, len))
+}
+
+/// One finished artifact, ready to be renamed into place.
+pub struct Artifact {
+    pub kind: &'static str,
+    pub file: PendingFile,
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Serialize)]
+struct ManifestArtifact<'a> {
+    kind: &'a str,
+    file: String,
+    size: u64,
+    sha256: &'a str,
+}
+
+#[derive(Serialize)]
+struct Manifest<'a> {
+    tool: String,
+    source: &'a str,
+    image: &'a ImageSummary,
+    artifacts: Vec<ManifestArtifact<'a>>,
+}
+
+/// What `manifest.json` says about the image the artifacts came from.
+#[derive(Serialize, Clone, Debug)]
+pub struct ImageSummary {
+    pub name: String,
+    /// Digest of the manifest (OCI) or of the config (docker-archive: the image ID).
+    pub digest: String,
+    pub config_digest: String,
+    pub architecture: String,
+    pub layers: usize,
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Rename every artifact into place, then write `SHA256SUMS` and `manifest.json` (atomically
+/// too). Nothing is renamed unless every artifact was complete.
+pub fn commit_all(
+    out_dir: &Path,
+    source: &str,
+    image: &ImageSummary,
+    artifacts: Vec<Artifact>,
+) -> Result<Vec<PathBuf>> {
+    let mut sums = String::new();
+    let mut entries = Vec::new();
+    for a in &artifacts {
+        let name = file_name(a.file.dest());
+        sums.push_str(&format!("{}  {}\n", a.sha256, name));
+        entries.push(ManifestArtifact {
+            kind: a.kind,
+            file: name,
+            size: a.size,
+            sha256: &a.sha256,
+        });
+    }
+    let manifest = Manifest {
+        tool: format!("abox {}", env!("CARGO_PKG_VERSION")),
+        source,
+        image,
+        artifacts: entries,
+    };
+    let mut sums_file = PendingFile::create(&out_dir.join("SHA256SUMS"))?;
+    sums_file.file().write_all(sums.as_bytes())?;
+    let mut man_file = PendingFile::create(&out_dir.join("manifest.json"))?;
+    {
+        let mut w = BufWriter::new(man_file.file());
+        serde_json::to_writer_pretty(&mut w, &manifest)?;
+        w.write_all(b"\n")?;
+        w.flush()?;
+    }
+    let mut paths = Vec::new();
+    for a in artifacts {
+        paths.push(a.file.dest().to_path_buf());
+        a.file.commit()?;
+    }
+    sums_file.commit()?;
+    man_file.commit()?;
+    Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_file_vanishes_unless_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("a.tar");
+        {
+            let mut p = PendingFile::create(&dest).unwrap();
+            p.file().write_all(b"half").unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let mut p = PendingFile::create(&dest).unwrap();
+        p.file().write_all(b"whole").unwrap();
+        p.commit().unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,292 @@
+//! Image sources: the first stage of the pipeline. A reference such as
+//! `docker-archive:PATH`, `oci:DIR[:REF]` or `oci-archive:PATH[:REF]` becomes an [`Image`]: its
+//! config, its layers in order, and a [`BlobStore`] to stream them from.
+
+pub mod blobs;
+mod docker_archive;
+pub mod layer;
+mod oci;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use oci_spec::image::ImageConfiguration;
+
+pub use blobs::BlobStore;
+pub use layer::{LayerDesc, LayerReader};
+
+/// A parsed image reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceRef {
+    DockerArchive { path: PathBuf, reference: Option<String> },
+    Oci { dir: PathBuf, reference: Option<String> },
+    OciArchive { path: PathBuf, reference: Option<String> },
+    Docker { name: String },
+}
+
+const TRANSPORTS: &str = "docker-archive:PATH, oci:DIR[:REF], oci-archive:PATH[:REF], docker:NAME";
+
+/// `PATH[:REF]`: the whole string when it names an existing file, else split at the last ':'.
+fn split_ref(s: &str) -> (PathBuf, Option<String>) {
+    if Path::new(s).exists() {
+        return (PathBuf::from(s), None);
+    }
+    match s.rsplit_once(':') {
+        Some((p, r)) if !p.is_empty() && !r.is_empty() && !r.contains('/') => {
+            (PathBuf::from(p), Some(r.to_string()))
+        }
+        _ => (PathBuf::from(s), None),
+    }
+}
+
+impl SourceRef {
+    pub fn parse(s: &str) -> Result<Self> {
+        if let Some(rest) = s.strip_prefix("docker-archive:") {
+            let (path, reference) = split_ref(rest);
+            return Ok(Self::DockerArchive { path, reference });
+        }
+        if let Some(rest) = s.strip_prefix("oci-archive:") {
+            let (path, reference) = split_ref(rest);
+            return Ok(Self::OciArchive { path, reference });
+        }
+        if let Some(rest) = s.strip_prefix("oci:") {
+            let (dir, reference) = split_ref(rest);
+            return Ok(Self::Oci { dir, reference });
+        }
+        if let Some(rest) = s.strip_prefix("docker:") {
+            return Ok(Self::Docker {
+                name: rest.trim_start_matches("//").to_string(),
+            });
+        }
+        // No transport: guess from what is on disk.
+        let p = Path::new(s);
+        if p.is_dir() {
+            return Ok(Self::Oci {
+                dir: p.to_path_buf(),
+                reference: None,
+            });
+        }
+        if p.is_file() {
+            let store = blobs::TarStore::open(p)?;
+            if store.contains("manifest.json") {
+                return Ok(Self::DockerArchive {
+                    path: p.to_path_buf(),
+                    reference: None,
+                });
+            }
+            if store.contains("index.json") {
+                return Ok(Self::OciArchive {
+                    path: p.to_path_buf(),
+                    reference: None,
+                });
+            }
+            bail!("{s} is not an image: it has neither manifest.json (docker save) nor index.json (OCI)");
+        }
+        bail!("{s}: no such file or folder, and no transport given (use one of {TRANSPORTS})")
+    }
+}
+
+/// An image ready to be flattened.
+pub struct Image {
+    /// The reference as the user gave it.
+    pub reference: String,
+    /// Short name used for output files (`<name>.rootfs.tar.gz`).
+    pub name: String,
+    /// Manifest digest (OCI) or config digest (docker-archive, where it is the image ID).
+    pub digest: String,
+    pub config_digest: String,
+    pub config: ImageConfiguration,
+    pub layers: Vec<LayerDesc>,
+    pub store: Box<dyn BlobStore>,
+}
+
+impl Image {
+    /// Open a layer's uncompressed tar stream.
+    pub fn open_layer(
+        &self,
+        i: usize,
+        counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    ) -> Result<LayerReader> {
+        let d = &self.layers[i];
+        LayerReader::open(self.store.open(&d.key)?, d, counter)
+    }
+
+    pub fn architecture(&self) -> String {
+        self.config.architecture().to_string()
+    }
+
+    pub fn summary(&self) -> crate::output::ImageSummary {
+        crate::output::ImageSummary {
+            name: self.name.clone(),
+            digest: self.digest.clone(),
+            config_digest: self.config_digest.clone(),
+            architecture: self.architecture(),
+            layers: self.layers.len(),
+        }
+    }
+}
+
+/// Options that choose among several images in one source.
+#[derive(Debug, Clone)]
+pub struct SelectOptions {
+    /// `os/arch[/variant]`.
+    pub platform: String,
+}
+
+impl Default for SelectOptions {
+    fn default() -> Self {
+        Self {
+            platform: "linux/amd64".into(),
+        }
+    }
+}
+
+pub fn open(reference: &str, opts: &SelectOptions) -> Result<Image> {
+    let r = SourceRef::parse(reference)?;
+    let mut img = match &r {
+        SourceRef::DockerArchive { path, reference } => {
+            require_file(path)?;
+            docker_archive::open(path, reference.as_deref())
+        }
+        SourceRef::Oci { dir, reference } => {
+            if !dir.is_dir() {
+                bail!("{}: no such OCI layout folder", dir.display());
+            }
+            let store = blobs::DirStore::new(dir);
+            oci::open(Box::new(store), dir, reference.as_deref(), opts)
+        }
+        SourceRef::OciArchive { path, reference } => {
+            require_file(path)?;
+            let store = blobs::TarStore::open(path)?;
+            oci::open(Box::new(store), path, reference.as_deref(), opts)
+        }
+        SourceRef::Docker { name } => bail!(
+            "docker:{name}: reading from the Docker engine is not available yet; \
+             `docker save {name} -o image.tar` and use docker-archive:image.tar"
+        ),
+    }
+    .with_context(|| format!("reading image {reference}"))?;
+    img.reference = reference.to_string();
+    Ok(img)
+}
+
+fn require_file(p: &Path) -> Result<()> {
+    if !p.is_file() {
+        bail!("{}: no such file", p.display());
+    }
+    Ok(())
+}
+
+/// A name safe for file names: the last path component of a repository, without tag or digest.
+pub fn short_name(reference: &str) -> String {
+    let no_digest = reference.split('@').next().unwrap_or(reference);
+    let last = no_digest.rsplit('/').next().unwrap_or(no_digest);
+    let no_tag = last.split(':').next().unwrap_or(last);
+    sanitize(no_tag)
+}
+
+/// Name from a file or folder: `alpine.tar` → `alpine`.
+pub fn name_from_path(p: &Path) -> String {
+    let stem = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = stem
+        .strip_suffix(".tar")
+        .or_else(|| stem.strip_suffix(".oci"))
+        .unwrap_or(&stem);
+    sanitize(stem)
+}
+
+fn sanitize(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s = s.trim_matches(|c| c == '.' || c == '-').to_string();
+    if s.is_empty() {
+        "image".into()
+    } else {
+        s
+    }
+}
+
+/// Read and check a small JSON blob against its digest.
+pub(crate) fn read_verified(store: &dyn BlobStore, key: &str, digest: Option<&str>) -> Result<Vec<u8>> {
+    use sha2::Digest;
+    let buf = store.read_small(key, blobs::MAX_JSON)?;
+    if let Some(d) = digest {
+        let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&buf)));
+        if actual != d {
+            bail!("{key}: digest mismatch: expected {d}, got {actual} — the image is corrupt");
+        }
+    }
+    Ok(buf)
+}
+
+/// Check that the config lists one diff_id per layer.
+pub(crate) fn diff_ids(config: &ImageConfiguration, layers: usize) -> Result<Vec<String>> {
+    let ids = config.rootfs().diff_ids().clone();
+    if ids.len() != layers {
+        bail!(
+            "the config lists {} layer diff_ids but the manifest has {layers} layers",
+            ids.len()
+        );
+    }
+    for id in &ids {
+        if !id.starts_with("sha256:") || id.len() != 71 {
+            bail!("unsupported diff_id {id:?} (only sha256 is supported)");
+        }
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_transports() {
+        assert_eq!(
+            SourceRef::parse("oci:/x/layout:v1").unwrap(),
+            SourceRef::Oci {
+                dir: "/x/layout".into(),
+                reference: Some("v1".into())
+            }
+        );
+        assert_eq!(
+            SourceRef::parse("docker-archive:/tmp/a.tar").unwrap(),
+            SourceRef::DockerArchive {
+                path: "/tmp/a.tar".into(),
+                reference: None
+            }
+        );
+        assert_eq!(
+            SourceRef::parse("docker:alpine-boxes/base:3.20").unwrap(),
+            SourceRef::Docker {
+                name: "alpine-boxes/base:3.20".into()
+            }
+        );
+        assert!(SourceRef::parse("/definitely/not/here").is_err());
+    }
+
+    #[test]
+    fn short_names() {
+        for (input, want) in [
+            ("alpine-boxes/base:3.20.3", "base"),
+            ("localhost:5000/x/docker-host:latest", "docker-host"),
+            ("busybox", "busybox"),
+            ("reg/img@sha256:abc", "img"),
+            ("we!rd name", "we-rd-name"),
+        ] {
+            assert_eq!(short_name(input), want, "{input}");
+        }
+        assert_eq!(name_from_path(Path::new("/a/alpine.tar")), "alpine");
+    }
+}

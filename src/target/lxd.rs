@@ -1,0 +1,278 @@
+//! LXD / Incus images. Unified: one `<name>.lxd.tar.gz` with `metadata.yaml` at its root,
+//! `templates/` and `rootfs/`. Split: `<name>.lxd-meta.tar.gz` (metadata + templates, the first
+//! argument of `lxc image import`) and `<name>.lxd-rootfs.squashfs`, made by streaming the
+//! rootfs tar into `tar2sqfs` (squashfs-tools-ng) — nothing is unpacked on disk.
+
+use std::io::BufWriter;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Result;
+
+use super::{os_release, os_release_get, Action, Extra, Fixup, Out, TarFileTarget, TarStream, Target};
+use crate::cmd::PipedChild;
+use crate::flatten::Facts;
+use crate::output::{hash_file, Artifact, PendingFile};
+use crate::tarfmt::{Meta, TarWriter};
+
+#[derive(Clone, Debug, Default)]
+pub struct LxdOptions {
+    pub name: String,
+    /// OCI architecture (`amd64`).
+    pub architecture: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
+/// LXD names architectures the kernel's way.
+pub fn lxd_arch(oci: &str) -> &str {
+    match oci {
+        "amd64" => "x86_64",
+        "arm64" => "aarch64",
+        "arm" => "armv7l",
+        "386" => "i686",
+        other => other,
+    }
+}
+
+/// A YAML double-quoted scalar (JSON string syntax is valid YAML).
+fn q(s: &str) -> String {
+    serde_json::to_string(s).expect("string serialises")
+}
+
+pub fn metadata_yaml(opts: &LxdOptions, facts: &Facts) -> String {
+    let rel = facts
+        .text("etc/os-release")
+        .or_else(|| facts.text("usr/lib/os-release"))
+        .map(os_release)
+        .unwrap_or_default();
+    let os = os_release_get(&rel, "ID").unwrap_or("linux");
+    let release = os_release_get(&rel, "VERSION_ID")
+        .map(str::to_string)
+        .or_else(|| facts.text("etc/alpine-release").map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    let pretty = os_release_get(&rel, "PRETTY_NAME").unwrap_or(os);
+    let serial = chrono::DateTime::from_timestamp(opts.created as i64, 0)
+        .map(|d| d.format("%Y%m%d_%H%M").to_string())
+        .unwrap_or_default();
+    format!(
+        "# Written by alpine-boxes.\n\
+         architecture: {arch}\n\
+         creation_date: {created}\n\
+         properties:\n\
+         \x20 architecture: {arch}\n\
+         \x20 os: {os}\n\
+         \x20 release: {release}\n\
+         \x20 variant: {variant}\n\
+         \x20 description: {desc}\n\
+         \x20 serial: {serial}\n\
+         templates:\n\
+         \x20 /etc/hostname:\n\
+         \x20   when:\n\
+         \x20     - create\n\
+         \x20     - copy\n\
+         \x20   template: hostname.tpl\n\
+         \x20 /etc/hosts:\n\
+         \x20   when:\n\
+         \x20     - create\n\
+         \x20     - copy\n\
+         \x20   template: hosts.tpl\n",
+        arch = q(lxd_arch(&opts.architecture)),
+        created = opts.created,
+        os = q(os),
+        release = q(&release),
+        variant = q(&opts.name),
+        desc = q(&format!("{pretty} ({}, {serial})", opts.name)),
+        serial = q(&serial),
+    )
+}
+
+const HOSTNAME_TPL: &str = "{{ container.name }}\n";
+const HOSTS_TPL: &str = "127.0.0.1   localhost\n\
+127.0.1.1   {{ container.name }}\n\
+::1         localhost ip6-localhost ip6-loopback\n\
+ff02::1     ip6-allnodes\n\
+ff02::2     ip6-allrouters\n";
+
+/// metadata.yaml and the templates, at the archive root.
+fn meta_entries(opts: &LxdOptions, facts: &Facts) -> Vec<Extra> {
+    let t = opts.created;
+    vec![
+        Extra::file("metadata.yaml", 0o644, metadata_yaml(opts, facts).into_bytes(), t),
+        Extra::dir("templates", t),
+        Extra::file("templates/hostname.tpl", 0o644, HOSTNAME_TPL.into(), t),
+        Extra::file("templates/hosts.tpl", 0o644, HOSTS_TPL.into(), t),
+    ]
+}
+
+/// Container fix-ups that apply to every LXD image.
+pub struct LxdFixup {
+    opts: LxdOptions,
+    /// Put metadata and templates in front (unified image only).
+    with_meta: bool,
+    facts: Facts,
+}
+
+impl Fixup for LxdFixup {
+    fn start(&mut self, facts: &Facts) -> Result<()> {
+        self.facts = facts.clone();
+        Ok(())
+    }
+    fn prologue(&mut self) -> Result<Vec<Extra>> {
+        Ok(if self.with_meta {
+            meta_entries(&self.opts, &self.facts)
+        } else {
+            Vec::new()
+        })
+    }
+    fn action(&mut self, path: &str, _meta: &Meta) -> Action {
+        if path == ".dockerenv" {
+            Action::Drop
+        } else {
+            Action::Keep
+        }
+    }
+}
+
+pub fn create_unified(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>> {
+    let dest = out_dir.join(format!("{}.lxd.tar.gz", opts.name));
+    let fixup = LxdFixup {
+        opts: opts.clone(),
+        with_meta: true,
+        facts: Facts::default(),
+    };
+    Ok(Box::new(TarFileTarget::create("lxd", &dest, true, "rootfs/", fixup)?))
+}
+
+/// The split image: a metadata tarball written at start, and the squashfs fed as we go.
+pub struct SplitTarget {
+    opts: LxdOptions,
+    meta_file: PendingFile,
+    squash_file: PendingFile,
+    child: Option<PipedChild>,
+    stream: Option<TarStream<LxdFixup>>,
+}
+
+pub fn create_split(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>> {
+    let meta_file = PendingFile::create(&out_dir.join(format!("{}.lxd-meta.tar.gz", opts.name)))?;
+    let squash_file = PendingFile::create(&out_dir.join(format!("{}.lxd-rootfs.squashfs", opts.name)))?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut child = PipedChild::spawn(
+        Command::new("tar2sqfs")
+            .args(["--quiet", "--force", "--no-skip", "--compressor", "xz"])
+            .args(["--num-jobs", &threads.to_string()])
+            .args(["--defaults", &format!("uid=0,gid=0,mode=0755,mtime={}", opts.created)])
+            .arg(squash_file.tmp_path()),
+    )?;
+    let stdin = child.take_stdin().expect("fresh child has stdin");
+    let fixup = LxdFixup {
+        opts: opts.clone(),
+        with_meta: false,
+        facts: Facts::default(),
+    };
+    let stream = TarStream::new(Out::Pipe(BufWriter::with_capacity(1 << 20, stdin)), "", fixup);
+    Ok(Box::new(SplitTarget {
+        opts: opts.clone(),
+        meta_file,
+        squash_file,
+        child: Some(child),
+        stream: Some(stream),
+    }))
+}
+
+impl SplitTarget {
+    fn stream(&mut self) -> &mut TarStream<LxdFixup> {
+        self.stream.as_mut().expect("stream open until finish")
+    }
+    /// A write into the pipe failed: the child's stderr says why.
+    fn piped(&mut self, r: Result<()>) -> Result<()> {
+        r.map_err(|e| match self.child.take() {
+            Some(c) => {
+                let io = e
+                    .downcast_ref::<std::io::Error>()
+                    .map(|i| std::io::Error::new(i.kind(), i.to_string()))
+                    .unwrap_or_else(|| std::io::Error::other(e.to_string()));
+                c.broken(io)
+            }
+            None => e,
+        })
+    }
+}
+
+impl Target for SplitTarget {
+    fn start(&mut self, facts: &Facts) -> Result<()> {
+        let mut out = Out::gzip(&mut self.meta_file)?;
+        {
+            let mut tar = TarWriter::new(&mut out);
+            for e in meta_entries(&self.opts, facts) {
+                tar.entry(&e.path, &e.meta, &e.data)?;
+            }
+            tar.finish()?;
+        }
+        out.close()?;
+        let r = self.stream().start(facts);
+        self.piped(r)
+    }
+    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
+        let r = self.stream().begin(path, meta);
+        self.piped(r)
+    }
+    fn data(&mut self, buf: &[u8]) -> Result<()> {
+        let r = self.stream().data(buf);
+        self.piped(r)
+    }
+    fn end(&mut self) -> Result<()> {
+        let r = self.stream().end();
+        self.piped(r)
+    }
+    fn finish(mut self: Box<Self>) -> Result<Vec<Artifact>> {
+        let stream = self.stream.take().expect("stream open until finish");
+        let r = stream.finish().and_then(|o| o.close());
+        self.piped(r)?;
+        self.child.take().expect("child until finish").wait()?;
+        let (ms, ml) = hash_file(self.meta_file.tmp_path())?;
+        let (ss, sl) = hash_file(self.squash_file.tmp_path())?;
+        let this = *self;
+        Ok(vec![
+            Artifact {
+                kind: "lxd-meta",
+                file: this.meta_file,
+                sha256: ms,
+                size: ml,
+            },
+            Artifact {
+                kind: "lxd-rootfs",
+                file: this.squash_file,
+                sha256: ss,
+                size: sl,
+            },
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_has_required_fields_and_os_release_properties() {
+        let mut facts = Facts::default();
+        facts.files.insert(
+            "etc/os-release".into(),
+            b"ID=alpine\nVERSION_ID=3.20.3\nPRETTY_NAME=\"Alpine Linux v3.20\"\n".to_vec(),
+        );
+        let opts = LxdOptions {
+            name: "base".into(),
+            architecture: "amd64".into(),
+            created: 1704164645,
+        };
+        let y = metadata_yaml(&opts, &facts);
+        assert!(y.contains("\narchitecture: \"x86_64\"\n"), "{y}");
+        assert!(y.contains("\ncreation_date: 1704164645\n"), "{y}");
+        assert!(y.contains("  os: \"alpine\"\n"), "{y}");
+        assert!(y.contains("  release: \"3.20.3\"\n"), "{y}");
+        assert!(y.contains("  serial: \"20240102_0304\"\n"), "{y}");
+        assert!(y.contains("  description: \"Alpine Linux v3.20 (base, 20240102_0304)\"\n"), "{y}");
+        assert!(y.contains("    template: hosts.tpl\n"), "{y}");
+    }
+}

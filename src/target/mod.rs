@@ -1,0 +1,400 @@
+//! Targets: the last stage. Each target receives the flattened rootfs entry by entry (through a
+//! fan-out, so several targets share one read of the image), applies its own fix-ups, and
+//! writes its artifacts under temporary names; [`crate::output::commit_all`] renames them.
+
+pub mod lxd;
+pub mod rootfs;
+pub mod wsl;
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use gzp::deflate::Gzip;
+use gzp::par::compress::{ParCompress, ParCompressBuilder};
+use gzp::ZWriter;
+
+use crate::flatten::{Facts, Sink};
+use crate::output::{hash_file, Artifact, PendingFile};
+use crate::tarfmt::{Kind, Meta, TarWriter};
+
+/// A writer of one or more artifacts.
+pub trait Target {
+    /// Called once pass 1 has learnt the image's facts, before the first entry.
+    fn start(&mut self, facts: &Facts) -> Result<()>;
+    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()>;
+    fn data(&mut self, buf: &[u8]) -> Result<()>;
+    fn end(&mut self) -> Result<()>;
+    fn finish(self: Box<Self>) -> Result<Vec<Artifact>>;
+}
+
+/// Forwards every entry to every target.
+pub struct Fanout(pub Vec<Box<dyn Target>>);
+
+impl Sink for Fanout {
+    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
+        self.0.iter_mut().try_for_each(|t| t.begin(path, meta))
+    }
+    fn data(&mut self, buf: &[u8]) -> Result<()> {
+        self.0.iter_mut().try_for_each(|t| t.data(buf))
+    }
+    fn end(&mut self) -> Result<()> {
+        self.0.iter_mut().try_for_each(|t| t.end())
+    }
+}
+
+/// What a target does with one rootfs entry.
+pub enum Action {
+    Keep,
+    /// Keep, with other metadata (ownership, mode).
+    KeepAs(Meta),
+    Drop,
+    /// Buffer the content (small files only) and pass it to [`Fixup::rewrite`].
+    Rewrite,
+}
+
+/// An entry a target adds itself.
+pub struct Extra {
+    pub path: String,
+    pub meta: Meta,
+    pub data: Vec<u8>,
+}
+
+impl Extra {
+    pub fn dir(path: &str, mtime: u64) -> Self {
+        Self {
+            path: path.into(),
+            meta: Meta::new(Kind::Dir, 0o755, 0, mtime),
+            data: Vec::new(),
+        }
+    }
+    pub fn file(path: &str, mode: u32, data: Vec<u8>, mtime: u64) -> Self {
+        Self {
+            path: path.into(),
+            meta: Meta::new(Kind::File, mode, data.len() as u64, mtime),
+            data,
+        }
+    }
+}
+
+/// A target's policy over the rootfs: table-driven fix-ups in one place per target.
+pub trait Fixup: Send {
+    fn start(&mut self, _facts: &Facts) -> Result<()> {
+        Ok(())
+    }
+    /// Entries before the rootfs, outside the rootfs prefix (LXD's `metadata.yaml`).
+    fn prologue(&mut self) -> Result<Vec<Extra>> {
+        Ok(Vec::new())
+    }
+    fn action(&mut self, _path: &str, _meta: &Meta) -> Action {
+        Action::Keep
+    }
+    fn rewrite(&mut self, _path: &str, data: Vec<u8>) -> Result<Vec<u8>> {
+        Ok(data)
+    }
+    /// Entries added to the rootfs after the image's own (inside the prefix).
+    fn epilogue(&mut self, _seen_dirs: &HashSet<String>) -> Result<Vec<Extra>> {
+        Ok(Vec::new())
+    }
+}
+
+/// The rootfs fix-ups of no target: the image as it is.
+pub struct AsIs;
+impl Fixup for AsIs {}
+
+/// Largest file a fix-up may rewrite in memory.
+const REWRITE_MAX: u64 = 16 << 20;
+
+/// Where a tar target's bytes go.
+pub enum Out {
+    Plain(BufWriter<File>),
+    Gzip(ParCompress<'static, Gzip, BufWriter<File>>),
+    Pipe(BufWriter<std::process::ChildStdin>),
+}
+
+/// Output buffer for files and pipes.
+const OUT_BUF: usize = 1 << 20;
+
+impl Out {
+    pub fn plain(f: &mut PendingFile) -> Result<Self> {
+        Ok(Out::Plain(BufWriter::with_capacity(OUT_BUF, f.file().try_clone()?)))
+    }
+    /// gzip on every core, as one gzip member (what WSL1 and WSL2 both read).
+    pub fn gzip(f: &mut PendingFile) -> Result<Self> {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let w = BufWriter::with_capacity(OUT_BUF, f.file().try_clone()?);
+        let gz = ParCompressBuilder::<Gzip>::new()
+            .num_threads(threads)
+            .context("gzip threads")?
+            .compression_level(gzp::Compression::new(6))
+            .from_writer(w);
+        Ok(Out::Gzip(gz))
+    }
+    fn close(self) -> Result<()> {
+        match self {
+            Out::Plain(mut w) => w.flush()?,
+            Out::Gzip(mut gz) => gz
+                .finish()
+                .map_err(|e| anyhow::anyhow!("gzip: {e}"))?
+                .flush()?,
+            Out::Pipe(mut w) => w.flush()?,
+        }
+        Ok(())
+    }
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Out::Plain(w) => w.write(buf),
+            Out::Gzip(w) => w.write(buf),
+            Out::Pipe(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Out::Plain(w) => w.flush(),
+            Out::Gzip(w) => w.flush(),
+            Out::Pipe(w) => w.flush(),
+        }
+    }
+}
+
+enum Current {
+    Keep(u64),
+    Drop,
+    Buffer(String, Meta, Vec<u8>),
+}
+
+/// A tar stream of the rootfs (under `prefix`), with a target's fix-ups applied.
+pub struct TarStream<F: Fixup> {
+    tar: TarWriter<Out>,
+    prefix: String,
+    pub fixup: F,
+    current: Current,
+    dropped: HashSet<String>,
+    seen_dirs: HashSet<String>,
+}
+
+impl<F: Fixup> TarStream<F> {
+    pub fn new(out: Out, prefix: &str, fixup: F) -> Self {
+        Self {
+            tar: TarWriter::new(out),
+            prefix: prefix.to_string(),
+            fixup,
+            current: Current::Drop,
+            dropped: HashSet::new(),
+            seen_dirs: HashSet::new(),
+        }
+    }
+
+    fn full(&self, p: &str) -> String {
+        crate::flatten::path::join(self.prefix.trim_end_matches('/'), p)
+    }
+
+    pub fn start(&mut self, facts: &Facts) -> Result<()> {
+        self.fixup.start(facts)?;
+        for e in self.fixup.prologue()? {
+            self.tar.entry(&e.path, &e.meta, &e.data)?;
+        }
+        if !self.prefix.is_empty() {
+            let m = Meta::new(Kind::Dir, 0o755, 0, 0);
+            self.tar.entry(self.prefix.trim_end_matches('/'), &m, &[])?;
+        }
+        Ok(())
+    }
+
+    pub fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
+        let mut action = self.fixup.action(path, meta);
+        if let Kind::Hardlink(t) = &meta.kind {
+            if self.dropped.contains(t) {
+                action = Action::Drop;
+            }
+        }
+        if meta.kind == Kind::Dir && !matches!(action, Action::Drop) {
+            self.seen_dirs.insert(path.to_string());
+        }
+        self.current = match action {
+            Action::Drop => {
+                self.dropped.insert(path.to_string());
+                Current::Drop
+            }
+            Action::Rewrite if meta.kind == Kind::File && meta.size <= REWRITE_MAX => {
+                Current::Buffer(path.to_string(), meta.clone(), Vec::with_capacity(meta.size as usize))
+            }
+            Action::KeepAs(m) => self.keep(path, &m)?,
+            _ => self.keep(path, meta)?,
+        };
+        Ok(())
+    }
+
+    fn keep(&mut self, path: &str, meta: &Meta) -> Result<Current> {
+        let mut m = meta.clone();
+        if let Kind::Hardlink(t) = &m.kind {
+            m.kind = Kind::Hardlink(self.full(t));
+        }
+        self.tar.begin(&self.full(path), &m)?;
+        Ok(Current::Keep(m.size))
+    }
+
+    pub fn data(&mut self, buf: &[u8]) -> Result<()> {
+        match &mut self.current {
+            Current::Keep(_) => self.tar.data(buf)?,
+            Current::Buffer(_, _, b) => b.extend_from_slice(buf),
+            Current::Drop => {}
+        }
+        Ok(())
+    }
+
+    pub fn end(&mut self) -> Result<()> {
+        match std::mem::replace(&mut self.current, Current::Drop) {
+            Current::Keep(size) => self.tar.end(size)?,
+            Current::Buffer(p, m, b) => {
+                let data = self.fixup.rewrite(&p, b)?;
+                let full = self.full(&p);
+                self.tar.entry(&full, &m, &data)?;
+            }
+            Current::Drop => {}
+        }
+        Ok(())
+    }
+
+    /// Add the fix-up's own entries (and any folder they need), end the archive.
+    pub fn finish(mut self) -> Result<Out> {
+        let extras = self.fixup.epilogue(&self.seen_dirs)?;
+        for e in extras {
+            let mut parents = Vec::new();
+            let mut d = crate::flatten::path::parent(&e.path);
+            while !d.is_empty() && !self.seen_dirs.contains(d) {
+                parents.push(d.to_string());
+                d = crate::flatten::path::parent(d);
+            }
+            for p in parents.into_iter().rev() {
+                let full = self.full(&p);
+                self.tar.entry(&full, &Meta::new(Kind::Dir, 0o755, 0, e.meta.mtime), &[])?;
+                self.seen_dirs.insert(p);
+            }
+            let full = self.full(&e.path);
+            self.tar.entry(&full, &e.meta, &e.data)?;
+            if e.meta.kind == Kind::Dir {
+                self.seen_dirs.insert(e.path.clone());
+            }
+        }
+        Ok(self.tar.finish()?)
+    }
+}
+
+/// A target that is one tar file (maybe gzip-compressed).
+pub struct TarFileTarget<F: Fixup> {
+    kind: &'static str,
+    file: PendingFile,
+    stream: TarStream<F>,
+}
+
+impl<F: Fixup> TarFileTarget<F> {
+    pub fn create(kind: &'static str, dest: &Path, gzip: bool, prefix: &str, fixup: F) -> Result<Self> {
+        let mut file = PendingFile::create(dest)?;
+        let out = if gzip {
+            Out::gzip(&mut file)?
+        } else {
+            Out::plain(&mut file)?
+        };
+        Ok(Self {
+            kind,
+            file,
+            stream: TarStream::new(out, prefix, fixup),
+        })
+    }
+}
+
+impl<F: Fixup> Target for TarFileTarget<F> {
+    fn start(&mut self, facts: &Facts) -> Result<()> {
+        self.stream.start(facts)
+    }
+    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
+        self.stream.begin(path, meta)
+    }
+    fn data(&mut self, buf: &[u8]) -> Result<()> {
+        self.stream.data(buf)
+    }
+    fn end(&mut self) -> Result<()> {
+        self.stream.end()
+    }
+    fn finish(self: Box<Self>) -> Result<Vec<Artifact>> {
+        let this = *self;
+        this.stream.finish()?.close()?;
+        let (sha256, size) = hash_file(this.file.tmp_path())?;
+        Ok(vec![Artifact {
+            kind: this.kind,
+            file: this.file,
+            sha256,
+            size,
+        }])
+    }
+}
+
+/// Seconds since the epoch for entries a target adds: `SOURCE_DATE_EPOCH` when set (reproducible
+/// builds), else the image's creation time, else now.
+pub fn build_time(created: Option<&str>) -> u64 {
+    if let Some(t) = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return t;
+    }
+    created
+        .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok())
+        .map(|d| d.timestamp())
+        .filter(|t| *t > 0)
+        .map(|t| t as u64)
+        .unwrap_or_else(|| chrono::Utc::now().timestamp() as u64)
+}
+
+/// `KEY=value` pairs of an os-release file (quotes removed).
+pub fn os_release(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            if l.starts_with('#') {
+                return None;
+            }
+            let (k, v) = l.split_once('=')?;
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            Some((k.trim().to_string(), v.replace("\\\"", "\"")))
+        })
+        .collect()
+}
+
+pub fn os_release_get<'a>(kv: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    kv.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_release_parsing() {
+        let kv = os_release(
+            "NAME=\"Alpine Linux\"\nID=alpine\nVERSION_ID=3.20.3\n# c\nPRETTY_NAME='Alpine Linux v3.20'\n",
+        );
+        assert_eq!(os_release_get(&kv, "ID"), Some("alpine"));
+        assert_eq!(os_release_get(&kv, "NAME"), Some("Alpine Linux"));
+        assert_eq!(os_release_get(&kv, "VERSION_ID"), Some("3.20.3"));
+        assert_eq!(os_release_get(&kv, "PRETTY_NAME"), Some("Alpine Linux v3.20"));
+    }
+
+    #[test]
+    fn build_time_prefers_source_date_epoch_then_created() {
+        // Not run in parallel with anything else reading SOURCE_DATE_EPOCH.
+        assert_eq!(build_time(Some("2024-01-02T03:04:05.123Z")), 1704164645);
+        assert!(build_time(None) > 1_700_000_000);
+    }
+}
