@@ -171,7 +171,7 @@ pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<L
                     if CAPTURE.contains(&path.as_str()) && meta.size <= CAPTURE_MAX {
                         let mut data = Vec::with_capacity(meta.size as usize);
                         e.read_to_end(&mut data)
-                            .with_context(|| format!("reading {path}"))?;
+                            .with_context(|| format!("reading {path} (the layer is truncated or corrupt)"))?;
                         check_len(&path, data.len() as u64, meta.size)?;
                         captured.push(Captured {
                             ordinal: this,
@@ -180,7 +180,7 @@ pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<L
                         });
                     } else {
                         let n = std::io::copy(&mut e, &mut std::io::sink())
-                            .with_context(|| format!("reading {path}"))?;
+                            .with_context(|| format!("reading {path} (the layer is truncated or corrupt)"))?;
                         check_len(&path, n, meta.size)?;
                     }
                 }
