@@ -36,7 +36,9 @@ fn quote(a: &OsStr) -> String {
 
 fn tail(bytes: &[u8]) -> String {
     let start = bytes.len().saturating_sub(STDERR_TAIL);
-    String::from_utf8_lossy(&bytes[start..]).trim_end().to_string()
+    String::from_utf8_lossy(&bytes[start..])
+        .trim_end()
+        .to_string()
 }
 
 fn not_found_hint(cmd: &Command, e: std::io::Error) -> anyhow::Error {
@@ -111,7 +113,11 @@ impl PipedChild {
     pub fn broken(mut self, e: std::io::Error) -> anyhow::Error {
         drop(self.stdin.take());
         let status = self.child.take().and_then(|mut c| c.wait().ok());
-        let err = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let err = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
         anyhow!(
             "`{}` stopped reading its input ({e}; exit {}): {}",
             self.line,
@@ -129,7 +135,11 @@ impl PipedChild {
             .expect("child present until wait()")
             .wait()
             .with_context(|| format!("waiting for `{}`", self.line))?;
-        let err = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let err = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
         if !status.success() {
             return Err(anyhow!("`{}` failed ({status}): {}", self.line, tail(&err)));
         }

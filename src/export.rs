@@ -55,9 +55,15 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
     }
     let image = source::open(&opts.source, &opts.select)?;
     let name = opts.name.clone().unwrap_or_else(|| image.name.clone());
-    let out_dir = opts.out_dir.clone().unwrap_or_else(|| default_out_dir(&name));
+    let out_dir = opts
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| default_out_dir(&name));
     std::fs::create_dir_all(&out_dir).with_context(|| {
-        format!("cannot create the output folder {} (choose another with -o)", out_dir.display())
+        format!(
+            "cannot create the output folder {} (choose another with -o)",
+            out_dir.display()
+        )
     })?;
 
     let config = image.config.config().as_ref();
@@ -108,7 +114,11 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
     crate::signals::check()?;
     let files = commit_all(&out_dir, &opts.source, &image.summary(), artifacts)?;
     task.set(0);
-    task.finish(&format!("{} artifacts in {}", files.len(), out_dir.display()));
+    task.finish(&format!(
+        "{} artifacts in {}",
+        files.len(),
+        out_dir.display()
+    ));
     Ok(ExportReport {
         name,
         out_dir,

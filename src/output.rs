@@ -74,8 +74,9 @@ impl PendingFile {
             f.sync_all()
                 .with_context(|| format!("writing {}", self.tmp.display()))?;
         }
-        std::fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        std::fs::rename(&self.tmp, &self.dest).with_context(|| {
+            format!("renaming {} to {}", self.tmp.display(), self.dest.display())
+        })?;
         self.committed = true;
         Ok(())
     }

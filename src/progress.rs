@@ -52,7 +52,8 @@ impl Progress {
                     )
                 } else {
                     ProgressBar::new_spinner().with_style(
-                        ProgressStyle::with_template("{spinner} {msg:<18} {elapsed}").expect("template"),
+                        ProgressStyle::with_template("{spinner} {msg:<18} {elapsed}")
+                            .expect("template"),
                     )
                 };
                 pb.set_draw_target(ProgressDrawTarget::stderr());

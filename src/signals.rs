@@ -22,10 +22,7 @@ pub fn install() -> Result<()> {
 
 /// Fails once the user asked us to stop.
 pub fn check() -> Result<()> {
-    if INTERRUPTED
-        .get()
-        .is_some_and(|f| f.load(Ordering::Relaxed))
-    {
+    if INTERRUPTED.get().is_some_and(|f| f.load(Ordering::Relaxed)) {
         bail!("interrupted");
     }
     Ok(())

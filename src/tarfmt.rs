@@ -242,7 +242,10 @@ mod tests {
         let mut v = Vec::new();
         pax_record(&mut v, "k", &[b'x'; 94]);
         let s = String::from_utf8(v.clone()).unwrap();
-        assert_eq!(s.split_once(' ').unwrap().0.parse::<usize>().unwrap(), v.len());
+        assert_eq!(
+            s.split_once(' ').unwrap().0.parse::<usize>().unwrap(),
+            v.len()
+        );
     }
 
     #[test]
@@ -254,8 +257,12 @@ mod tests {
         m.uid = 3_000_000;
         m.xattrs.push(("user.k".into(), b"v\0bin".to_vec()));
         w.entry(&long, &m, b"abc").unwrap();
-        w.entry("l", &Meta::new(Kind::Symlink(target.clone()), 0o777, 0, 1), b"")
-            .unwrap();
+        w.entry(
+            "l",
+            &Meta::new(Kind::Symlink(target.clone()), 0o777, 0, 1),
+            b"",
+        )
+        .unwrap();
         w.entry("dev/null", &Meta::new(Kind::Char(1, 3), 0o666, 0, 1), b"")
             .unwrap();
         let buf = w.finish().unwrap();

@@ -25,7 +25,13 @@ impl Run {
     fn rootfs(&self, spec: &ImageSpec) -> PathBuf {
         let lay = self.p("layout");
         spec.write_oci(&lay, "t");
-        run_ok(abox().arg("export").arg(format!("oci:{}:t", lay.display())).args(["--rootfs", "--name", "img", "-o"]).arg(self.p("out")));
+        run_ok(
+            abox()
+                .arg("export")
+                .arg(format!("oci:{}:t", lay.display()))
+                .args(["--rootfs", "--name", "img", "-o"])
+                .arg(self.p("out")),
+        );
         self.p("out/img.rootfs.tar")
     }
     fn tree(&self, spec: &ImageSpec) -> Tree {
@@ -44,7 +50,10 @@ fn whiteouts_hide_lower_files_and_folders() {
         "d etc 0755\nf etc/a 0644 a\nd etc/sub 0755\nf etc/sub/x 0644 x\nf etc/keep 0644 k\nf top 0644 t",
         "w etc/a\nw etc/sub\nw top\nw etc/never-existed",
     ]));
-    assert_eq!(kinds(&t), vec![("etc".into(), 'd'), ("etc/keep".into(), 'f')]);
+    assert_eq!(
+        kinds(&t),
+        vec![("etc".into(), 'd'), ("etc/keep".into(), 'f')]
+    );
 }
 
 #[test]
@@ -56,9 +65,16 @@ fn opaque_folders_hide_lower_children_only() {
     ]));
     assert_eq!(
         kinds(&t),
-        vec![("opt".into(), 'd'), ("opt/new".into(), 'f'), ("other".into(), 'f')]
+        vec![
+            ("opt".into(), 'd'),
+            ("opt/new".into(), 'f'),
+            ("other".into(), 'f')
+        ]
     );
-    assert_eq!(t["opt"].mode, 0o700, "the upper layer's folder metadata wins");
+    assert_eq!(
+        t["opt"].mode, 0o700,
+        "the upper layer's folder metadata wins"
+    );
 }
 
 #[test]
@@ -117,7 +133,12 @@ fn hard_links_keep_their_inode_across_layers() {
         let e = e.unwrap();
         if e.header().entry_type() == tar::EntryType::Link {
             let p = e.path().unwrap().to_string_lossy().into_owned();
-            let target = e.link_name().unwrap().unwrap().to_string_lossy().into_owned();
+            let target = e
+                .link_name()
+                .unwrap()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             match p.as_str() {
                 "keep2" => assert_eq!(target, "keep"),
                 "z" => assert_eq!(target, "y"),
@@ -181,12 +202,19 @@ fn folders_come_before_children_and_output_is_deterministic() {
         let n = n.trim_end_matches('/');
         if let Some((parent, _)) = n.rsplit_once('/') {
             let ppos = names.iter().position(|x| x.trim_end_matches('/') == parent);
-            assert!(ppos.is_some_and(|p| p < i), "{parent} must precede {n}: {names:?}");
+            assert!(
+                ppos.is_some_and(|p| p < i),
+                "{parent} must precede {n}: {names:?}"
+            );
         }
     }
     let first = std::fs::read(&tar).unwrap();
     let again = r.rootfs(&spec);
-    assert_eq!(first, std::fs::read(again).unwrap(), "same image, same bytes");
+    assert_eq!(
+        first,
+        std::fs::read(again).unwrap(),
+        "same image, same bytes"
+    );
 }
 
 const BASIC: &[&str] = &[
@@ -201,10 +229,21 @@ fn every_layout_and_compression_gives_the_same_rootfs() {
     let mut outputs = Vec::new();
     let mut export = |src: String, label: &str| {
         let out = r.p(&format!("out-{label}"));
-        run_ok(abox().args(["export", &src, "--rootfs", "--name", "img", "-o"]).arg(&out));
-        outputs.push((label.to_string(), std::fs::read(out.join("img.rootfs.tar")).unwrap()));
+        run_ok(
+            abox()
+                .args(["export", &src, "--rootfs", "--name", "img", "-o"])
+                .arg(&out),
+        );
+        outputs.push((
+            label.to_string(),
+            std::fs::read(out.join("img.rootfs.tar")).unwrap(),
+        ));
     };
-    for (label, comp) in [("gzip", Comp::Gzip), ("zstd", Comp::Zstd), ("plain", Comp::None)] {
+    for (label, comp) in [
+        ("gzip", Comp::Gzip),
+        ("zstd", Comp::Zstd),
+        ("plain", Comp::None),
+    ] {
         let mut spec = ImageSpec::new(BASIC);
         spec.comp = comp;
         let dir = r.p(&format!("oci-{label}"));
@@ -237,13 +276,21 @@ fn name_and_default_folder_come_from_the_tag() {
     let r = Run::new();
     let d = r.p("img.tar");
     ImageSpec::new(BASIC).write_docker_archive(&d, "alpine-boxes/docker-host:3.20.3");
-    run_ok(abox().current_dir(&r.root).args(["export", "docker-archive:img.tar", "--rootfs"]));
+    run_ok(
+        abox()
+            .current_dir(&r.root)
+            .args(["export", "docker-archive:img.tar", "--rootfs"]),
+    );
     assert!(r.p("out/docker-host/docker-host.rootfs.tar").is_file());
     let sums = std::fs::read_to_string(r.p("out/docker-host/SHA256SUMS")).unwrap();
     let tar = std::fs::read(r.p("out/docker-host/docker-host.rootfs.tar")).unwrap();
-    assert_eq!(sums, format!("{}  docker-host.rootfs.tar\n", sha256_hex(&tar)));
+    assert_eq!(
+        sums,
+        format!("{}  docker-host.rootfs.tar\n", sha256_hex(&tar))
+    );
     let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(r.p("out/docker-host/manifest.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(r.p("out/docker-host/manifest.json")).unwrap())
+            .unwrap();
     assert_eq!(m["source"], "docker-archive:img.tar");
     assert_eq!(m["image"]["name"], "docker-host");
     let cfg = ImageSpec::new(BASIC).config();
@@ -256,9 +303,24 @@ fn name_and_default_folder_come_from_the_tag() {
 fn expect_failure(r: &Run, src: &str, needle: &str) {
     let out = r.p("out");
     let before = files_in(&r.root);
-    let err = run_err(abox().args(["export", src, "--wsl", "--wsl-package", "--lxd", "--rootfs", "-o"]).arg(&out));
+    let err = run_err(
+        abox()
+            .args([
+                "export",
+                src,
+                "--wsl",
+                "--wsl-package",
+                "--lxd",
+                "--rootfs",
+                "-o",
+            ])
+            .arg(&out),
+    );
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
-    assert!(err.starts_with("error: ") || err.contains("\nerror: "), "{err}");
+    assert!(
+        err.starts_with("error: ") || err.contains("\nerror: "),
+        "{err}"
+    );
     assert_eq!(files_in(&r.root), before, "files were left behind");
 }
 
@@ -280,18 +342,32 @@ fn hostile_entries_are_refused() {
     hostile(&["L link => missing"], "does not exist");
     hostile(&["d x 0755\nL link => x"], "points to the folder");
     // A symlink that would carry a later entry out of the root, in a later layer or the same.
-    hostile(&["l escape -> ../../../../tmp", "f escape/pwned 0644 x"], "through the symlink");
-    hostile(&["l lib -> /usr/lib\nf lib/x 0644 x"], "through the symlink");
+    hostile(
+        &["l escape -> ../../../../tmp", "f escape/pwned 0644 x"],
+        "through the symlink",
+    );
+    hostile(
+        &["l lib -> /usr/lib\nf lib/x 0644 x"],
+        "through the symlink",
+    );
     hostile(&["f file 0644 x\nf file/child 0644 y"], "is not a folder");
 }
 
 #[test]
 fn bad_files_are_refused_with_a_clear_error() {
     let r = Run::new();
-    expect_failure(&r, &format!("docker-archive:{}", r.p("missing.tar").display()), "no such file");
+    expect_failure(
+        &r,
+        &format!("docker-archive:{}", r.p("missing.tar").display()),
+        "no such file",
+    );
     expect_failure(&r, r.p("nothing-here").to_str().unwrap(), "no such file");
     std::fs::write(r.p("junk.tar"), noise("junk", 5000)).unwrap();
-    expect_failure(&r, &format!("docker-archive:{}", r.p("junk.tar").display()), "not a tar archive");
+    expect_failure(
+        &r,
+        &format!("docker-archive:{}", r.p("junk.tar").display()),
+        "not a tar archive",
+    );
     // A tar that is not an image.
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_ustar();
@@ -300,7 +376,11 @@ fn bad_files_are_refused_with_a_clear_error() {
     b.append_data(&mut h, "hello.txt", &b"hi"[..]).unwrap();
     std::fs::write(r.p("notimage.tar"), b.into_inner().unwrap()).unwrap();
     expect_failure(&r, r.p("notimage.tar").to_str().unwrap(), "not an image");
-    expect_failure(&r, &format!("docker-archive:{}", r.p("notimage.tar").display()), "no manifest.json");
+    expect_failure(
+        &r,
+        &format!("docker-archive:{}", r.p("notimage.tar").display()),
+        "no manifest.json",
+    );
     expect_failure(&r, &format!("oci:{}", r.root.display()), "no index.json");
 }
 
@@ -352,7 +432,11 @@ fn corrupt_layers_are_refused() {
     let at = bytes.windows(5).position(|w| w == b"hello").unwrap();
     bytes[at] = b'j';
     std::fs::write(&arch, bytes).unwrap();
-    expect_failure(&r, &format!("docker-archive:{}", arch.display()), "diff_id (uncompressed) digest mismatch");
+    expect_failure(
+        &r,
+        &format!("docker-archive:{}", arch.display()),
+        "diff_id (uncompressed) digest mismatch",
+    );
     // A truncated docker save archive.
     let r = Run::new();
     let arch = r.p("d.tar");
@@ -368,6 +452,10 @@ fn unwritable_output_folder_is_a_clear_error() {
     let lay = r.p("l");
     ImageSpec::new(BASIC).write_oci(&lay, "t");
     std::fs::write(r.p("afile"), b"x").unwrap();
-    let err = run_err(abox().args(["export", &format!("oci:{}", lay.display()), "--wsl", "-o"]).arg(r.p("afile/out")));
+    let err = run_err(
+        abox()
+            .args(["export", &format!("oci:{}", lay.display()), "--wsl", "-o"])
+            .arg(r.p("afile/out")),
+    );
     assert!(err.contains("cannot create the output folder"), "{err}");
 }

@@ -17,7 +17,11 @@ use crate::tarfmt::{Kind, Meta};
 pub enum Op {
     Whiteout(String),
     Opaque(String),
-    Put { ordinal: u32, path: String, meta: Meta },
+    Put {
+        ordinal: u32,
+        path: String,
+        meta: Meta,
+    },
 }
 
 /// Small files whose final content the targets need (users, OS release), kept from pass 1.
@@ -70,7 +74,8 @@ fn pax<R: Read>(e: &mut tar::Entry<R>) -> Result<Pax> {
                     .and_then(|v| v.parse::<u64>().ok())
             };
             if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                p.xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+                p.xattrs
+                    .push((name.to_string(), ext.value_bytes().to_vec()));
             } else if key == "uid" {
                 p.uid = num();
             } else if key == "gid" {
@@ -99,14 +104,17 @@ fn meta_of<R: Read>(e: &mut tar::Entry<R>, path: &str) -> Result<Meta> {
             .ok_or_else(|| anyhow!("{path}: link without a target"))
     };
     let kind = match ty {
-        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => Kind::File,
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            Kind::File
+        }
         tar::EntryType::Directory => Kind::Dir,
         tar::EntryType::Symlink => {
             let t = link(e)?;
             if t.contains(&0) {
                 bail!("symlink {path} has a NUL byte in its target");
             }
-            let t = String::from_utf8(t).map_err(|_| anyhow!("symlink {path}: target is not UTF-8"))?;
+            let t =
+                String::from_utf8(t).map_err(|_| anyhow!("symlink {path}: target is not UTF-8"))?;
             Kind::Symlink(t)
         }
         tar::EntryType::Link => {
@@ -160,7 +168,8 @@ pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<L
             continue;
         }
         let raw = e.path_bytes().into_owned();
-        let name = classify(&raw).with_context(|| format!("entry {}", String::from_utf8_lossy(&raw)))?;
+        let name =
+            classify(&raw).with_context(|| format!("entry {}", String::from_utf8_lossy(&raw)))?;
         match name {
             Name::Root | Name::Ignored => {}
             Name::Whiteout(p) => ops.push(Op::Whiteout(p)),
@@ -170,8 +179,9 @@ pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<L
                 if meta.kind == Kind::File {
                     if CAPTURE.contains(&path.as_str()) && meta.size <= CAPTURE_MAX {
                         let mut data = Vec::with_capacity(meta.size as usize);
-                        e.read_to_end(&mut data)
-                            .with_context(|| format!("reading {path} (the layer is truncated or corrupt)"))?;
+                        e.read_to_end(&mut data).with_context(|| {
+                            format!("reading {path} (the layer is truncated or corrupt)")
+                        })?;
                         check_len(&path, data.len() as u64, meta.size)?;
                         captured.push(Captured {
                             ordinal: this,
@@ -179,8 +189,9 @@ pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<L
                             data,
                         });
                     } else {
-                        let n = std::io::copy(&mut e, &mut std::io::sink())
-                            .with_context(|| format!("reading {path} (the layer is truncated or corrupt)"))?;
+                        let n = std::io::copy(&mut e, &mut std::io::sink()).with_context(|| {
+                            format!("reading {path} (the layer is truncated or corrupt)")
+                        })?;
                         check_len(&path, n, meta.size)?;
                     }
                 }

@@ -47,7 +47,9 @@ pub struct Facts {
 
 impl Facts {
     pub fn text(&self, path: &str) -> Option<&str> {
-        self.files.get(path).and_then(|b| std::str::from_utf8(b).ok())
+        self.files
+            .get(path)
+            .and_then(|b| std::str::from_utf8(b).ok())
     }
 }
 
@@ -114,13 +116,19 @@ pub fn index(image: &Image, progress: &Progress) -> Result<Plan> {
     task.set(counter.load(Ordering::Relaxed));
     let mut tree = Tree::default();
     let mut captured = Vec::new();
-    for (i, r) in results.into_inner().expect("poisoned").into_iter().enumerate() {
+    for (i, r) in results
+        .into_inner()
+        .expect("poisoned")
+        .into_iter()
+        .enumerate()
+    {
         let idx = match r {
             Some(r) => r?,
             None => bail!("layer {} was not read (an earlier layer failed)", i + 1),
         };
-        tree.apply(i as u32, idx.ops)
-            .with_context(|| format!("applying layer {} of {n} ({})", i + 1, image.layers[i].key))?;
+        tree.apply(i as u32, idx.ops).with_context(|| {
+            format!("applying layer {} of {n} ({})", i + 1, image.layers[i].key)
+        })?;
         captured.push(idx.captured);
     }
     let plan = plan(tree, captured, n);
@@ -257,7 +265,10 @@ pub fn emit(image: &Image, plan: &Plan, sink: &mut dyn Sink, progress: &Progress
             }
         }
         if left != 0 {
-            bail!("{}: {left} files missing on the second read (the image changed while it was read)", what());
+            bail!(
+                "{}: {left} files missing on the second read (the image changed while it was read)",
+                what()
+            );
         }
     }
     for (p, m) in &plan.links {

@@ -157,8 +157,14 @@ mod tests {
 
     #[test]
     fn link_resolution_stays_inside_the_root() {
-        assert_eq!(resolve_link("etc", "../usr/lib/os-release"), "usr/lib/os-release");
-        assert_eq!(resolve_link("etc", "/usr/lib/os-release"), "usr/lib/os-release");
+        assert_eq!(
+            resolve_link("etc", "../usr/lib/os-release"),
+            "usr/lib/os-release"
+        );
+        assert_eq!(
+            resolve_link("etc", "/usr/lib/os-release"),
+            "usr/lib/os-release"
+        );
         assert_eq!(resolve_link("a/b", "../../../../x"), "x");
         assert_eq!(resolve_link("", "busybox"), "busybox");
     }

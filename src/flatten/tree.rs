@@ -137,7 +137,9 @@ impl Tree {
                 match self.entries.get(target).map(|e| &e.node) {
                     Some(Node::Inode(n)) => Node::Inode(*n),
                     Some(Node::Dir(_)) => bail!("hard link {path} points to the folder {target}"),
-                    None => bail!("hard link {path} points to {target}, which does not exist (at this layer)"),
+                    None => bail!(
+                        "hard link {path} points to {target}, which does not exist (at this layer)"
+                    ),
                 }
             }
             _ => {
@@ -182,7 +184,11 @@ impl Tree {
 /// Check that every parent of every path is present (they are, by construction; this guards the
 /// invariant in tests).
 pub fn parents_present(t: &Tree) -> bool {
-    t.entries
-        .keys()
-        .all(|k| parent(k).is_empty() || matches!(t.entries.get(parent(k)).map(|e| &e.node), Some(Node::Dir(_))))
+    t.entries.keys().all(|k| {
+        parent(k).is_empty()
+            || matches!(
+                t.entries.get(parent(k)).map(|e| &e.node),
+                Some(Node::Dir(_))
+            )
+    })
 }

@@ -82,7 +82,10 @@ impl BlobStore for DirStore {
 }
 
 enum Member {
-    Data { offset: u64, size: u64 },
+    Data {
+        offset: u64,
+        size: u64,
+    },
     /// `docker save` stores a repeated layer as a symlink to the first copy.
     Link(String),
 }

@@ -24,9 +24,15 @@ pub fn open(path: &Path, reference: Option<&str>) -> Result<Image> {
     let store = TarStore::open(path)?;
     if !store.contains("manifest.json") {
         if store.contains("index.json") {
-            bail!("this is an OCI archive, not a docker save archive: use oci-archive:{}", path.display());
+            bail!(
+                "this is an OCI archive, not a docker save archive: use oci-archive:{}",
+                path.display()
+            );
         }
-        bail!("not an image: {} has no manifest.json (is it the output of docker save?)", path.display());
+        bail!(
+            "not an image: {} has no manifest.json (is it the output of docker save?)",
+            path.display()
+        );
     }
     let raw = store.read_small("manifest.json", MAX_JSON)?;
     let entries: Vec<Entry> =
@@ -43,7 +49,10 @@ pub fn open(path: &Path, reference: Option<&str>) -> Result<Image> {
             .with_context(|| format!("no image tagged {r} in {}", path.display()))?,
         None => {
             if entries.len() > 1 {
-                let tags: Vec<_> = entries.iter().flat_map(|e| e.repo_tags.iter().flatten()).collect();
+                let tags: Vec<_> = entries
+                    .iter()
+                    .flat_map(|e| e.repo_tags.iter().flatten())
+                    .collect();
                 bail!(
                     "{} holds {} images; add :TAG to choose one of {tags:?}",
                     path.display(),

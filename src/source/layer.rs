@@ -127,7 +127,11 @@ pub struct LayerReader {
 }
 
 impl LayerReader {
-    pub fn open(blob: BlobReader, desc: &LayerDesc, counter: Option<Arc<AtomicU64>>) -> Result<Self> {
+    pub fn open(
+        blob: BlobReader,
+        desc: &LayerDesc,
+        counter: Option<Arc<AtomicU64>>,
+    ) -> Result<Self> {
         let mut raw = BufReader::with_capacity(READ_BUF, HashingReader::new(blob, counter));
         let magic = raw
             .fill_buf()
@@ -135,8 +139,7 @@ impl LayerReader {
         let dec = match sniff(magic) {
             Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(raw)),
             Compression::Zstd => Decoder::Zstd(
-                zstd::stream::read::Decoder::with_buffer(raw)
-                    .context("starting zstd decoder")?,
+                zstd::stream::read::Decoder::with_buffer(raw).context("starting zstd decoder")?,
             ),
             Compression::None => Decoder::Plain(raw),
         };

@@ -18,10 +18,21 @@ pub use layer::{LayerDesc, LayerReader};
 /// A parsed image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceRef {
-    DockerArchive { path: PathBuf, reference: Option<String> },
-    Oci { dir: PathBuf, reference: Option<String> },
-    OciArchive { path: PathBuf, reference: Option<String> },
-    Docker { name: String },
+    DockerArchive {
+        path: PathBuf,
+        reference: Option<String>,
+    },
+    Oci {
+        dir: PathBuf,
+        reference: Option<String>,
+    },
+    OciArchive {
+        path: PathBuf,
+        reference: Option<String>,
+    },
+    Docker {
+        name: String,
+    },
 }
 
 const TRANSPORTS: &str = "docker-archive:PATH, oci:DIR[:REF], oci-archive:PATH[:REF], docker:NAME";
@@ -218,7 +229,11 @@ fn sanitize(s: &str) -> String {
 }
 
 /// Read and check a small JSON blob against its digest.
-pub(crate) fn read_verified(store: &dyn BlobStore, key: &str, digest: Option<&str>) -> Result<Vec<u8>> {
+pub(crate) fn read_verified(
+    store: &dyn BlobStore,
+    key: &str,
+    digest: Option<&str>,
+) -> Result<Vec<u8>> {
     use sha2::Digest;
     let buf = store.read_small(key, blobs::MAX_JSON)?;
     if let Some(d) = digest {

@@ -58,12 +58,17 @@ fn platform_matches(d: &Descriptor, want: &str) -> bool {
 }
 
 /// Choose among an index's manifests: by reference name, then by platform.
-fn choose<'a>(ds: &'a [Descriptor], reference: Option<&str>, opts: &SelectOptions) -> Result<&'a Descriptor> {
+fn choose<'a>(
+    ds: &'a [Descriptor],
+    reference: Option<&str>,
+    opts: &SelectOptions,
+) -> Result<&'a Descriptor> {
     let mut cands: Vec<&Descriptor> = ds.iter().collect();
     if let Some(r) = reference {
         cands.retain(|d| {
             annotation(d, REF_NAME) == Some(r)
-                || annotation(d, CONTAINERD_NAME).is_some_and(|n| n == r || n.ends_with(&format!(":{r}")))
+                || annotation(d, CONTAINERD_NAME)
+                    .is_some_and(|n| n == r || n.ends_with(&format!(":{r}")))
         });
         if cands.is_empty() {
             let refs: Vec<_> = ds.iter().filter_map(|d| annotation(d, REF_NAME)).collect();
@@ -90,7 +95,10 @@ fn choose<'a>(ds: &'a [Descriptor], reference: Option<&str>, opts: &SelectOption
             .collect();
         bail!("several images match; choose one with :REF or --platform (found {refs:?})");
     }
-    cands.first().copied().context("the index lists no manifests")
+    cands
+        .first()
+        .copied()
+        .context("the index lists no manifests")
 }
 
 pub fn open(
@@ -101,12 +109,19 @@ pub fn open(
 ) -> Result<Image> {
     if !store.contains("index.json") {
         if store.contains("manifest.json") {
-            bail!("this is a docker save archive, not an OCI layout: use docker-archive:{}", path.display());
+            bail!(
+                "this is a docker save archive, not an OCI layout: use docker-archive:{}",
+                path.display()
+            );
         }
-        bail!("not an OCI image layout: {} has no index.json", path.display());
+        bail!(
+            "not an OCI image layout: {} has no index.json",
+            path.display()
+        );
     }
     let raw = store.read_small("index.json", MAX_JSON)?;
-    let index = ImageIndex::from_reader(&raw[..]).context("index.json is not an OCI image index")?;
+    let index =
+        ImageIndex::from_reader(&raw[..]).context("index.json is not an OCI image index")?;
     let mut desc = choose(index.manifests(), reference, opts)?.clone();
     let mut name = annotation(&desc, CONTAINERD_NAME).map(short_name);
     let mut depth = 0;
@@ -130,7 +145,10 @@ pub fn open(
                 .collect();
             if want.is_empty() {
                 let have: Vec<_> = idx.manifests().iter().filter_map(platform_of).collect();
-                bail!("no image for platform {} (available: {have:?}); choose with --platform", opts.platform);
+                bail!(
+                    "no image for platform {} (available: {have:?}); choose with --platform",
+                    opts.platform
+                );
             }
             desc = choose(&want, None, opts)?.clone();
             continue;
@@ -165,9 +183,7 @@ pub fn open(
         });
     }
     if name.is_none() {
-        name = reference
-            .filter(|r| r.contains('/'))
-            .map(short_name);
+        name = reference.filter(|r| r.contains('/')).map(short_name);
     }
     Ok(Image {
         reference: String::new(),

@@ -9,7 +9,9 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use super::{os_release, os_release_get, Action, Extra, Fixup, Out, TarFileTarget, TarStream, Target};
+use super::{
+    os_release, os_release_get, Action, Extra, Fixup, Out, TarFileTarget, TarStream, Target,
+};
 use crate::cmd::PipedChild;
 use crate::flatten::Facts;
 use crate::output::{hash_file, Artifact, PendingFile};
@@ -49,7 +51,11 @@ pub fn metadata_yaml(opts: &LxdOptions, facts: &Facts) -> String {
     let os = os_release_get(&rel, "ID").unwrap_or("linux");
     let release = os_release_get(&rel, "VERSION_ID")
         .map(str::to_string)
-        .or_else(|| facts.text("etc/alpine-release").map(|s| s.trim().to_string()))
+        .or_else(|| {
+            facts
+                .text("etc/alpine-release")
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     let pretty = os_release_get(&rel, "PRETTY_NAME").unwrap_or(os);
     let serial = chrono::DateTime::from_timestamp(opts.created as i64, 0)
@@ -98,7 +104,12 @@ ff02::2     ip6-allrouters\n";
 fn meta_entries(opts: &LxdOptions, facts: &Facts) -> Vec<Extra> {
     let t = opts.created;
     vec![
-        Extra::file("metadata.yaml", 0o644, metadata_yaml(opts, facts).into_bytes(), t),
+        Extra::file(
+            "metadata.yaml",
+            0o644,
+            metadata_yaml(opts, facts).into_bytes(),
+            t,
+        ),
         Extra::dir("templates", t),
         Extra::file("templates/hostname.tpl", 0o644, HOSTNAME_TPL.into(), t),
         Extra::file("templates/hosts.tpl", 0o644, HOSTS_TPL.into(), t),
@@ -141,7 +152,9 @@ pub fn create_unified(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Targe
         with_meta: true,
         facts: Facts::default(),
     };
-    Ok(Box::new(TarFileTarget::create("lxd", &dest, true, "rootfs/", fixup)?))
+    Ok(Box::new(TarFileTarget::create(
+        "lxd", &dest, true, "rootfs/", fixup,
+    )?))
 }
 
 /// The split image: a metadata tarball written at start, and the squashfs fed as we go.
@@ -155,13 +168,19 @@ pub struct SplitTarget {
 
 pub fn create_split(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>> {
     let meta_file = PendingFile::create(&out_dir.join(format!("{}.lxd-meta.tar.gz", opts.name)))?;
-    let squash_file = PendingFile::create(&out_dir.join(format!("{}.lxd-rootfs.squashfs", opts.name)))?;
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let squash_file =
+        PendingFile::create(&out_dir.join(format!("{}.lxd-rootfs.squashfs", opts.name)))?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut child = PipedChild::spawn(
         Command::new("tar2sqfs")
             .args(["--quiet", "--force", "--no-skip", "--compressor", "xz"])
             .args(["--num-jobs", &threads.to_string()])
-            .args(["--defaults", &format!("uid=0,gid=0,mode=0755,mtime={}", opts.created)])
+            .args([
+                "--defaults",
+                &format!("uid=0,gid=0,mode=0755,mtime={}", opts.created),
+            ])
             .arg(squash_file.tmp_path()),
     )?;
     let stdin = child.take_stdin().expect("fresh child has stdin");
@@ -170,7 +189,11 @@ pub fn create_split(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>
         with_meta: false,
         facts: Facts::default(),
     };
-    let stream = TarStream::new(Out::Pipe(BufWriter::with_capacity(1 << 20, stdin)), "", fixup);
+    let stream = TarStream::new(
+        Out::Pipe(BufWriter::with_capacity(1 << 20, stdin)),
+        "",
+        fixup,
+    );
     Ok(Box::new(SplitTarget {
         opts: opts.clone(),
         meta_file,
@@ -272,7 +295,10 @@ mod tests {
         assert!(y.contains("  os: \"alpine\"\n"), "{y}");
         assert!(y.contains("  release: \"3.20.3\"\n"), "{y}");
         assert!(y.contains("  serial: \"20240102_0304\"\n"), "{y}");
-        assert!(y.contains("  description: \"Alpine Linux v3.20 (base, 20240102_0304)\"\n"), "{y}");
+        assert!(
+            y.contains("  description: \"Alpine Linux v3.20 (base, 20240102_0304)\"\n"),
+            "{y}"
+        );
         assert!(y.contains("    template: hosts.tpl\n"), "{y}");
     }
 }

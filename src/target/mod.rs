@@ -119,11 +119,16 @@ const OUT_BUF: usize = 1 << 20;
 
 impl Out {
     pub fn plain(f: &mut PendingFile) -> Result<Self> {
-        Ok(Out::Plain(BufWriter::with_capacity(OUT_BUF, f.file().try_clone()?)))
+        Ok(Out::Plain(BufWriter::with_capacity(
+            OUT_BUF,
+            f.file().try_clone()?,
+        )))
     }
     /// gzip on every core, as one gzip member (what WSL1 and WSL2 both read).
     pub fn gzip(f: &mut PendingFile) -> Result<Self> {
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let w = BufWriter::with_capacity(OUT_BUF, f.file().try_clone()?);
         let gz = ParCompressBuilder::<Gzip>::new()
             .num_threads(threads)
@@ -222,7 +227,11 @@ impl<F: Fixup> TarStream<F> {
                 Current::Drop
             }
             Action::Rewrite if meta.kind == Kind::File && meta.size <= REWRITE_MAX => {
-                Current::Buffer(path.to_string(), meta.clone(), Vec::with_capacity(meta.size as usize))
+                Current::Buffer(
+                    path.to_string(),
+                    meta.clone(),
+                    Vec::with_capacity(meta.size as usize),
+                )
             }
             Action::KeepAs(m) => self.keep(path, &m)?,
             _ => self.keep(path, meta)?,
@@ -273,7 +282,8 @@ impl<F: Fixup> TarStream<F> {
             }
             for p in parents.into_iter().rev() {
                 let full = self.full(&p);
-                self.tar.entry(&full, &Meta::new(Kind::Dir, 0o755, 0, e.meta.mtime), &[])?;
+                self.tar
+                    .entry(&full, &Meta::new(Kind::Dir, 0o755, 0, e.meta.mtime), &[])?;
                 self.seen_dirs.insert(p);
             }
             let full = self.full(&e.path);
@@ -294,7 +304,13 @@ pub struct TarFileTarget<F: Fixup> {
 }
 
 impl<F: Fixup> TarFileTarget<F> {
-    pub fn create(kind: &'static str, dest: &Path, gzip: bool, prefix: &str, fixup: F) -> Result<Self> {
+    pub fn create(
+        kind: &'static str,
+        dest: &Path,
+        gzip: bool,
+        prefix: &str,
+        fixup: F,
+    ) -> Result<Self> {
         let mut file = PendingFile::create(dest)?;
         let out = if gzip {
             Out::gzip(&mut file)?
@@ -388,7 +404,10 @@ mod tests {
         assert_eq!(os_release_get(&kv, "ID"), Some("alpine"));
         assert_eq!(os_release_get(&kv, "NAME"), Some("Alpine Linux"));
         assert_eq!(os_release_get(&kv, "VERSION_ID"), Some("3.20.3"));
-        assert_eq!(os_release_get(&kv, "PRETTY_NAME"), Some("Alpine Linux v3.20"));
+        assert_eq!(
+            os_release_get(&kv, "PRETTY_NAME"),
+            Some("Alpine Linux v3.20")
+        );
     }
 
     #[test]

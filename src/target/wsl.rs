@@ -40,7 +40,11 @@ fn passwd(text: &str) -> Vec<(String, u32, String)> {
 
 /// The user WSL should log in as: `wanted` if given (it must exist), else the image config's
 /// `User` when it is not root, else the lowest ordinary account with a login shell.
-pub fn default_user(facts: &Facts, config_user: Option<&str>, wanted: Option<&str>) -> Result<Option<User>> {
+pub fn default_user(
+    facts: &Facts,
+    config_user: Option<&str>,
+    wanted: Option<&str>,
+) -> Result<Option<User>> {
     let users = passwd(facts.text("etc/passwd").unwrap_or(""));
     let find = |who: &str| {
         let who = who.split(':').next().unwrap_or(who);
@@ -157,7 +161,8 @@ until passwd "$name"; do :; done
 
 /// The `.wsl` package's `/etc/wsl-distribution.conf`.
 fn distribution_conf(name: &str, uid: u32, oobe: bool, icon: Option<&str>) -> String {
-    let mut s = String::from("# Written by alpine-boxes: how WSL installs this distribution.\n[oobe]\n");
+    let mut s =
+        String::from("# Written by alpine-boxes: how WSL installs this distribution.\n[oobe]\n");
     if oobe {
         s.push_str("command = /usr/lib/wsl/oobe.sh\n");
     }
@@ -199,9 +204,17 @@ const WSL_DROP: &[&str] = &[".dockerenv", "etc/resolv.conf"];
 fn is_kernel(path: &str) -> bool {
     path.strip_prefix("boot/").is_some_and(|f| {
         !f.contains('/')
-            && ["vmlinuz", "vmlinux", "bzImage", "initramfs", "initrd", "System.map", "config-"]
-                .iter()
-                .any(|p| f.starts_with(p))
+            && [
+                "vmlinuz",
+                "vmlinux",
+                "bzImage",
+                "initramfs",
+                "initrd",
+                "System.map",
+                "config-",
+            ]
+            .iter()
+            .any(|p| f.starts_with(p))
     })
 }
 
@@ -231,7 +244,10 @@ fn read_icon(p: &Path) -> Result<Vec<u8>> {
         .with_context(|| format!("--icon {}", p.display()))?
         .len();
     if len > ICON_MAX {
-        bail!("--icon {}: {len} bytes; WSL allows at most {ICON_MAX} bytes", p.display());
+        bail!(
+            "--icon {}: {len} bytes; WSL allows at most {ICON_MAX} bytes",
+            p.display()
+        );
     }
     let data = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
     if !data.starts_with(&[0, 0, 1, 0]) {
@@ -242,7 +258,11 @@ fn read_icon(p: &Path) -> Result<Vec<u8>> {
 
 impl Fixup for WslFixup {
     fn start(&mut self, facts: &Facts) -> Result<()> {
-        self.user = default_user(facts, self.opts.config_user.as_deref(), self.opts.user.as_deref())?;
+        self.user = default_user(
+            facts,
+            self.opts.config_user.as_deref(),
+            self.opts.user.as_deref(),
+        )?;
         self.existing_conf = facts.text("etc/wsl.conf").map(str::to_string);
         Ok(())
     }
@@ -287,7 +307,12 @@ impl Fixup for WslFixup {
             let oobe = self.user.is_none();
             let uid = self.user.as_ref().map(|u| u.uid).unwrap_or(OOBE_UID);
             if oobe {
-                out.push(Extra::file("usr/lib/wsl/oobe.sh", 0o755, oobe_script().into_bytes(), t));
+                out.push(Extra::file(
+                    "usr/lib/wsl/oobe.sh",
+                    0o755,
+                    oobe_script().into_bytes(),
+                    t,
+                ));
             }
             let icon_path = self.icon.take().map(|icon| {
                 let p = format!("usr/lib/wsl/{}.ico", self.opts.name);
@@ -295,7 +320,12 @@ impl Fixup for WslFixup {
                 format!("/{p}")
             });
             let conf = distribution_conf(&self.opts.name, uid, oobe, icon_path.as_deref());
-            out.push(Extra::file("etc/wsl-distribution.conf", 0o644, conf.into_bytes(), t));
+            out.push(Extra::file(
+                "etc/wsl-distribution.conf",
+                0o644,
+                conf.into_bytes(),
+                t,
+            ));
         }
         Ok(out)
     }
@@ -303,12 +333,24 @@ impl Fixup for WslFixup {
 
 pub fn create_tarball(out_dir: &Path, opts: &WslOptions) -> Result<Box<dyn Target>> {
     let dest = out_dir.join(format!("{}.rootfs.tar.gz", opts.name));
-    Ok(Box::new(TarFileTarget::create("wsl", &dest, true, "", WslFixup::new(opts.clone(), false)?)?))
+    Ok(Box::new(TarFileTarget::create(
+        "wsl",
+        &dest,
+        true,
+        "",
+        WslFixup::new(opts.clone(), false)?,
+    )?))
 }
 
 pub fn create_package(out_dir: &Path, opts: &WslOptions) -> Result<Box<dyn Target>> {
     let dest = out_dir.join(format!("{}.wsl", opts.name));
-    Ok(Box::new(TarFileTarget::create("wsl-package", &dest, true, "", WslFixup::new(opts.clone(), true)?)?))
+    Ok(Box::new(TarFileTarget::create(
+        "wsl-package",
+        &dest,
+        true,
+        "",
+        WslFixup::new(opts.clone(), true)?,
+    )?))
 }
 
 #[cfg(test)]
@@ -317,7 +359,8 @@ mod tests {
 
     fn facts(passwd: &str) -> Facts {
         let mut f = Facts::default();
-        f.files.insert("etc/passwd".into(), passwd.as_bytes().to_vec());
+        f.files
+            .insert("etc/passwd".into(), passwd.as_bytes().to_vec());
         f
     }
 
@@ -330,14 +373,28 @@ mod tests {
     #[test]
     fn default_user_choice() {
         let f = facts(PASSWD);
-        let u = |n: &str, uid| Some(User { name: n.into(), uid });
+        let u = |n: &str, uid| {
+            Some(User {
+                name: n.into(),
+                uid,
+            })
+        };
         assert_eq!(default_user(&f, None, None).unwrap(), u("alpine", 1000));
         assert_eq!(default_user(&f, Some("bob"), None).unwrap(), u("bob", 1002));
-        assert_eq!(default_user(&f, Some("1002:1002"), None).unwrap(), u("bob", 1002));
-        assert_eq!(default_user(&f, Some("root"), None).unwrap(), u("alpine", 1000));
+        assert_eq!(
+            default_user(&f, Some("1002:1002"), None).unwrap(),
+            u("bob", 1002)
+        );
+        assert_eq!(
+            default_user(&f, Some("root"), None).unwrap(),
+            u("alpine", 1000)
+        );
         assert_eq!(default_user(&f, None, Some("svc")).unwrap(), u("svc", 1001));
         assert!(default_user(&f, None, Some("ghost")).is_err());
-        assert_eq!(default_user(&facts("root:x:0:0::/root:/bin/sh\n"), None, None).unwrap(), None);
+        assert_eq!(
+            default_user(&facts("root:x:0:0::/root:/bin/sh\n"), None, None).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -351,7 +408,10 @@ mod tests {
 
     #[test]
     fn wsl_conf_merging() {
-        let u = User { name: "alpine".into(), uid: 1000 };
+        let u = User {
+            name: "alpine".into(),
+            uid: 1000,
+        };
         assert!(wsl_conf(None, Some(&u)).ends_with("[user]\ndefault=alpine\n"));
         let has = "[user]\ndefault = bob\n";
         assert_eq!(wsl_conf(Some(has), Some(&u)), has);

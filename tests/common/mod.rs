@@ -5,6 +5,7 @@
 //!   d PATH MODE                 folder
 //!   f PATH MODE TEXT…           file with TEXT (`\n` escapes a newline)
 //!   F PATH MODE SIZE            file of SIZE pseudo-random bytes (seeded by PATH)
+//!   H PATH MODE HOSTFILE        file with the content of a file of this machine
 //!   l PATH -> TARGET            symlink
 //!   h PATH => TARGET            hard link
 //!   c|b PATH MODE MAJOR MINOR   character / block device
@@ -124,7 +125,11 @@ fn rel(p: &str) -> String {
 pub fn layer(desc: &str) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut cur: Option<Pending> = None;
-    for line in desc.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in desc
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let (op, rest) = line.split_once(' ').unwrap_or((line, ""));
         let w: Vec<&str> = rest.split_whitespace().collect();
         let mode = |i: usize| u32::from_str_radix(w[i], 8).unwrap();
@@ -152,11 +157,20 @@ pub fn layer(desc: &str) -> Vec<u8> {
             xattrs: Vec::new(),
         };
         cur = Some(match op {
-            "d" => mk(tar::EntryType::Directory, mode(1), format!("{}/", rel(w[0]))),
+            "d" => mk(
+                tar::EntryType::Directory,
+                mode(1),
+                format!("{}/", rel(w[0])),
+            ),
             "f" => {
                 let mut p = mk(tar::EntryType::Regular, mode(1), rel(w[0]));
                 let text = rest.splitn(3, ' ').nth(2).unwrap_or("");
                 p.data = text.replace("\\n", "\n").into_bytes();
+                p
+            }
+            "H" => {
+                let mut p = mk(tar::EntryType::Regular, mode(1), rel(w[0]));
+                p.data = std::fs::read(w[2]).unwrap_or_else(|e| panic!("{}: {e}", w[2]));
                 p
             }
             "F" => {
@@ -165,14 +179,22 @@ pub fn layer(desc: &str) -> Vec<u8> {
                 p
             }
             "l" | "h" => {
-                let ty = if op == "l" { tar::EntryType::Symlink } else { tar::EntryType::Link };
+                let ty = if op == "l" {
+                    tar::EntryType::Symlink
+                } else {
+                    tar::EntryType::Link
+                };
                 let mut p = mk(ty, 0o777, rel(w[0]));
                 let t = w[2];
                 p.link = Some(if op == "h" { rel(t) } else { t.to_string() }.into_bytes());
                 p
             }
             "c" | "b" => {
-                let ty = if op == "c" { tar::EntryType::Char } else { tar::EntryType::Block };
+                let ty = if op == "c" {
+                    tar::EntryType::Char
+                } else {
+                    tar::EntryType::Block
+                };
                 let mut p = mk(ty, mode(1), rel(w[0]));
                 p.header.set_device_major(w[2].parse().unwrap()).unwrap();
                 p.header.set_device_minor(w[3].parse().unwrap()).unwrap();
@@ -189,7 +211,11 @@ pub fn layer(desc: &str) -> Vec<u8> {
                         None => format!(".wh.{p}"),
                     }
                 };
-                mk(tar::EntryType::Regular, 0o644, name.trim_start_matches('/').to_string())
+                mk(
+                    tar::EntryType::Regular,
+                    0o644,
+                    name.trim_start_matches('/').to_string(),
+                )
             }
             "R" => {
                 let mut p = mk(tar::EntryType::Regular, 0o644, String::new());
@@ -331,7 +357,8 @@ impl ImageSpec {
             layer_names.push(format!("{id}/layer.tar"));
         }
         add(&cfg_name, &cfg);
-        let manifest = serde_json::json!([{"Config": cfg_name, "RepoTags": [tag], "Layers": layer_names}]);
+        let manifest =
+            serde_json::json!([{"Config": cfg_name, "RepoTags": [tag], "Layers": layer_names}]);
         add("manifest.json", &serde_json::to_vec(&manifest).unwrap());
         std::fs::write(path, b.into_inner().unwrap()).unwrap();
     }
@@ -350,7 +377,11 @@ impl ImageSpec {
             "Config": format!("blobs/sha256/{}", sha256_hex(&cfg)),
             "RepoTags": [tag], "Layers": layers,
         }]);
-        std::fs::write(dir.path().join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+        std::fs::write(
+            dir.path().join("manifest.json"),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
         tar_dir(dir.path(), path);
     }
 
@@ -389,7 +420,10 @@ pub fn read_tar<R: Read>(r: R) -> Tree {
     for e in ar.entries().unwrap() {
         let mut e = e.unwrap();
         let path = String::from_utf8(e.path_bytes().into_owned()).unwrap();
-        let path = path.trim_start_matches("./").trim_end_matches('/').to_string();
+        let path = path
+            .trim_start_matches("./")
+            .trim_end_matches('/')
+            .to_string();
         if path.is_empty() || path == "." {
             continue;
         }
@@ -412,7 +446,11 @@ pub fn read_tar<R: Read>(r: R) -> Tree {
             tar::EntryType::Link => ('h', link()),
             tar::EntryType::Char | tar::EntryType::Block => (
                 if ty == tar::EntryType::Char { 'c' } else { 'b' },
-                format!("{},{}", h.device_major().unwrap().unwrap(), h.device_minor().unwrap().unwrap()),
+                format!(
+                    "{},{}",
+                    h.device_major().unwrap().unwrap(),
+                    h.device_minor().unwrap().unwrap()
+                ),
             ),
             tar::EntryType::Fifo => ('p', String::new()),
             _ => {
@@ -438,7 +476,9 @@ pub fn read_tar<R: Read>(r: R) -> Tree {
     for n in t.values_mut() {
         if n.kind == 'h' {
             let target = n.what.trim_start_matches("./").to_string();
-            let tgt = snapshot.get(&target).unwrap_or_else(|| panic!("hard link to missing {target}"));
+            let tgt = snapshot
+                .get(&target)
+                .unwrap_or_else(|| panic!("hard link to missing {target}"));
             *n = tgt.clone();
         }
     }
@@ -462,11 +502,12 @@ pub fn read_tar_file(p: &Path) -> Tree {
 /// Names of the entries of a tar, in archive order.
 pub fn tar_names(p: &Path) -> Vec<String> {
     let f = std::fs::File::open(p).unwrap();
-    let r: Box<dyn Read> = if p.to_string_lossy().ends_with(".gz") || p.to_string_lossy().ends_with(".wsl") {
-        Box::new(flate2::read::MultiGzDecoder::new(f))
-    } else {
-        Box::new(f)
-    };
+    let r: Box<dyn Read> =
+        if p.to_string_lossy().ends_with(".gz") || p.to_string_lossy().ends_with(".wsl") {
+            Box::new(flate2::read::MultiGzDecoder::new(f))
+        } else {
+            Box::new(f)
+        };
     let mut ar = tar::Archive::new(r);
     ar.entries()
         .unwrap()
@@ -523,7 +564,10 @@ pub fn require_tool(name: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(ok, "this test needs `{name}`: run scripts/setup (it installs every test dependency)");
+    assert!(
+        ok,
+        "this test needs `{name}`: run scripts/setup (it installs every test dependency)"
+    );
 }
 
 pub fn require_root() {
@@ -533,4 +577,113 @@ pub fn require_root() {
         "0",
         "this test needs root (CI runs as root)"
     );
+}
+
+/// Walk an unpacked tree on disk into the same shape as [`read_tar`] gives (hard links compare
+/// as the file they share).
+pub fn read_dir_tree(root: &Path) -> Tree {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    fn walk(root: &Path, dir: &Path, t: &mut Tree) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let ft = m.file_type();
+            let (kind, what) = if ft.is_dir() {
+                ('d', String::new())
+            } else if ft.is_symlink() {
+                (
+                    'l',
+                    std::fs::read_link(&p)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let r = m.rdev();
+                (
+                    if ft.is_char_device() { 'c' } else { 'b' },
+                    format!("{},{}", libc_major(r), libc_minor(r)),
+                )
+            } else if ft.is_fifo() {
+                ('p', String::new())
+            } else {
+                ('f', sha256_hex(&std::fs::read(&p).unwrap()))
+            };
+            t.insert(
+                rel,
+                Node {
+                    kind,
+                    mode: m.mode() & 0o7777,
+                    uid: m.uid() as u64,
+                    gid: m.gid() as u64,
+                    what,
+                    xattrs: Vec::new(),
+                },
+            );
+            if ft.is_dir() {
+                walk(root, &p, t);
+            }
+        }
+    }
+    let mut t = Tree::new();
+    walk(root, root, &mut t);
+    t
+}
+
+fn libc_major(d: u64) -> u64 {
+    ((d >> 8) & 0xfff) | ((d >> 32) & !0xfff)
+}
+fn libc_minor(d: u64) -> u64 {
+    (d & 0xff) | ((d >> 12) & !0xff)
+}
+
+/// The same tree without xattrs (for judges that unpack onto a filesystem that may drop them).
+pub fn without_xattrs(t: &Tree) -> Tree {
+    t.iter()
+        .map(|(k, n)| {
+            (
+                k.clone(),
+                Node {
+                    xattrs: Vec::new(),
+                    ..n.clone()
+                },
+            )
+        })
+        .collect()
+}
+
+/// Assert two trees are equal, listing every difference.
+pub fn assert_same_tree(ours: &Tree, theirs: &Tree, what: &str) {
+    let mut diffs = Vec::new();
+    for (k, n) in ours {
+        match theirs.get(k) {
+            None => diffs.push(format!("only in abox: {k} {n:?}")),
+            Some(m) if m != n => diffs.push(format!("{k}: abox {n:?} vs {what} {m:?}")),
+            _ => {}
+        }
+    }
+    for k in theirs.keys().filter(|k| !ours.contains_key(*k)) {
+        diffs.push(format!("only in {what}: {k} {:?}", theirs[k]));
+    }
+    assert!(
+        diffs.is_empty(),
+        "abox and {what} disagree:\n{}",
+        diffs.join("\n")
+    );
+}
+
+pub fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        o.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }

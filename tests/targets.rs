@@ -1,0 +1,293 @@
+//! WSL and LXD artifacts as files: layout, fix-ups and Microsoft's package rules. No root needed.
+
+mod common;
+
+use common::*;
+
+const IMAGE: &[&str] = &[
+    "d etc 0755\n\
+     f etc/passwd 0644 root:x:0:0:root:/root:/bin/sh\\nalpine:x:1000:1000::/home/alpine:/bin/ash\\n\n\
+     f etc/shadow 0640 root:*:19000:0:::::\\nalpine:$6$salt$secrethash:19000:0:99999:7:::\\n\n\
+     f etc/resolv.conf 0644 nameserver 10.0.0.1\n\
+     d usr/lib 0755\nf usr/lib/os-release 0644 ID=alpine\\nVERSION_ID=3.20.3\\nPRETTY_NAME=\"Alpine Linux v3.20\"\\n\n\
+     l etc/os-release -> ../usr/lib/os-release\n\
+     d boot 0755\nf boot/vmlinuz-virt 0644 kernel\nf boot/initramfs-virt 0644 initrd\n\
+     f .dockerenv 0644 \n\
+     f bin/busybox 0755 bb",
+];
+
+fn export(dir: &std::path::Path, spec: &ImageSpec, args: &[&str]) -> std::path::PathBuf {
+    let lay = dir.join("layout");
+    spec.write_oci(&lay, "t");
+    let out = dir.join("out");
+    run_ok(
+        abox()
+            .arg("export")
+            .arg(format!("oci:{}", lay.display()))
+            .args(["--name", "base", "-o"])
+            .arg(&out)
+            .args(args),
+    );
+    out
+}
+
+fn entry_meta(p: &std::path::Path, name: &str) -> (u32, u64, u64, Vec<u8>) {
+    let f = std::fs::File::open(p).unwrap();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_str() == Some(name) {
+            let h = e.header().clone();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            return (h.mode().unwrap(), h.uid().unwrap(), h.gid().unwrap(), data);
+        }
+    }
+    panic!("{name} not in {}", p.display());
+}
+
+#[test]
+fn wsl_tarball_logs_in_as_the_image_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export(dir.path(), &ImageSpec::new(IMAGE), &["--wsl"]);
+    let tgz = out.join("base.rootfs.tar.gz");
+    let t = read_tar_file(&tgz);
+    assert!(
+        !t.contains_key("etc/resolv.conf"),
+        "WSL writes resolv.conf itself"
+    );
+    assert!(!t.contains_key(".dockerenv"));
+    assert!(t.contains_key("bin/busybox") && t.contains_key("etc/passwd"));
+    let (mode, uid, gid, conf) = entry_meta(&tgz, "etc/wsl.conf");
+    assert_eq!((mode, uid, gid), (0o644, 0, 0));
+    assert!(String::from_utf8(conf)
+        .unwrap()
+        .contains("[user]\ndefault=alpine\n"));
+    // The archive root is the filesystem root: no ./ or folder above etc/.
+    assert!(tar_names(&tgz)
+        .iter()
+        .all(|n| !n.starts_with("./") && !n.starts_with('/')));
+}
+
+#[test]
+fn wsl_user_flag_and_missing_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export(
+        dir.path(),
+        &ImageSpec::new(IMAGE),
+        &["--wsl", "--wsl-user", "root"],
+    );
+    let (_, _, _, conf) = entry_meta(&out.join("base.rootfs.tar.gz"), "etc/wsl.conf");
+    assert!(String::from_utf8(conf).unwrap().contains("default=root"));
+    let dir = tempfile::tempdir().unwrap();
+    let lay = dir.path().join("l");
+    ImageSpec::new(IMAGE).write_oci(&lay, "t");
+    let err = run_err(
+        abox()
+            .arg("export")
+            .arg(format!("oci:{}", lay.display()))
+            .args(["--wsl", "--wsl-user", "ghost", "-o"])
+            .arg(dir.path().join("o")),
+    );
+    assert!(err.contains("no such user"), "{err}");
+    assert!(files_in(&dir.path().join("o")).is_empty());
+}
+
+#[test]
+fn wsl_package_follows_microsofts_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let icon = dir.path().join("box.ico");
+    let mut ico = vec![0, 0, 1, 0];
+    ico.extend(noise("icon", 2000));
+    std::fs::write(&icon, &ico).unwrap();
+    let out = export(
+        dir.path(),
+        &ImageSpec::new(IMAGE),
+        &["--wsl-package", "--icon", icon.to_str().unwrap()],
+    );
+    let pkg = out.join("base.wsl");
+    let t = read_tar_file(&pkg);
+    assert!(!t.contains_key("etc/resolv.conf"));
+    assert!(
+        !t.keys()
+            .any(|k| k.starts_with("boot/vmlinuz") || k.starts_with("boot/initramfs")),
+        "no kernel"
+    );
+    let (_, _, _, shadow) = entry_meta(&pkg, "etc/shadow");
+    let shadow = String::from_utf8(shadow).unwrap();
+    assert!(!shadow.contains("$6$"), "{shadow}");
+    assert!(shadow.contains("alpine:!:19000"));
+    let (mode, uid, gid, conf) = entry_meta(&pkg, "etc/wsl-distribution.conf");
+    assert_eq!((mode, uid, gid), (0o644, 0, 0));
+    let conf = String::from_utf8(conf).unwrap();
+    assert!(
+        conf.contains("defaultUid = 1000\n") && conf.contains("defaultName = base\n"),
+        "{conf}"
+    );
+    assert!(conf.contains("icon = /usr/lib/wsl/base.ico"), "{conf}");
+    assert!(
+        !conf.contains("command ="),
+        "the image has a user: no OOBE needed\n{conf}"
+    );
+    let (mode, uid, _, data) = entry_meta(&pkg, "usr/lib/wsl/base.ico");
+    assert_eq!((mode, uid), (0o644, 0));
+    assert_eq!(data, ico);
+}
+
+#[test]
+fn wsl_package_without_a_user_creates_one_on_first_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ImageSpec::new(&[
+        "d etc 0755\nf etc/passwd 0644 root:x:0:0:root:/root:/bin/sh\\n\nf bin/sh 0755 x",
+    ]);
+    let out = export(dir.path(), &spec, &["--wsl-package"]);
+    let pkg = out.join("base.wsl");
+    let (_, _, _, conf) = entry_meta(&pkg, "etc/wsl-distribution.conf");
+    let conf = String::from_utf8(conf).unwrap();
+    assert!(
+        conf.contains("command = /usr/lib/wsl/oobe.sh\n") && conf.contains("defaultUid = 1000\n"),
+        "{conf}"
+    );
+    let (mode, uid, gid, script) = entry_meta(&pkg, "usr/lib/wsl/oobe.sh");
+    assert_eq!((mode, uid, gid), (0o755, 0, 0));
+    let script = String::from_utf8(script).unwrap();
+    assert!(script.starts_with("#!/bin/sh") && script.contains("adduser -D -u \"$uid\""));
+    let names = tar_names(&pkg);
+    let pos = |n: &str| names.iter().position(|x| x == n).unwrap();
+    assert!(
+        pos("usr/lib/wsl/") < pos("usr/lib/wsl/oobe.sh"),
+        "parents are added first: {names:?}"
+    );
+    let sh = std::process::Command::new("sh")
+        .arg("-n")
+        .arg("-c")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(sh.success(), "oobe.sh is valid shell");
+}
+
+#[test]
+fn big_or_wrong_icons_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lay = dir.path().join("l");
+    ImageSpec::new(IMAGE).write_oci(&lay, "t");
+    let big = dir.path().join("big.ico");
+    let mut data = vec![0, 0, 1, 0];
+    data.resize((1 << 20) + 1, 7);
+    std::fs::write(&big, data).unwrap();
+    let png = dir.path().join("x.ico");
+    std::fs::write(&png, b"\x89PNG....").unwrap();
+    for (icon, needle) in [(&big, "at most"), (&png, "not a Windows .ico")] {
+        let err = run_err(
+            abox()
+                .arg("export")
+                .arg(format!("oci:{}", lay.display()))
+                .args(["--wsl-package", "--icon"])
+                .arg(icon)
+                .arg("-o")
+                .arg(dir.path().join("o")),
+        );
+        assert!(err.contains(needle), "{err}");
+    }
+}
+
+#[test]
+fn lxd_unified_image_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export(dir.path(), &ImageSpec::new(IMAGE), &["--lxd"]);
+    let img = out.join("base.lxd.tar.gz");
+    let names = tar_names(&img);
+    assert_eq!(
+        names[0], "metadata.yaml",
+        "metadata.yaml first, at the archive root"
+    );
+    assert!(names.contains(&"templates/hostname.tpl".to_string()));
+    assert!(names.contains(&"templates/hosts.tpl".to_string()));
+    assert!(names.contains(&"rootfs/etc/passwd".to_string()));
+    assert!(
+        names.iter().all(|n| n == "metadata.yaml"
+            || n.starts_with("templates/")
+            || n.starts_with("rootfs/")),
+        "{names:?}"
+    );
+    let (_, _, _, meta) = entry_meta(&img, "metadata.yaml");
+    let meta = String::from_utf8(meta).unwrap();
+    assert!(meta.contains("architecture: \"x86_64\""), "{meta}");
+    assert!(
+        meta.contains("creation_date: 1704164645"),
+        "from the image's created time\n{meta}"
+    );
+    assert!(
+        meta.contains("os: \"alpine\"") && meta.contains("release: \"3.20.3\""),
+        "os-release read through its symlink\n{meta}"
+    );
+    assert!(meta.contains("/etc/hostname:") && meta.contains("template: hostname.tpl"));
+    // The rootfs keeps what a container needs (resolv.conf is LXD's business) minus .dockerenv.
+    assert!(names.contains(&"rootfs/etc/resolv.conf".to_string()));
+    assert!(!names.contains(&"rootfs/.dockerenv".to_string()));
+}
+
+#[test]
+fn lxd_split_image_and_several_targets_at_once() {
+    require_tool("tar2sqfs");
+    require_tool("unsquashfs");
+    let dir = tempfile::tempdir().unwrap();
+    let out = export(
+        dir.path(),
+        &ImageSpec::new(IMAGE),
+        &["--lxd-split", "--lxd", "--wsl", "--rootfs"],
+    );
+    let meta = out.join("base.lxd-meta.tar.gz");
+    assert_eq!(
+        tar_names(&meta),
+        vec![
+            "metadata.yaml",
+            "templates/",
+            "templates/hostname.tpl",
+            "templates/hosts.tpl"
+        ]
+    );
+    let sq = out.join("base.lxd-rootfs.squashfs");
+    let list = std::process::Command::new("unsquashfs")
+        .args(["-lls", "-d", ""])
+        .arg(&sq)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.contains("/etc/passwd") && list.contains("/bin/busybox"),
+        "{list}"
+    );
+    assert!(
+        list.contains("/etc/os-release -> ../usr/lib/os-release"),
+        "{list}"
+    );
+    let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    assert_eq!(sums.lines().count(), 5, "{sums}");
+    for line in sums.lines() {
+        let (sum, name) = line.split_once("  ").unwrap();
+        assert_eq!(
+            sum,
+            sha256_hex(&std::fs::read(out.join(name)).unwrap()),
+            "{name}"
+        );
+    }
+    let mut names: Vec<_> = files_in(&out)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "SHA256SUMS",
+            "base.lxd-meta.tar.gz",
+            "base.lxd-rootfs.squashfs",
+            "base.lxd.tar.gz",
+            "base.rootfs.tar",
+            "base.rootfs.tar.gz",
+            "manifest.json"
+        ]
+    );
+}
