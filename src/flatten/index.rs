@@ -156,13 +156,10 @@ pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<L
     let mut ar = tar::Archive::new(reader);
     let mut ops = Vec::new();
     let mut captured = Vec::new();
-    let mut ordinal: u32 = 0;
     let entries = ar.entries().context("reading the layer as tar")?;
-    for entry in entries {
+    for (this, entry) in (0u32..).zip(entries) {
         crate::signals::check()?;
         let mut e = entry.context("reading a tar entry (truncated or corrupt layer?)")?;
-        let this = ordinal;
-        ordinal += 1;
         let ty = e.header().entry_type();
         if matches!(ty, tar::EntryType::XGlobalHeader) {
             continue;

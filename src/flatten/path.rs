@@ -139,7 +139,8 @@ mod tests {
         for (raw, want) in ok {
             assert_eq!(&classify(raw.as_bytes()).unwrap(), want, "{raw}");
         }
-        let bad: &[(&[u8], fn(&PathError) -> bool)] = &[
+        type Check = fn(&PathError) -> bool;
+        let bad: &[(&[u8], Check)] = &[
             (b"../etc", |e| matches!(e, PathError::DotDot(_))),
             (b"a/../../b", |e| matches!(e, PathError::DotDot(_))),
             (b"/etc/passwd", |e| matches!(e, PathError::Absolute(_))),
