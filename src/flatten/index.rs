@@ -152,7 +152,7 @@ fn meta_of<R: Read>(e: &mut tar::Entry<R>, path: &str) -> Result<Meta> {
 
 /// Index layer `i` of `image`.
 pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<LayerIndex> {
-    let reader = image.open_layer(i, Some(counter))?;
+    let reader = image.open_layer(i, Some(counter), true)?;
     let mut ar = tar::Archive::new(reader);
     let mut ops = Vec::new();
     let mut captured = Vec::new();

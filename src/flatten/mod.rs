@@ -236,7 +236,8 @@ pub fn emit(image: &Image, plan: &Plan, sink: &mut dyn Sink, progress: &Progress
         if wanted.is_empty() {
             continue;
         }
-        let reader = image.open_layer(layer, None)?;
+        // Digests were checked in pass 1.
+        let reader = image.open_layer(layer, None, false)?;
         let mut ar = tar::Archive::new(reader);
         let mut left = wanted.len();
         let what = || format!("layer {} ({})", layer + 1, image.layers[layer].key);

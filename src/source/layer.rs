@@ -40,30 +40,34 @@ pub struct DigestMismatch {
 /// Counts and hashes what is read through it.
 pub struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    /// None when the digest was already checked (the second pass over a layer).
+    hasher: Option<Sha256>,
     counter: Option<Arc<AtomicU64>>,
 }
 
 impl<R: Read> HashingReader<R> {
-    pub fn new(inner: R, counter: Option<Arc<AtomicU64>>) -> Self {
+    pub fn new(inner: R, counter: Option<Arc<AtomicU64>>, hash: bool) -> Self {
         Self {
             inner,
-            hasher: Sha256::new(),
+            hasher: hash.then(Sha256::new),
             counter,
         }
     }
     pub fn finish(self) -> (R, String) {
-        (
-            self.inner,
-            format!("sha256:{}", hex::encode(self.hasher.finalize())),
-        )
+        let digest = self
+            .hasher
+            .map(|h| format!("sha256:{}", hex::encode(h.finalize())))
+            .unwrap_or_default();
+        (self.inner, digest)
     }
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         if let Some(c) = &self.counter {
             c.fetch_add(n as u64, Ordering::Relaxed);
         }
@@ -124,15 +128,18 @@ const READ_BUF: usize = 256 << 10;
 pub struct LayerReader {
     desc: LayerDesc,
     inner: HashingReader<Decoder>,
+    verify: bool,
 }
 
 impl LayerReader {
+    /// Open a layer; with `verify`, [`LayerReader::finish`] checks its digests.
     pub fn open(
         blob: BlobReader,
         desc: &LayerDesc,
         counter: Option<Arc<AtomicU64>>,
+        verify: bool,
     ) -> Result<Self> {
-        let mut raw = BufReader::with_capacity(READ_BUF, HashingReader::new(blob, counter));
+        let mut raw = BufReader::with_capacity(READ_BUF, HashingReader::new(blob, counter, verify));
         let magic = raw
             .fill_buf()
             .with_context(|| format!("reading layer {} ({})", desc.index, desc.key))?;
@@ -145,7 +152,8 @@ impl LayerReader {
         };
         Ok(Self {
             desc: desc.clone(),
-            inner: HashingReader::new(dec, None),
+            inner: HashingReader::new(dec, None, verify),
+            verify,
         })
     }
 
@@ -157,6 +165,9 @@ impl LayerReader {
         let mut raw = dec.into_inner();
         io::copy(&mut raw, &mut io::sink()).with_context(what)?;
         let (_, digest) = raw.into_inner().finish();
+        if !self.verify {
+            return Ok(());
+        }
         if let Some(expected) = &self.desc.digest {
             if *expected != digest {
                 return Err(DigestMismatch {

@@ -112,14 +112,16 @@ pub struct Image {
 }
 
 impl Image {
-    /// Open a layer's uncompressed tar stream.
+    /// Open a layer's uncompressed tar stream. With `verify`, its digests are checked when it
+    /// is read to the end ([`LayerReader::finish`]).
     pub fn open_layer(
         &self,
         i: usize,
         counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+        verify: bool,
     ) -> Result<LayerReader> {
         let d = &self.layers[i];
-        LayerReader::open(self.store.open(&d.key)?, d, counter)
+        LayerReader::open(self.store.open(&d.key)?, d, counter, verify)
     }
 
     pub fn architecture(&self) -> String {

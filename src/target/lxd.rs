@@ -250,7 +250,7 @@ impl Target for SplitTarget {
     }
     fn finish(mut self: Box<Self>) -> Result<Vec<Artifact>> {
         let stream = self.stream.take().expect("stream open until finish");
-        let r = stream.finish().and_then(|o| o.close());
+        let r = stream.finish().and_then(|o| o.close()).map(|_| ());
         self.piped(r)?;
         self.child.take().expect("child until finish").wait()?;
         let (ms, ml) = hash_file(self.meta_file.tmp_path())?;

@@ -17,7 +17,7 @@ use gzp::par::compress::{ParCompress, ParCompressBuilder};
 use gzp::ZWriter;
 
 use crate::flatten::{Facts, Sink};
-use crate::output::{hash_file, Artifact, PendingFile};
+use crate::output::{hash_file, Artifact, HashingWriter, PendingFile};
 use crate::tarfmt::{Kind, Meta, TarWriter};
 
 /// A writer of one or more artifacts.
@@ -109,8 +109,8 @@ const REWRITE_MAX: u64 = 16 << 20;
 
 /// Where a tar target's bytes go.
 pub enum Out {
-    Plain(BufWriter<File>),
-    Gzip(ParCompress<'static, Gzip, BufWriter<File>>),
+    Plain(HashingWriter<BufWriter<File>>),
+    Gzip(ParCompress<'static, Gzip, HashingWriter<BufWriter<File>>>),
     Pipe(BufWriter<std::process::ChildStdin>),
 }
 
@@ -119,17 +119,17 @@ const OUT_BUF: usize = 1 << 20;
 
 impl Out {
     pub fn plain(f: &mut PendingFile) -> Result<Self> {
-        Ok(Out::Plain(BufWriter::with_capacity(
+        Ok(Out::Plain(HashingWriter::new(BufWriter::with_capacity(
             OUT_BUF,
             f.file().try_clone()?,
-        )))
+        ))))
     }
     /// gzip on every core, as one gzip member (what WSL1 and WSL2 both read).
     pub fn gzip(f: &mut PendingFile) -> Result<Self> {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let w = BufWriter::with_capacity(OUT_BUF, f.file().try_clone()?);
+        let w = HashingWriter::new(BufWriter::with_capacity(OUT_BUF, f.file().try_clone()?));
         let gz = ParCompressBuilder::<Gzip>::new()
             .num_threads(threads)
             .context("gzip threads")?
@@ -137,16 +137,21 @@ impl Out {
             .from_writer(w);
         Ok(Out::Gzip(gz))
     }
-    fn close(self) -> Result<()> {
+    /// Flush everything; for files, the sha256 and size of what was written.
+    fn close(self) -> Result<Option<(String, u64)>> {
+        let done = |w: HashingWriter<BufWriter<File>>| -> Result<Option<(String, u64)>> {
+            let (mut inner, sha, len) = w.finish();
+            inner.flush()?;
+            Ok(Some((sha, len)))
+        };
         match self {
-            Out::Plain(mut w) => w.flush()?,
-            Out::Gzip(mut gz) => gz
-                .finish()
-                .map_err(|e| anyhow::anyhow!("gzip: {e}"))?
-                .flush()?,
-            Out::Pipe(mut w) => w.flush()?,
+            Out::Plain(w) => done(w),
+            Out::Gzip(mut gz) => done(gz.finish().map_err(|e| anyhow::anyhow!("gzip: {e}"))?),
+            Out::Pipe(mut w) => {
+                w.flush()?;
+                Ok(None)
+            }
         }
-        Ok(())
     }
 }
 
@@ -340,8 +345,10 @@ impl<F: Fixup> Target for TarFileTarget<F> {
     }
     fn finish(self: Box<Self>) -> Result<Vec<Artifact>> {
         let this = *self;
-        this.stream.finish()?.close()?;
-        let (sha256, size) = hash_file(this.file.tmp_path())?;
+        let (sha256, size) = match this.stream.finish()?.close()? {
+            Some(h) => h,
+            None => hash_file(this.file.tmp_path())?,
+        };
         Ok(vec![Artifact {
             kind: this.kind,
             file: this.file,
