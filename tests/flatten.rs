@@ -459,3 +459,69 @@ fn unwritable_output_folder_is_a_clear_error() {
     );
     assert!(err.contains("cannot create the output folder"), "{err}");
 }
+
+#[test]
+fn nested_indexes_are_resolved_by_platform() {
+    let r = Run::new();
+    let lay = r.p("multi");
+    let amd = ImageSpec::new(&["f which 0644 amd64"]);
+    let mut arm = ImageSpec::new(&["f which 0644 arm64"]);
+    arm.arch = "arm64".into();
+    let read_index = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(lay.join("index.json")).unwrap()).unwrap()
+    };
+    amd.write_oci(&lay, "x");
+    let a = read_index()["manifests"][0].clone();
+    arm.write_oci(&lay, "x");
+    let mut b = read_index()["manifests"][0].clone();
+    b["platform"]["variant"] = "v8".into();
+    // A nested image index holding both platforms, as buildx writes a multi-platform image.
+    let nested = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [a, b],
+    }))
+    .unwrap();
+    let h = sha256_hex(&nested);
+    std::fs::write(lay.join("blobs/sha256").join(&h), &nested).unwrap();
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{h}"), "size": nested.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"},
+        }],
+    });
+    std::fs::write(lay.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    let which = |platform: &str| {
+        let out = r.p(&format!("out-{}", platform.replace('/', "-")));
+        run_ok(
+            abox()
+                .arg("export")
+                .arg(format!("oci:{}:multi", lay.display()))
+                .args(["--rootfs", "--name", "m", "--platform", platform, "-o"])
+                .arg(&out),
+        );
+        read_tar_file(&out.join("m.rootfs.tar"))["which"]
+            .what
+            .clone()
+    };
+    assert_eq!(which("linux/amd64"), sha256_hex(b"amd64"));
+    assert_eq!(which("linux/arm64"), sha256_hex(b"arm64"));
+    let err = run_err(
+        abox()
+            .arg("export")
+            .arg(format!("oci:{}:multi", lay.display()))
+            .args(["--rootfs", "--platform", "linux/s390x", "-o"])
+            .arg(r.p("o3")),
+    );
+    assert!(err.contains("no image for platform linux/s390x"), "{err}");
+    let err = run_err(
+        abox()
+            .arg("export")
+            .arg(format!("oci:{}:nope", lay.display()))
+            .args(["--rootfs", "-o"])
+            .arg(r.p("o4")),
+    );
+    assert!(err.contains("no image with reference \"nope\""), "{err}");
+}
