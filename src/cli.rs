@@ -13,7 +13,7 @@ use crate::source::SelectOptions;
 /// or imports — WSL distributions, LXD/Incus images and (soon) bootable VM disks.
 ///
 /// Images are named as skopeo and podman name them:
-///   docker-archive:PATH        what `docker save` writes (Docker 20.10 and 25+ layouts)
+///   docker-archive:PATH[:TAG]  what `docker save` writes (Docker 20.10 and 25+ layouts)
 ///   oci:DIR[:REF]              an OCI image layout folder (skopeo, umoci, buildah, buildx)
 ///   oci-archive:PATH[:REF]     a tar of an OCI image layout
 #[derive(Parser, Debug)]
@@ -48,7 +48,7 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// The image: docker-archive:PATH, oci:DIR[:REF] or oci-archive:PATH[:REF] (a bare path is
+    /// The image: docker-archive:PATH[:TAG], oci:DIR[:REF] or oci-archive:PATH[:REF] (a bare path is
     /// recognised too).
     pub source: String,
 
