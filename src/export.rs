@@ -67,7 +67,7 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
     })?;
 
     let config = image.config.config().as_ref();
-    let created = build_time(image.config.created().as_deref());
+    let created = target::build_time(image.config.created().as_deref());
     let wsl_opts = wsl::WslOptions {
         name: name.clone(),
         user: opts.wsl_user.clone(),
@@ -124,8 +124,4 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
         out_dir,
         files,
     })
-}
-
-fn build_time(created: Option<&str>) -> u64 {
-    target::build_time(created)
 }

@@ -161,6 +161,8 @@ pub fn create_unified(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Targe
 pub struct SplitTarget {
     opts: LxdOptions,
     meta_file: PendingFile,
+    /// sha256 and size of the metadata tarball, hashed as it was written.
+    meta_hash: Option<(String, u64)>,
     squash_file: PendingFile,
     child: Option<PipedChild>,
     stream: Option<TarStream<LxdFixup>>,
@@ -197,6 +199,7 @@ pub fn create_split(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>
     Ok(Box::new(SplitTarget {
         opts: opts.clone(),
         meta_file,
+        meta_hash: None,
         squash_file,
         child: Some(child),
         stream: Some(stream),
@@ -232,7 +235,7 @@ impl Target for SplitTarget {
             }
             tar.finish()?;
         }
-        out.close()?;
+        self.meta_hash = out.close()?;
         let r = self.stream().start(facts);
         self.piped(r)
     }
@@ -253,7 +256,10 @@ impl Target for SplitTarget {
         let r = stream.finish().and_then(|o| o.close()).map(|_| ());
         self.piped(r)?;
         self.child.take().expect("child until finish").wait()?;
-        let (ms, ml) = hash_file(self.meta_file.tmp_path())?;
+        let (ms, ml) = self
+            .meta_hash
+            .take()
+            .expect("gzip output is hashed as written");
         let (ss, sl) = hash_file(self.squash_file.tmp_path())?;
         let this = *self;
         Ok(vec![
