@@ -16,6 +16,7 @@ use crate::source::SelectOptions;
 ///   docker-archive:PATH[:TAG]  what `docker save` writes (Docker 20.10 and 25+ layouts)
 ///   oci:DIR[:REF]              an OCI image layout folder (skopeo, umoci, buildah, buildx)
 ///   oci-archive:PATH[:REF]     a tar of an OCI image layout
+///   docker:NAME[:TAG]          an image in the Docker engine (DOCKER_HOST), streamed out
 #[derive(Parser, Debug)]
 #[command(name = "abox", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -44,12 +45,143 @@ pub enum Command {
     ///   → out/base/base.rootfs.tar.gz, out/base/base.lxd.tar.gz
     #[command(verbatim_doc_comment)]
     Export(ExportArgs),
+
+    /// Build the recipes under Dockerfiles/ with BuildKit, parents first.
+    ///
+    /// The order comes from the Dockerfiles: a recipe whose FROM uses a build argument that
+    /// defaults to another recipe's image (ARG BASE_IMAGE=alpine-boxes/base:latest) is built
+    /// after it, with the argument set to the parent's tag. Naming a recipe builds its missing
+    /// parents too. Each image is tagged PREFIX/NAME:ALPINE_VERSION and PREFIX/NAME:latest;
+    /// one line "TAG IMAGE_ID" per tag goes to stdout.
+    ///
+    /// Examples:
+    ///   abox build                                  all recipes
+    ///   abox build docker-host --no-cache
+    ///   abox build --registry 192.168.1.10:5000/boxes --push
+    ///   abox build --registry reg:5000/boxes --cache-from 'reg:5000/boxes/{name}:latest'
+    #[command(verbatim_doc_comment)]
+    Build(BuildArgs),
+
+    /// Push the recipes' images (built with the same --registry) to the registry.
+    ///
+    /// Credentials are read like the docker CLI reads them: $DOCKER_CONFIG/config.json (or
+    /// ~/.docker/config.json): auths, credHelpers, credsStore. One line "TAG@DIGEST" per tag.
+    ///
+    /// Example:
+    ///   docker login 192.168.1.10:5000
+    ///   abox push --registry 192.168.1.10:5000/boxes
+    #[command(verbatim_doc_comment)]
+    Push(PushArgs),
+
+    /// Build every recipe, then write every artifact of each into out/<name>/.
+    ///
+    /// Artifacts: <name>.rootfs.tar.gz and <name>.wsl (WSL), <name>.lxd.tar.gz and the split
+    /// <name>.lxd-meta.tar.gz + <name>.lxd-rootfs.squashfs (LXD/Incus), SHA256SUMS,
+    /// manifest.json.
+    #[command(verbatim_doc_comment)]
+    All(AllArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProjectArgs {
+    /// Folder holding one <name>/Dockerfile per recipe.
+    #[arg(long, default_value = "Dockerfiles", value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Tag prefix, HOST[:PORT]/NAMESPACE for a registry.
+    #[arg(long, default_value = crate::factory::DEFAULT_PREFIX, value_name = "HOST[:PORT]/NAMESPACE")]
+    pub registry: String,
+
+    /// Alpine version passed to the recipes as ALPINE_VERSION and used as the tag
+    /// [default: the recipes' pinned ARG ALPINE_VERSION].
+    #[arg(long, value_name = "X.Y.Z")]
+    pub alpine_version: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BuildOpts {
+    /// Base image of the root recipe (replaces its FROM argument, e.g. alpine:X.Y.Z).
+    #[arg(long, value_name = "REF")]
+    pub base_image: Option<String>,
+
+    /// Extra build argument (repeatable).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+
+    /// Build every step again.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// Image to use as BuildKit cache (repeatable); {name} and {version} are replaced per
+    /// recipe. Images abox builds carry inline cache metadata, so pushed ones qualify.
+    #[arg(long, value_name = "REF")]
+    pub cache_from: Vec<String>,
+
+    /// Push each image after building it (needs --registry).
+    #[arg(long)]
+    pub push: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Recipes to build [default: all].
+    pub names: Vec<String>,
+    #[command(flatten)]
+    pub project: ProjectArgs,
+    #[command(flatten)]
+    pub build: BuildOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// Recipes to push [default: all].
+    pub names: Vec<String>,
+    #[command(flatten)]
+    pub project: ProjectArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct AllArgs {
+    #[command(flatten)]
+    pub project: ProjectArgs,
+    #[command(flatten)]
+    pub build: BuildOpts,
+    /// Output folder; each image's artifacts go to <DIR>/<name>/.
+    #[arg(short, long, default_value = "out", value_name = "DIR")]
+    pub output: PathBuf,
+}
+
+fn factory_options(
+    names: Vec<String>,
+    p: ProjectArgs,
+    b: Option<BuildOpts>,
+) -> Result<crate::factory::Options> {
+    let mut o = crate::factory::Options {
+        dir: p.dir,
+        names,
+        prefix: crate::factory::check_prefix(&p.registry)?,
+        alpine_version: p.alpine_version,
+        ..Default::default()
+    };
+    if let Some(b) = b {
+        o.base_image = b.base_image;
+        o.no_cache = b.no_cache;
+        o.cache_from = b.cache_from;
+        o.push = b.push;
+        for a in b.build_args {
+            let (k, v) = a
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--build-arg {a:?}: expected KEY=VALUE"))?;
+            o.build_args.push((k.to_string(), v.to_string()));
+        }
+    }
+    Ok(o)
 }
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// The image: docker-archive:PATH[:TAG], oci:DIR[:REF] or oci-archive:PATH[:REF] (a bare path is
-    /// recognised too).
+    /// The image: docker:NAME[:TAG], docker-archive:PATH[:TAG], oci:DIR[:REF] or
+    /// oci-archive:PATH[:REF] (a bare path is recognised too).
     pub source: String,
 
     /// `<name>.rootfs.tar.gz` for `wsl --import` (gzip, archive root = filesystem root, with an
@@ -125,6 +257,25 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let report = export::export(&opts, &progress)?;
             for f in &report.files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+        Command::Build(a) => {
+            let opts = factory_options(a.names, a.project, Some(a.build))?;
+            let engine = crate::engine::Engine::connect()?;
+            crate::factory::build_images(&engine, &opts, &progress)?;
+            Ok(())
+        }
+        Command::Push(a) => {
+            let opts = factory_options(a.names, a.project, None)?;
+            let engine = crate::engine::Engine::connect()?;
+            crate::factory::push_images(&engine, &opts, &progress)?;
+            Ok(())
+        }
+        Command::All(a) => {
+            let opts = factory_options(Vec::new(), a.project, Some(a.build))?;
+            for f in crate::factory::all(&opts, &a.output, &progress)? {
                 println!("{}", f.display());
             }
             Ok(())

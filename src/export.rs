@@ -50,10 +50,19 @@ pub fn default_out_dir(name: &str) -> PathBuf {
 }
 
 pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport> {
+    export_with(opts, progress, None)
+}
+
+/// [`export`], reusing a connection to the engine for `docker:` sources.
+pub fn export_with(
+    opts: &ExportOptions,
+    progress: &Progress,
+    engine: Option<&std::sync::Arc<crate::engine::Engine>>,
+) -> Result<ExportReport> {
     if !opts.targets.any() {
         bail!("nothing to write: choose at least one of --wsl, --wsl-package, --lxd, --lxd-split, --rootfs");
     }
-    let image = source::open(&opts.source, &opts.select)?;
+    let image = source::open_with(&opts.source, &opts.select, engine)?;
     let name = opts.name.clone().unwrap_or_else(|| image.name.clone());
     let out_dir = opts
         .out_dir

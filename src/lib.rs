@@ -5,10 +5,13 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod engine;
 pub mod export;
+pub mod factory;
 pub mod flatten;
 pub mod output;
 pub mod progress;
+pub mod project;
 pub mod signals;
 pub mod source;
 pub mod tarfmt;

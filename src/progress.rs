@@ -34,6 +34,11 @@ impl Progress {
         Self { mode }
     }
 
+    /// The resolved mode (never `Auto` unless stderr is a terminal).
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     fn event(&self, value: serde_json::Value) {
         eprintln!("{value}");
     }

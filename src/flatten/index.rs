@@ -9,11 +9,11 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::path::{classify, normalize, Name};
-use crate::source::Image;
+use crate::source::{Image, LayerReader};
 use crate::tarfmt::{Kind, Meta};
 
 /// What one layer entry does to the tree.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Op {
     Whiteout(String),
     Opaque(String),
@@ -36,12 +36,14 @@ pub const CAPTURE: &[&str] = &[
 /// Largest captured file.
 const CAPTURE_MAX: u64 = 1 << 20;
 
+#[derive(Clone)]
 pub struct Captured {
     pub ordinal: u32,
     pub path: String,
     pub data: Vec<u8>,
 }
 
+#[derive(Clone)]
 pub struct LayerIndex {
     pub ops: Vec<Op>,
     pub captured: Vec<Captured>,
@@ -150,9 +152,17 @@ fn meta_of<R: Read>(e: &mut tar::Entry<R>, path: &str) -> Result<Meta> {
     })
 }
 
-/// Index layer `i` of `image`.
+/// Index layer `i` of `image`, checking its digests.
 pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<LayerIndex> {
     let reader = image.open_layer(i, Some(counter), true)?;
+    let (ix, reader) = index_reader(reader)?;
+    reader.finish()?;
+    Ok(ix)
+}
+
+/// Index one layer's tar stream; the reader is handed back, its tar fully read, for the caller
+/// to drain and check digests.
+pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<'_>)> {
     let mut ar = tar::Archive::new(reader);
     let mut ops = Vec::new();
     let mut captured = Vec::new();
@@ -200,8 +210,7 @@ pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<L
             }
         }
     }
-    ar.into_inner().finish()?;
-    Ok(LayerIndex { ops, captured })
+    Ok((LayerIndex { ops, captured }, ar.into_inner()))
 }
 
 pub fn check_len(path: &str, got: u64, want: u64) -> Result<()> {

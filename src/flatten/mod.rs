@@ -10,6 +10,7 @@
 
 pub mod index;
 pub mod path;
+pub mod stream;
 pub mod tree;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,7 +22,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::progress::Progress;
-use crate::source::Image;
+use crate::source::{Blobs, Image};
 use crate::tarfmt::{Kind, Meta};
 use index::{check_len, LayerIndex};
 use tree::{Node, Tree};
@@ -63,6 +64,8 @@ pub struct Plan {
     specials: Vec<(String, Meta)>,
     /// Second and later paths of an inode (sorted by path).
     links: Vec<(String, Meta)>,
+    /// Streamed images: member of the stream → the layers it holds.
+    stream_keys: HashMap<String, Vec<usize>>,
 }
 
 impl Plan {
@@ -76,6 +79,9 @@ const TICK: Duration = Duration::from_millis(100);
 
 /// Pass 1: index every layer, in parallel, and merge.
 pub fn index(image: &Image, progress: &Progress) -> Result<Plan> {
+    if let Blobs::Stream(s) = &image.blobs {
+        return stream::index(s.as_ref(), image, progress);
+    }
     let n = image.layers.len();
     let total: u64 = image.layers.iter().filter_map(|l| l.size).sum();
     let mut task = progress.task("reading layers", total);
@@ -140,7 +146,7 @@ pub fn index(image: &Image, progress: &Progress) -> Result<Plan> {
     Ok(plan)
 }
 
-fn plan(tree: Tree, captured: Vec<Vec<index::Captured>>, layers: usize) -> Plan {
+pub(crate) fn plan(tree: Tree, captured: Vec<Vec<index::Captured>>, layers: usize) -> Plan {
     // Group paths by inode; the first-created surviving path of each carries the content.
     let mut paths_of: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
     for (p, e) in &tree.entries {
@@ -212,6 +218,7 @@ fn plan(tree: Tree, captured: Vec<Vec<index::Captured>>, layers: usize) -> Plan 
         files,
         specials,
         links,
+        stream_keys: HashMap::new(),
     }
 }
 
@@ -220,7 +227,28 @@ const CHUNK: usize = 256 << 10;
 
 /// Pass 2: write the tree to `sink`.
 pub fn emit(image: &Image, plan: &Plan, sink: &mut dyn Sink, progress: &Progress) -> Result<()> {
+    if let Blobs::Stream(s) = &image.blobs {
+        return stream::emit(s.as_ref(), image, plan, sink, progress);
+    }
     let mut task = progress.task("writing rootfs", plan.facts.content_bytes);
+    emit_head(plan, sink)?;
+    let mut buf = vec![0u8; CHUNK];
+    for (layer, wanted) in plan.files.iter().enumerate() {
+        if wanted.is_empty() {
+            continue;
+        }
+        // Digests were checked in pass 1.
+        let reader = image.open_layer(layer, None, false)?;
+        let what = format!("layer {} ({})", layer + 1, image.layers[layer].key);
+        emit_layer(reader, wanted, &what, sink, &mut task, &mut buf)?;
+    }
+    emit_tail(plan, sink)?;
+    task.finish(&format!("{} paths", plan.facts.paths));
+    Ok(())
+}
+
+/// Folders (sorted, parents first), then symlinks, devices and fifos.
+fn emit_head(plan: &Plan, sink: &mut dyn Sink) -> Result<()> {
     for (p, e) in &plan.tree.entries {
         if let Node::Dir(m) = &e.node {
             sink.begin(p, m)?;
@@ -231,51 +259,60 @@ pub fn emit(image: &Image, plan: &Plan, sink: &mut dyn Sink, progress: &Progress
         sink.begin(p, m)?;
         sink.end()?;
     }
-    let mut buf = vec![0u8; CHUNK];
-    for (layer, wanted) in plan.files.iter().enumerate() {
-        if wanted.is_empty() {
+    Ok(())
+}
+
+/// The regular files whose content comes from one layer, in the layer's order.
+fn emit_layer(
+    reader: impl Read,
+    wanted: &BTreeMap<u32, (String, Meta)>,
+    what: &str,
+    sink: &mut dyn Sink,
+    task: &mut crate::progress::Task,
+    buf: &mut [u8],
+) -> Result<()> {
+    let mut ar = tar::Archive::new(reader);
+    let mut left = wanted.len();
+    if left == 0 {
+        return Ok(());
+    }
+    for (ordinal, entry) in ar.entries().context(what.to_string())?.enumerate() {
+        crate::signals::check()?;
+        let mut e = entry.context(what.to_string())?;
+        let Some((p, m)) = wanted.get(&(ordinal as u32)) else {
             continue;
-        }
-        // Digests were checked in pass 1.
-        let reader = image.open_layer(layer, None, false)?;
-        let mut ar = tar::Archive::new(reader);
-        let mut left = wanted.len();
-        let what = || format!("layer {} ({})", layer + 1, image.layers[layer].key);
-        for (ordinal, entry) in ar.entries().with_context(what)?.enumerate() {
-            crate::signals::check()?;
-            let mut e = entry.with_context(what)?;
-            let Some((p, m)) = wanted.get(&(ordinal as u32)) else {
-                continue;
-            };
-            sink.begin(p, m)?;
-            let mut n = 0u64;
-            loop {
-                let k = e.read(&mut buf).with_context(|| format!("reading {p}"))?;
-                if k == 0 {
-                    break;
-                }
-                n += k as u64;
-                sink.data(&buf[..k])?;
-                task.inc(k as u64);
-            }
-            check_len(p, n, m.size)?;
-            sink.end()?;
-            left -= 1;
-            if left == 0 {
+        };
+        sink.begin(p, m)?;
+        let mut n = 0u64;
+        loop {
+            let k = e.read(buf).with_context(|| format!("reading {p}"))?;
+            if k == 0 {
                 break;
             }
+            n += k as u64;
+            sink.data(&buf[..k])?;
+            task.inc(k as u64);
         }
-        if left != 0 {
-            bail!(
-                "{}: {left} files missing on the second read (the image changed while it was read)",
-                what()
-            );
+        check_len(p, n, m.size)?;
+        sink.end()?;
+        left -= 1;
+        if left == 0 {
+            break;
         }
     }
+    if left != 0 {
+        bail!(
+            "{what}: {left} files missing on the second read (the image changed while it was read)"
+        );
+    }
+    Ok(())
+}
+
+/// Hard links, each after its target.
+fn emit_tail(plan: &Plan, sink: &mut dyn Sink) -> Result<()> {
     for (p, m) in &plan.links {
         sink.begin(p, m)?;
         sink.end()?;
     }
-    task.finish(&format!("{} paths", plan.facts.paths));
     Ok(())
 }

@@ -104,6 +104,6 @@ pub fn open(path: &Path, reference: Option<&str>) -> Result<Image> {
         config_digest,
         config,
         layers,
-        store: Box::new(store),
+        blobs: super::Blobs::Store(Box::new(store)),
     })
 }

@@ -11,8 +11,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::blobs::BlobReader;
-
 /// One layer of an image, in order (0 = bottom).
 #[derive(Clone, Debug)]
 pub struct LayerDesc {
@@ -75,16 +73,19 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-type Raw = BufReader<HashingReader<BlobReader>>;
+/// A blob being read; borrowed when it is a member of a tar that is read front to back.
+pub type AnyReader<'a> = Box<dyn Read + 'a>;
 
-enum Decoder {
-    Plain(Raw),
-    Gzip(flate2::bufread::MultiGzDecoder<Raw>),
-    Zstd(zstd::stream::read::Decoder<'static, Raw>),
+type Raw<'a> = BufReader<HashingReader<AnyReader<'a>>>;
+
+enum Decoder<'a> {
+    Plain(Raw<'a>),
+    Gzip(flate2::bufread::MultiGzDecoder<Raw<'a>>),
+    Zstd(zstd::stream::read::Decoder<'static, Raw<'a>>),
 }
 
-impl Decoder {
-    fn into_inner(self) -> Raw {
+impl<'a> Decoder<'a> {
+    fn into_inner(self) -> Raw<'a> {
         match self {
             Decoder::Plain(r) => r,
             Decoder::Gzip(d) => d.into_inner(),
@@ -93,7 +94,7 @@ impl Decoder {
     }
 }
 
-impl Read for Decoder {
+impl Read for Decoder<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Decoder::Plain(r) => r.read(buf),
@@ -125,16 +126,16 @@ pub fn sniff(magic: &[u8]) -> Compression {
 const READ_BUF: usize = 256 << 10;
 
 /// A layer's uncompressed tar stream.
-pub struct LayerReader {
+pub struct LayerReader<'a> {
     desc: LayerDesc,
-    inner: HashingReader<Decoder>,
+    inner: HashingReader<Decoder<'a>>,
     verify: bool,
 }
 
-impl LayerReader {
+impl<'a> LayerReader<'a> {
     /// Open a layer; with `verify`, [`LayerReader::finish`] checks its digests.
     pub fn open(
-        blob: BlobReader,
+        blob: AnyReader<'a>,
         desc: &LayerDesc,
         counter: Option<Arc<AtomicU64>>,
         verify: bool,
@@ -157,22 +158,30 @@ impl LayerReader {
         })
     }
 
-    /// Read to the end of the stream and check both digests.
-    pub fn finish(mut self) -> Result<()> {
+    /// Read to the end of the stream; return the digests of the blob and of the uncompressed
+    /// tar (empty strings without `verify`).
+    pub fn digests(mut self) -> Result<(LayerDesc, String, String)> {
         let what = || format!("reading layer {} ({})", self.desc.index, self.desc.key);
         io::copy(&mut self.inner, &mut io::sink()).with_context(what)?;
         let (dec, diff_id) = self.inner.finish();
         let mut raw = dec.into_inner();
         io::copy(&mut raw, &mut io::sink()).with_context(what)?;
         let (_, digest) = raw.into_inner().finish();
-        if !self.verify {
+        Ok((self.desc, digest, diff_id))
+    }
+
+    /// Read to the end of the stream and check both digests.
+    pub fn finish(self) -> Result<()> {
+        let verify = self.verify;
+        let (desc, digest, diff_id) = self.digests()?;
+        if !verify {
             return Ok(());
         }
-        if let Some(expected) = &self.desc.digest {
+        if let Some(expected) = &desc.digest {
             if *expected != digest {
                 return Err(DigestMismatch {
-                    index: self.desc.index,
-                    key: self.desc.key.clone(),
+                    index: desc.index,
+                    key: desc.key.clone(),
                     what: "blob",
                     expected: expected.clone(),
                     actual: digest,
@@ -180,12 +189,12 @@ impl LayerReader {
                 .into());
             }
         }
-        if self.desc.diff_id != diff_id {
+        if desc.diff_id != diff_id {
             return Err(DigestMismatch {
-                index: self.desc.index,
-                key: self.desc.key.clone(),
+                index: desc.index,
+                key: desc.key.clone(),
                 what: "diff_id (uncompressed)",
-                expected: self.desc.diff_id.clone(),
+                expected: desc.diff_id.clone(),
                 actual: diff_id,
             }
             .into());
@@ -194,7 +203,7 @@ impl LayerReader {
     }
 }
 
-impl Read for LayerReader {
+impl Read for LayerReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.inner.read(buf)
     }

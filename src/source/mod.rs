@@ -108,7 +108,16 @@ pub struct Image {
     pub config_digest: String,
     pub config: ImageConfiguration,
     pub layers: Vec<LayerDesc>,
-    pub store: Box<dyn BlobStore>,
+    pub blobs: Blobs,
+}
+
+/// How an image's blobs can be read.
+pub enum Blobs {
+    /// Any blob, any number of times, in any order (files, folders).
+    Store(Box<dyn BlobStore>),
+    /// Only as a whole `docker save` stream, front to back (the engine); flattening reads it
+    /// twice.
+    Stream(Box<dyn crate::flatten::stream::SaveStream>),
 }
 
 impl Image {
@@ -119,9 +128,13 @@ impl Image {
         i: usize,
         counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
         verify: bool,
-    ) -> Result<LayerReader> {
+    ) -> Result<LayerReader<'static>> {
         let d = &self.layers[i];
-        LayerReader::open(self.store.open(&d.key)?, d, counter, verify)
+        let store = match &self.blobs {
+            Blobs::Store(s) => s,
+            Blobs::Stream(_) => bail!("internal: random access to a streamed image"),
+        };
+        LayerReader::open(store.open(&d.key)?, d, counter, verify)
     }
 
     pub fn architecture(&self) -> String {
@@ -155,6 +168,15 @@ impl Default for SelectOptions {
 }
 
 pub fn open(reference: &str, opts: &SelectOptions) -> Result<Image> {
+    open_with(reference, opts, None)
+}
+
+/// [`open`], reusing a connection to the engine for `docker:` references.
+pub fn open_with(
+    reference: &str,
+    opts: &SelectOptions,
+    engine: Option<&std::sync::Arc<crate::engine::Engine>>,
+) -> Result<Image> {
     let r = SourceRef::parse(reference)?;
     let mut img = match &r {
         SourceRef::DockerArchive { path, reference } => {
@@ -173,10 +195,13 @@ pub fn open(reference: &str, opts: &SelectOptions) -> Result<Image> {
             let store = blobs::TarStore::open(path)?;
             oci::open(Box::new(store), path, reference.as_deref(), opts)
         }
-        SourceRef::Docker { name } => bail!(
-            "docker:{name}: reading from the Docker engine is not available yet; \
-             `docker save {name} -o image.tar` and use docker-archive:image.tar"
-        ),
+        SourceRef::Docker { name } => {
+            let engine = match engine {
+                Some(e) => e.clone(),
+                None => std::sync::Arc::new(crate::engine::Engine::connect()?),
+            };
+            crate::engine::save::open(engine, name)
+        }
     }
     .with_context(|| format!("reading image {reference}"))?;
     img.reference = reference.to_string();

@@ -192,6 +192,6 @@ pub fn open(
         config_digest: cfg_digest,
         config,
         layers,
-        store,
+        blobs: super::Blobs::Store(store),
     })
 }

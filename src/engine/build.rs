@@ -1,0 +1,677 @@
+//! BuildKit builds through the engine API: the context streamed as a tar (`.dockerignore`
+//! honoured, symlinks kept as symlinks), BuildKit's status stream decoded into one line or bar
+//! per step, the image tagged `<prefix>/<name>:<version>` and `:latest`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bollard::models::{BuildInfo, BuildInfoAux};
+use bollard::query_parameters::{BuildImageOptionsBuilder, BuilderVersion, TagImageOptionsBuilder};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::Engine;
+use crate::progress::{Mode, Progress};
+
+/// What to build one recipe with.
+#[derive(Debug, Clone, Default)]
+pub struct BuildSpec {
+    /// The recipe's folder (the build context).
+    pub context: PathBuf,
+    pub name: String,
+    /// First tag is the one used as the image's name; the others are added after.
+    pub tags: Vec<String>,
+    pub build_args: BTreeMap<String, String>,
+    pub no_cache: bool,
+    pub cache_from: Vec<String>,
+}
+
+/// A built image.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub name: String,
+    pub tags: Vec<String>,
+    pub id: String,
+    /// Steps that ran / came from the cache.
+    pub steps: usize,
+    pub cached: usize,
+}
+
+/// Lines of a failed step's log kept for the error message.
+const LOG_TAIL_LINES: usize = 20;
+
+// ---------------------------------------------------------------------------------------------
+// Build context
+
+/// `.dockerignore` patterns: Go `filepath.Match` globs plus `**`, `!` exceptions, last match
+/// wins, and a pattern that matches a folder excludes what is inside.
+pub struct Ignore {
+    rules: Vec<(glob::Pattern, bool)>,
+}
+
+impl Ignore {
+    pub fn load(dir: &Path) -> Result<Ignore> {
+        let p = dir.join(".dockerignore");
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(anyhow!(e).context(format!("reading {}", p.display()))),
+        };
+        Self::parse(&text).with_context(|| format!("in {}", p.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Ignore> {
+        let mut rules = Vec::new();
+        for line in text.lines() {
+            let l = line.trim();
+            if l.is_empty() || l.starts_with('#') {
+                continue;
+            }
+            let (negate, pat) = match l.strip_prefix('!') {
+                Some(p) => (true, p.trim()),
+                None => (false, l),
+            };
+            let pat = pat.trim_start_matches('/').trim_end_matches('/');
+            let pat = pat.strip_prefix("./").unwrap_or(pat);
+            if pat.is_empty() {
+                continue;
+            }
+            let g = glob::Pattern::new(pat).with_context(|| format!("bad pattern {l:?}"))?;
+            rules.push((g, negate));
+        }
+        Ok(Ignore { rules })
+    }
+
+    /// Whether `rel` (a relative path with `/`) is left out of the context.
+    pub fn excluded(&self, rel: &str) -> bool {
+        let opts = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: false,
+        };
+        let mut out = false;
+        for (g, negate) in &self.rules {
+            // The path itself or one of its parent folders.
+            let mut hit = g.matches_with(rel, opts);
+            let mut p = rel;
+            while !hit {
+                match p.rsplit_once('/') {
+                    Some((parent, _)) => {
+                        hit = g.matches_with(parent, opts);
+                        p = parent;
+                    }
+                    None => break,
+                }
+            }
+            if hit {
+                out = !negate;
+            }
+        }
+        out
+    }
+}
+
+/// Sends what is written to it as chunks over a channel (to the request body).
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+const CHUNK: usize = 256 << 10;
+
+impl ChannelWriter {
+    fn flush_chunk(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let b = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx
+            .blocking_send(Ok(b))
+            .map_err(|_| std::io::Error::other("the engine stopped reading the build context"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= CHUNK {
+            self.flush_chunk()?;
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.flush_chunk()
+    }
+}
+
+/// Write the context of `dir` as a tar: files, folders and symlinks (never followed) in name
+/// order, owned by root like the docker CLI sends them. The Dockerfile and `.dockerignore` are
+/// always sent.
+pub fn write_context(dir: &Path, out: impl Write) -> Result<()> {
+    let ignore = Ignore::load(dir)?;
+    let mut tar = tar::Builder::new(out);
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((abs, rel)) = stack.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(&abs)
+            .with_context(|| format!("reading {}", abs.display()))?
+            .collect::<std::io::Result<Vec<_>>>()?;
+        names.sort_by_key(|e| e.file_name());
+        let mut subdirs = Vec::new();
+        for e in names {
+            let name = e.file_name();
+            let name = name
+                .to_str()
+                .with_context(|| format!("{}: file name is not UTF-8", e.path().display()))?;
+            let r = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let always = r == "Dockerfile" || r == ".dockerignore";
+            if !always && ignore.excluded(&r) {
+                // A folder may still hold re-included paths (`!`): descend when any rule is
+                // an exception, as Docker does.
+                if !(e.file_type()?.is_dir() && ignore.rules.iter().any(|(_, n)| *n)) {
+                    continue;
+                }
+            }
+            let path = e.path();
+            let md = std::fs::symlink_metadata(&path)?;
+            let mut h = tar::Header::new_gnu();
+            h.set_metadata_in_mode(&md, tar::HeaderMode::Deterministic);
+            h.set_uid(0);
+            h.set_gid(0);
+            {
+                use std::os::unix::fs::MetadataExt;
+                h.set_mtime(md.mtime().max(0) as u64);
+                h.set_mode(md.mode() & 0o7777);
+            }
+            let ft = md.file_type();
+            if ft.is_dir() {
+                if !ignore.excluded(&r) {
+                    h.set_size(0);
+                    tar.append_data(&mut h, format!("{r}/"), std::io::empty())?;
+                }
+                subdirs.push((path, r));
+            } else if ft.is_symlink() {
+                if ignore.excluded(&r) {
+                    continue;
+                }
+                let target = std::fs::read_link(&path)?;
+                h.set_size(0);
+                tar.append_link(&mut h, &r, &target)?;
+            } else if ft.is_file() {
+                if !always && ignore.excluded(&r) {
+                    continue;
+                }
+                let f = std::fs::File::open(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                tar.append_data(&mut h, &r, f)
+                    .with_context(|| format!("adding {} to the build context", path.display()))?;
+            }
+            // Sockets, fifos and devices have no place in a build context.
+        }
+        subdirs.reverse();
+        stack.extend(subdirs);
+    }
+    tar.into_inner()?.flush()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status display
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Running,
+    Cached,
+    Done,
+    Error,
+}
+
+impl State {
+    /// Later states never go back to earlier ones (BuildKit may repeat a vertex's start).
+    fn rank(self) -> u8 {
+        match self {
+            State::Waiting => 0,
+            State::Running => 1,
+            _ => 2,
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            State::Waiting => "waiting",
+            State::Running => "started",
+            State::Cached => "cached",
+            State::Done => "done",
+            State::Error => "error",
+        }
+    }
+}
+
+struct Step {
+    number: usize,
+    name: String,
+    state: State,
+    started: Option<Instant>,
+    error: String,
+    log: VecDeque<String>,
+    partial: String,
+    bar: Option<ProgressBar>,
+}
+
+/// BuildKit's vertices, as steps the user sees.
+struct View {
+    mode: Mode,
+    image: String,
+    steps: Vec<Step>,
+    by_digest: HashMap<String, usize>,
+    multi: Option<MultiProgress>,
+}
+
+impl View {
+    fn new(progress: &Progress, image: &str) -> View {
+        let mode = progress.mode();
+        let multi = (mode == Mode::Auto).then(|| {
+            let m = MultiProgress::new();
+            m.set_draw_target(ProgressDrawTarget::stderr());
+            m
+        });
+        View {
+            mode,
+            image: image.to_string(),
+            steps: Vec::new(),
+            by_digest: HashMap::new(),
+            multi,
+        }
+    }
+
+    fn event(&self, s: &Step, extra: Option<(&str, serde_json::Value)>) {
+        match self.mode {
+            Mode::Plain => {
+                let secs = s
+                    .started
+                    .filter(|_| s.state == State::Done)
+                    .map(|t| format!(" ({:.1}s)", t.elapsed().as_secs_f64()))
+                    .unwrap_or_default();
+                let err = if s.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", s.error)
+                };
+                eprintln!(
+                    "{} #{} {}: {}{secs}{err}",
+                    self.image,
+                    s.number,
+                    s.name,
+                    s.state.word()
+                );
+            }
+            Mode::Json => {
+                let mut v = serde_json::json!({
+                    "event": "step", "image": self.image, "step": s.number,
+                    "name": s.name, "state": s.state.word(),
+                });
+                if !s.error.is_empty() {
+                    v["error"] = s.error.clone().into();
+                }
+                if let Some((k, x)) = extra {
+                    v[k] = x;
+                }
+                eprintln!("{v}");
+            }
+            _ => {}
+        }
+    }
+
+    fn update(&mut self, st: &bollard::moby::buildkit::v1::StatusResponse) {
+        for v in &st.vertexes {
+            let i = match self.by_digest.get(&v.digest) {
+                Some(i) => *i,
+                None => {
+                    let i = self.steps.len();
+                    self.by_digest.insert(v.digest.clone(), i);
+                    let bar = self.multi.as_ref().map(|m| {
+                        let pb = m.add(ProgressBar::new_spinner());
+                        pb.set_style(
+                            ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                                .expect("template"),
+                        );
+                        pb.set_message(format!("#{} {}", i + 1, v.name));
+                        pb.enable_steady_tick(Duration::from_millis(120));
+                        pb
+                    });
+                    self.steps.push(Step {
+                        number: i + 1,
+                        name: v.name.clone(),
+                        state: State::Waiting,
+                        started: None,
+                        error: String::new(),
+                        log: VecDeque::new(),
+                        partial: String::new(),
+                        bar,
+                    });
+                    i
+                }
+            };
+            let new = if !v.error.is_empty() {
+                State::Error
+            } else if v.cached && v.completed.is_some() {
+                State::Cached
+            } else if v.completed.is_some() {
+                State::Done
+            } else if v.started.is_some() {
+                State::Running
+            } else {
+                State::Waiting
+            };
+            let s = &mut self.steps[i];
+            if new == s.state || new.rank() < s.state.rank() {
+                continue;
+            }
+            if new == State::Running || s.started.is_none() {
+                s.started = Some(Instant::now());
+            }
+            s.state = new;
+            s.error = v.error.clone();
+            if let Some(pb) = &s.bar {
+                match new {
+                    State::Running | State::Waiting => {}
+                    _ => {
+                        let mark = match new {
+                            State::Cached => "CACHED",
+                            State::Error => "ERROR",
+                            _ => "done",
+                        };
+                        pb.set_style(ProgressStyle::with_template("  {msg}").expect("template"));
+                        pb.finish_with_message(format!(
+                            "#{} {} — {mark} {:.1}s",
+                            s.number,
+                            s.name,
+                            s.started.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0)
+                        ));
+                    }
+                }
+            }
+            let s = &self.steps[i];
+            self.event(s, None);
+        }
+        for l in &st.logs {
+            let Some(&i) = self.by_digest.get(&l.vertex) else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&l.msg).into_owned();
+            let s = &mut self.steps[i];
+            s.partial.push_str(&text);
+            let mut lines = Vec::new();
+            while let Some(pos) = s.partial.find('\n') {
+                let line: String = s.partial.drain(..=pos).collect();
+                lines.push(line.trim_end_matches(['\n', '\r']).to_string());
+            }
+            for line in lines {
+                match self.mode {
+                    Mode::Plain => eprintln!("{} #{} | {line}", self.image, s.number),
+                    Mode::Json => eprintln!(
+                        "{}",
+                        serde_json::json!({"event": "log", "image": self.image,
+                            "step": s.number, "line": line})
+                    ),
+                    Mode::Auto => {
+                        if let Some(pb) = &s.bar {
+                            pb.set_message(format!("#{} {} | {}", s.number, s.name, clip(&line)));
+                        }
+                    }
+                    Mode::None => {}
+                }
+                s.log.push_back(line);
+                if s.log.len() > LOG_TAIL_LINES {
+                    s.log.pop_front();
+                }
+            }
+        }
+    }
+
+    /// The failed step and its log tail, for the error message.
+    fn failure(&self) -> Option<String> {
+        let s = self.steps.iter().find(|s| s.state == State::Error)?;
+        let mut log: Vec<String> = s.log.iter().cloned().collect();
+        if !s.partial.trim().is_empty() {
+            log.push(s.partial.trim_end().to_string());
+        }
+        let tail = if log.is_empty() {
+            "(the step printed nothing)".to_string()
+        } else {
+            log.join("\n")
+        };
+        Some(format!("step #{} `{}` failed:\n{tail}", s.number, s.name))
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        let steps = self.steps.len();
+        let cached = self
+            .steps
+            .iter()
+            .filter(|s| s.state == State::Cached)
+            .count();
+        (steps, cached)
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        for s in &self.steps {
+            if let Some(pb) = &s.bar {
+                if !pb.is_finished() {
+                    pb.finish_and_clear();
+                }
+            }
+        }
+    }
+}
+
+fn clip(s: &str) -> String {
+    let s = s.trim();
+    if s.chars().count() > 60 {
+        let c: String = s.chars().take(57).collect();
+        format!("{c}...")
+    } else {
+        s.to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building
+
+/// Build one image with BuildKit and tag it.
+pub fn build(engine: &Engine, spec: &BuildSpec, progress: &Progress) -> Result<Built> {
+    let tag = spec.tags.first().context("no tag to build")?;
+    if !spec.context.join("Dockerfile").is_file() {
+        bail!("{}: no Dockerfile", spec.context.display());
+    }
+    // The context, streamed from a thread that writes the tar.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
+    let ctx_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
+    let writer = {
+        let dir = spec.context.clone();
+        let ctx_error = ctx_error.clone();
+        std::thread::spawn(move || {
+            let mut w = ChannelWriter {
+                tx: tx.clone(),
+                buf: Vec::with_capacity(CHUNK),
+            };
+            if let Err(e) = write_context(&dir, &mut w).and_then(|_| Ok(w.flush()?)) {
+                let _ = tx.blocking_send(Err(std::io::Error::other(format!("{e:#}"))));
+                *ctx_error.lock().expect("poisoned") = Some(e);
+            }
+        })
+    };
+    let body =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+
+    let mut args: HashMap<String, String> = spec
+        .build_args
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    // Record cache metadata in the image so a pushed image can serve as --cache-from.
+    args.entry("BUILDKIT_INLINE_CACHE".into())
+        .or_insert_with(|| "1".into());
+    let session = format!("abox-{}-{}", std::process::id(), rand_suffix());
+    let mut opts = BuildImageOptionsBuilder::default()
+        .dockerfile("Dockerfile")
+        .t(tag)
+        .rm(true)
+        .forcerm(true)
+        .nocache(spec.no_cache)
+        .buildargs(&args)
+        .version(BuilderVersion::BuilderBuildKit)
+        .session(&session);
+    if !spec.cache_from.is_empty() {
+        opts = opts.cachefrom(&spec.cache_from);
+    }
+    // Registries the build may need to log in to: the cache sources'.
+    let mut creds = HashMap::new();
+    for r in &spec.cache_from {
+        let reg = super::auth::registry_of(r);
+        if let Some(c) = super::auth::credentials(&reg) {
+            creds.insert(reg, c);
+        }
+    }
+
+    let mut view = View::new(progress, &spec.name);
+    let mut id: Option<String> = None;
+    let mut stream_error: Option<String> = None;
+    engine.block_on(async {
+        let mut s = engine.docker.build_image(
+            opts.build(),
+            (!creds.is_empty()).then_some(creds),
+            Some(bollard::body_try_stream(body)),
+        );
+        while let Some(item) = s.next().await {
+            if crate::signals::check().is_err() {
+                stream_error = Some("interrupted".into());
+                break;
+            }
+            match item {
+                Ok(BuildInfo {
+                    aux: Some(BuildInfoAux::BuildKit(st)),
+                    ..
+                }) => view.update(&st),
+                Ok(BuildInfo {
+                    aux: Some(BuildInfoAux::Default(img)),
+                    ..
+                }) => id = img.id.or(id.take()),
+                Ok(BuildInfo {
+                    error_detail: Some(d),
+                    ..
+                }) => stream_error = d.message,
+                Ok(_) => {}
+                Err(e) => {
+                    stream_error = Some(match e {
+                        bollard::errors::Error::DockerStreamError { error } => error,
+                        e => super::api_error(e).to_string(),
+                    });
+                    break;
+                }
+            }
+        }
+    });
+    let _ = writer.join();
+    if let Some(e) = ctx_error.lock().expect("poisoned").take() {
+        return Err(e.context(format!("sending the build context of {}", spec.name)));
+    }
+    if let Some(e) = stream_error {
+        if e == "interrupted" {
+            bail!("interrupted");
+        }
+        let step = view.failure().unwrap_or_default();
+        drop(view);
+        if step.is_empty() {
+            bail!("building {}: {e}", spec.name);
+        }
+        bail!("building {}: {step}\nerror: {e}", spec.name);
+    }
+    let (steps, cached) = view.counts();
+    drop(view);
+    let info = engine.inspect(tag)?;
+    let real_id = info.id.context("the built image has no ID")?;
+    if let Some(i) = &id {
+        if *i != real_id {
+            log::debug!("build reported {i}, the tag points at {real_id}");
+        }
+    }
+    for extra in &spec.tags[1..] {
+        let (repo, t) = split_tag(extra);
+        engine
+            .block_on(engine.docker.tag_image(
+                &real_id,
+                Some(TagImageOptionsBuilder::default().repo(repo).tag(t).build()),
+            ))
+            .map_err(super::api_error)
+            .with_context(|| format!("tagging {extra}"))?;
+    }
+    Ok(Built {
+        name: spec.name.clone(),
+        tags: spec.tags.clone(),
+        id: real_id,
+        steps,
+        cached,
+    })
+}
+
+/// `repo[:tag]` → (repo, tag); a registry port is not a tag.
+pub fn split_tag(r: &str) -> (&str, &str) {
+    match r.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+        _ => (r, "latest"),
+    }
+}
+
+fn rand_suffix() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{:x}", t.as_nanos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dockerignore_rules() {
+        let ig = Ignore::parse("# c\n*.log\n/build\nsecrets/**\n!secrets/public.txt\ndocs/*.md\n")
+            .unwrap();
+        assert!(ig.excluded("a.log"));
+        assert!(!ig.excluded("sub/a.log"), "* does not cross folders");
+        assert!(
+            ig.excluded("build/x/y"),
+            "a matched folder excludes its content"
+        );
+        assert!(ig.excluded("secrets/key"));
+        assert!(!ig.excluded("secrets/public.txt"));
+        assert!(ig.excluded("docs/a.md"));
+        assert!(!ig.excluded("docs/sub/a.md"));
+        assert!(!ig.excluded("Dockerfile"));
+    }
+
+    #[test]
+    fn tags() {
+        assert_eq!(
+            split_tag("127.0.0.1:5000/a/b:1.2"),
+            ("127.0.0.1:5000/a/b", "1.2")
+        );
+        assert_eq!(
+            split_tag("127.0.0.1:5000/a/b"),
+            ("127.0.0.1:5000/a/b", "latest")
+        );
+        assert_eq!(split_tag("a/b:latest"), ("a/b", "latest"));
+    }
+}

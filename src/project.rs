@@ -1,0 +1,353 @@
+//! The project: the image recipes under `Dockerfiles/<name>/Dockerfile` and the order they
+//! build in. The order is read from the Dockerfiles themselves: a recipe's `FROM` uses a
+//! build argument (declared before the first `FROM`) whose default names another recipe of
+//! the project, e.g.
+//!
+//! ```dockerfile
+//! ARG BASE_IMAGE=alpine-boxes/base:latest
+//! FROM ${BASE_IMAGE}
+//! ```
+//!
+//! makes `base` the parent; abox passes the parent's real tag in that argument. A recipe whose
+//! `FROM` arguments name nothing of the project is a root; `--base-image` replaces its `FROM`
+//! argument (that is how tests substitute a local stand-in for `alpine:<version>`). The pinned
+//! Alpine version is the default of `ARG ALPINE_VERSION` in the recipes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::source::short_name;
+
+/// One recipe.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    pub name: String,
+    pub dir: PathBuf,
+    /// `ARG`s declared before the first `FROM`, with their defaults.
+    pub global_args: BTreeMap<String, Option<String>>,
+    /// Build arguments used in `FROM` lines → the project image their default names, if any.
+    pub from_args: BTreeMap<String, Option<String>>,
+    /// `FROM` lines whose image is written out (no argument).
+    pub literal_froms: Vec<String>,
+}
+
+impl Recipe {
+    /// Project images this one is built on.
+    pub fn parents(&self) -> BTreeSet<String> {
+        self.from_args.values().flatten().cloned().collect()
+    }
+}
+
+#[derive(Debug)]
+pub struct Project {
+    pub dir: PathBuf,
+    /// Every recipe, parents before children (ties by name).
+    pub recipes: Vec<Recipe>,
+}
+
+/// Dockerfile lines with continuations joined and comments dropped.
+fn logical_lines(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if cur.is_empty() && (t.starts_with('#') || t.is_empty()) {
+            continue;
+        }
+        if let Some(body) = t.strip_suffix('\\') {
+            cur.push_str(body);
+            cur.push(' ');
+        } else if !t.starts_with('#') {
+            cur.push_str(t);
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn unquote(s: &str) -> String {
+    let s = s.trim();
+    for q in ['"', '\''] {
+        if let Some(inner) = s.strip_prefix(q).and_then(|r| r.strip_suffix(q)) {
+            return inner.to_string();
+        }
+    }
+    s.to_string()
+}
+
+/// Names of the variables `s` refers to (`$X`, `${X}`, `${X:-y}`).
+fn variables(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'$' {
+            let braced = b.get(i + 1) == Some(&b'{');
+            let start = i + 1 + braced as usize;
+            let mut j = start;
+            while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+                j += 1;
+            }
+            if j > start {
+                out.push(s[start..j].to_string());
+            }
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Replace `$X`/`${X}` with values from `vars` (unknown ones become empty, as BuildKit does).
+pub fn expand(s: &str, vars: &BTreeMap<String, Option<String>>) -> String {
+    let mut out = s.to_string();
+    for v in variables(s) {
+        let val = vars.get(&v).cloned().flatten().unwrap_or_default();
+        out = out
+            .replace(&format!("${{{v}}}"), &val)
+            .replace(&format!("${v}"), &val);
+    }
+    out
+}
+
+/// Parse one Dockerfile.
+pub fn parse_recipe(
+    name: &str,
+    dir: &Path,
+    text: &str,
+    project: &BTreeSet<String>,
+) -> Result<Recipe> {
+    let mut global_args = BTreeMap::new();
+    let mut from_args = BTreeMap::new();
+    let mut literal_froms = Vec::new();
+    let mut stages = BTreeSet::new();
+    let mut seen_from = false;
+    for line in logical_lines(text) {
+        let mut words = line.split_whitespace();
+        let Some(instr) = words.next() else { continue };
+        let rest: Vec<&str> = words.collect();
+        match instr.to_ascii_uppercase().as_str() {
+            "ARG" if !seen_from => {
+                for a in rest {
+                    match a.split_once('=') {
+                        Some((k, v)) => {
+                            // A default may refer to earlier arguments (alpine:${ALPINE_VERSION}).
+                            let v = expand(&unquote(v), &global_args);
+                            global_args.insert(k.to_string(), Some(v))
+                        }
+                        None => global_args.insert(a.to_string(), None),
+                    };
+                }
+            }
+            "FROM" => {
+                seen_from = true;
+                let args: Vec<&str> = rest
+                    .iter()
+                    .copied()
+                    .filter(|w| !w.starts_with("--"))
+                    .collect();
+                let Some(image) = args.first() else {
+                    bail!("{name}/Dockerfile: FROM without an image");
+                };
+                if args.len() >= 3 && args[1].eq_ignore_ascii_case("as") {
+                    stages.insert(args[2].to_ascii_lowercase());
+                }
+                let vars = variables(image);
+                if vars.is_empty() {
+                    if !stages.contains(&image.to_ascii_lowercase()) && *image != "scratch" {
+                        literal_froms.push(image.to_string());
+                    }
+                    continue;
+                }
+                for v in vars {
+                    if !global_args.contains_key(&v) {
+                        bail!("{name}/Dockerfile: FROM uses ${v}, which no ARG before the first FROM declares");
+                    }
+                    let default = expand(&format!("${{{v}}}"), &global_args);
+                    let parent = (!default.is_empty())
+                        .then(|| short_name(&default))
+                        .filter(|p| project.contains(p) && p != name);
+                    from_args.insert(v, parent);
+                }
+            }
+            _ => {}
+        }
+    }
+    if !seen_from {
+        bail!("{name}/Dockerfile has no FROM");
+    }
+    Ok(Recipe {
+        name: name.to_string(),
+        dir: dir.to_path_buf(),
+        global_args,
+        from_args,
+        literal_froms,
+    })
+}
+
+impl Project {
+    /// Read every `<dir>/<name>/Dockerfile`.
+    pub fn load(dir: &Path) -> Result<Project> {
+        let mut names = BTreeSet::new();
+        let rd = std::fs::read_dir(dir).with_context(|| {
+            format!(
+                "reading the recipes folder {} (choose another with --dir)",
+                dir.display()
+            )
+        })?;
+        for e in rd {
+            let e = e?;
+            if e.path().join("Dockerfile").is_file() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if short_name(&name) != name {
+                    bail!("recipe folder {name:?}: use letters, digits, '.', '_' and '-' only");
+                }
+                names.insert(name);
+            }
+        }
+        if names.is_empty() {
+            bail!(
+                "no recipes in {}: expected <name>/Dockerfile folders",
+                dir.display()
+            );
+        }
+        let mut by_name = BTreeMap::new();
+        for n in &names {
+            let d = dir.join(n);
+            let text = std::fs::read_to_string(d.join("Dockerfile"))
+                .with_context(|| format!("reading {}", d.join("Dockerfile").display()))?;
+            by_name.insert(n.clone(), parse_recipe(n, &d, &text, &names)?);
+        }
+        // Parents first; a cycle is an error.
+        let mut recipes = Vec::new();
+        let mut done = BTreeSet::new();
+        while done.len() < by_name.len() {
+            let ready: Vec<String> = by_name
+                .values()
+                .filter(|r| !done.contains(&r.name) && r.parents().iter().all(|p| done.contains(p)))
+                .map(|r| r.name.clone())
+                .collect();
+            if ready.is_empty() {
+                let left: Vec<_> = by_name.keys().filter(|n| !done.contains(*n)).collect();
+                bail!("the recipes {left:?} are built on each other in a cycle");
+            }
+            for n in ready {
+                done.insert(n.clone());
+                recipes.push(by_name[&n].clone());
+            }
+        }
+        Ok(Project {
+            dir: dir.to_path_buf(),
+            recipes,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Recipe> {
+        self.recipes
+            .iter()
+            .find(|r| r.name == name)
+            .with_context(|| {
+                let all: Vec<_> = self.recipes.iter().map(|r| r.name.as_str()).collect();
+                format!(
+                    "no recipe {name} in {} (there are: {})",
+                    self.dir.display(),
+                    all.join(", ")
+                )
+            })
+    }
+
+    /// The pinned Alpine version: the default of `ARG ALPINE_VERSION` (all recipes that give
+    /// one must agree).
+    pub fn alpine_version(&self) -> Result<Option<String>> {
+        let mut found: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for r in &self.recipes {
+            if let Some(Some(v)) = r.global_args.get("ALPINE_VERSION") {
+                found.entry(v.clone()).or_default().push(&r.name);
+            }
+        }
+        match found.len() {
+            0 => Ok(None),
+            1 => Ok(found.into_keys().next()),
+            _ => bail!("the recipes pin different ALPINE_VERSION defaults: {found:?}"),
+        }
+    }
+
+    /// `names` and their ancestors, in build order; all recipes when `names` is empty. Each is
+    /// paired with whether it was asked for.
+    pub fn closure(&self, names: &[String]) -> Result<Vec<(&Recipe, bool)>> {
+        if names.is_empty() {
+            return Ok(self.recipes.iter().map(|r| (r, true)).collect());
+        }
+        let mut want: BTreeSet<String> = BTreeSet::new();
+        let mut stack: Vec<String> = Vec::new();
+        for n in names {
+            self.get(n)?;
+            stack.push(n.clone());
+        }
+        while let Some(n) = stack.pop() {
+            if want.insert(n.clone()) {
+                stack.extend(self.get(&n)?.parents());
+            }
+        }
+        Ok(self
+            .recipes
+            .iter()
+            .filter(|r| want.contains(&r.name))
+            .map(|r| (r, names.contains(&r.name)))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn project() -> BTreeSet<String> {
+        ["base", "docker-host"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn root_recipe() {
+        let r = parse_recipe(
+            "base",
+            Path::new("."),
+            "# comment\nARG ALPINE_VERSION=3.20.3\nARG BASE_IMAGE=alpine:${ALPINE_VERSION}\nFROM ${BASE_IMAGE}\nRUN echo \\\n  hi\n",
+            &project(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.global_args["BASE_IMAGE"].as_deref(),
+            Some("alpine:3.20.3")
+        );
+        assert_eq!(r.from_args.get("BASE_IMAGE"), Some(&None));
+        assert!(r.parents().is_empty());
+    }
+
+    #[test]
+    fn child_recipe_and_stages() {
+        let r = parse_recipe(
+            "docker-host",
+            Path::new("."),
+            "ARG PARENT=\"alpine-boxes/base:latest\"\nFROM $PARENT AS build\nRUN x\nFROM build\nFROM --platform=linux/amd64 ${PARENT}\nFROM busybox:1\n",
+            &project(),
+        )
+        .unwrap();
+        assert_eq!(r.parents(), BTreeSet::from(["base".to_string()]));
+        assert_eq!(r.literal_froms, vec!["busybox:1".to_string()]);
+    }
+
+    #[test]
+    fn undeclared_from_argument() {
+        let e = parse_recipe("x", Path::new("."), "FROM ${NOPE}\n", &project()).unwrap_err();
+        assert!(e.to_string().contains("no ARG"), "{e}");
+    }
+}
