@@ -20,6 +20,8 @@
 //!   x KEY VALUE                 extended attribute (PAX SCHILY.xattr.KEY)
 #![allow(dead_code)]
 
+pub mod engine;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,363 @@
+//! `abox build`, `abox push` and `docker:` sources against the real Docker engine and a real
+//! registry (Debian's docker.io and docker-registry; `scripts/setup` installs and starts
+//! them). The fixture recipes under tests/fixtures build on a busybox stand-in for Alpine,
+//! since no registry can be reached here. Without a running dockerd these tests fail, never
+//! skip.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::engine::{
+    docker_export_tree, engine_lock, fixtures, image_exists, require_docker, rmi, standin, Registry,
+};
+use common::{abox, read_tar_file, run_err, run_ok, sh};
+
+const CHAIN: [&str; 3] = ["one", "two", "three"];
+/// The chain's pinned ALPINE_VERSION (tests/fixtures/chain/one/Dockerfile).
+const VERSION: &str = "3.20.3";
+
+fn tags(prefix: &str) -> Vec<String> {
+    CHAIN
+        .iter()
+        .flat_map(|n| {
+            [
+                format!("{prefix}/{n}:{VERSION}"),
+                format!("{prefix}/{n}:latest"),
+            ]
+        })
+        .collect()
+}
+
+fn build_cmd(prefix: &str) -> Command {
+    let mut c = abox();
+    c.arg("build").arg("--dir").arg(fixtures("chain")).args([
+        "--base-image",
+        standin(),
+        "--registry",
+        prefix,
+    ]);
+    c
+}
+
+/// Every JSON event on stderr (every line must parse).
+fn json_events(stderr: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON event ({e}): {l}")))
+        .collect()
+}
+
+/// Final state of each Dockerfile step (`[stage n/m] INSTR …`) per image.
+fn step_states(events: &[serde_json::Value]) -> BTreeMap<(String, String), String> {
+    let mut out = BTreeMap::new();
+    for e in events.iter().filter(|e| e["event"] == "step") {
+        let name = e["name"].as_str().unwrap().to_string();
+        if name.starts_with('[') && !name.starts_with("[internal]") {
+            out.insert(
+                (e["image"].as_str().unwrap().to_string(), name),
+                e["state"].as_str().unwrap().to_string(),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn chain_builds_parents_first_then_everything_is_cached() {
+    let _l = engine_lock();
+    let prefix = "abox-test-chain";
+    rmi(&tags(prefix));
+
+    // Cold: asking for the top builds the missing parents first, every step runs.
+    let o = run_ok(build_cmd(prefix).args(["three", "--no-cache", "--progress", "json"]));
+    let events = json_events(&o.stderr);
+    let order: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "start")
+        .filter_map(|e| e["phase"].as_str()?.strip_prefix("building "))
+        .collect();
+    assert_eq!(order, CHAIN, "build order");
+    let cold = step_states(&events);
+    for n in CHAIN {
+        assert!(
+            cold.keys().any(|(i, s)| i == n && s.contains("RUN")),
+            "{n}: no RUN step reported: {cold:?}"
+        );
+    }
+    for ((img, step), state) in &cold {
+        if step.contains(" RUN ") || step.contains(" COPY ") {
+            assert_eq!(state, "done", "{img} {step} with --no-cache");
+        }
+    }
+    for t in tags(prefix) {
+        assert!(image_exists(&t), "{t} was not tagged");
+    }
+    // stdout: "TAG IMAGE_ID" per tag, and the id is the tag's.
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    for line in stdout.lines() {
+        let (tag, id) = line.split_once(' ').unwrap();
+        let real = sh(&format!(
+            "docker image inspect --format '{{{{.Id}}}}' {tag}"
+        ));
+        assert_eq!(id, real.trim(), "{line}");
+    }
+    assert_eq!(stdout.lines().count(), 6, "{stdout}");
+
+    // Warm: every step of every image comes from the cache.
+    let o = run_ok(build_cmd(prefix).args(["--progress", "json"]));
+    let warm = step_states(&json_events(&o.stderr));
+    let mut checked = 0;
+    for ((img, step), state) in &warm {
+        if step.contains(" RUN ") || step.contains(" COPY ") {
+            assert_eq!(state, "cached", "{img} {step} on the second build");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6, "too few steps seen: {warm:?}");
+    rmi(&tags(prefix));
+}
+
+#[test]
+fn failing_step_names_itself_and_shows_its_log() {
+    let _l = engine_lock();
+    let o = Command::new(env!("CARGO_BIN_EXE_abox"))
+        .args(["--progress", "plain", "build", "--dir"])
+        .arg(fixtures("broken"))
+        .args(["--base-image", standin(), "--registry", "abox-test-broken"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err.rsplit("error: building bad").next().unwrap();
+    assert!(
+        last.contains("`[3/3] RUN echo \"preparing the widget\""),
+        "step name missing: {err}"
+    );
+    assert!(
+        last.contains("widget-log-line-42"),
+        "log tail missing: {err}"
+    );
+    assert!(last.contains("exit code: 3"), "{err}");
+    assert!(!image_exists("abox-test-broken/bad:latest"));
+}
+
+#[test]
+fn docker_source_flattens_like_the_engine_exports() {
+    let _l = engine_lock();
+    let prefix = "abox-test-flat";
+    run_ok(&mut build_cmd(prefix));
+    let out = tempfile::tempdir().unwrap();
+    for n in CHAIN {
+        let image = format!("{prefix}/{n}:{VERSION}");
+        run_ok(
+            abox()
+                .args([
+                    "export",
+                    &format!("docker:{image}"),
+                    "--rootfs",
+                    "--wsl",
+                    "-o",
+                ])
+                .arg(out.path().join(n)),
+        );
+        let mut ours = read_tar_file(&out.path().join(n).join(format!("{n}.rootfs.tar")));
+        // BuildKit leaves its RUN mount targets (dev, proc, sys) in the layers; the engine
+        // mounts over the same paths in a container. Compare everything else.
+        ours.retain(|p, _| !common::engine::engine_added(p));
+        let engine = docker_export_tree(&image);
+        common::assert_same_tree(&ours, &engine, &format!("docker export of {image}"));
+
+        // And the fixture's intent, so an agreeing pair of bugs cannot pass.
+        assert!(ours.contains_key("opt/one/hello.txt"));
+        assert_eq!(ours["opt/one/hello-link"].what, "hello.txt", "symlink kept");
+        assert!(
+            !ours.contains_key("opt/one/sub/debug.log"),
+            ".dockerignore was not honoured"
+        );
+        if n != "one" {
+            assert!(!ours.contains_key("data/gone"), "whiteout");
+            assert!(!ours.contains_key("data/keep/a"));
+            assert_eq!(
+                ours["data/keep/hard"].what,
+                common::sha256_hex(b"keep\n"),
+                "hard link outlives its first name"
+            );
+            assert_eq!(ours["data/replace"].what, common::sha256_hex(b"new\n"));
+            let opaque: Vec<_> = ours
+                .keys()
+                .filter(|k| k.starts_with("data/opaque/"))
+                .collect();
+            assert_eq!(opaque, ["data/opaque/y"], "opaque folder");
+        }
+        if n == "three" {
+            assert!(ours.contains_key("opt/three/artifact"));
+            assert!(!ours.contains_key("out"), "the build stage leaked");
+            assert!(!ours.contains_key("tmp/junk"), "the build stage leaked");
+        }
+    }
+    rmi(&tags(prefix));
+}
+
+#[test]
+fn docker_source_reads_repeated_layers() {
+    // docker save writes a repeated layer as a symlink to the first copy.
+    require_docker();
+    let d = tempfile::tempdir().unwrap();
+    let spec = common::ImageSpec::new(&[
+        "d etc 755\nf etc/a 644 first\n",
+        "f etc/same 644 same\n",
+        "f etc/a 644 second\n",
+        "f etc/same 644 same\n",
+    ]);
+    let tag = "abox-test-repeat/img:1";
+    spec.write_docker_archive(&d.path().join("img.tar"), tag);
+    sh(&format!(
+        "docker load -q -i {}/img.tar >/dev/null",
+        d.path().display()
+    ));
+    run_ok(
+        abox()
+            .args(["export", &format!("docker:{tag}"), "--rootfs", "-o"])
+            .arg(d.path().join("out")),
+    );
+    let ours = read_tar_file(&d.path().join("out/img.rootfs.tar"));
+    run_ok(
+        abox()
+            .arg("export")
+            .arg(format!("docker-archive:{}/img.tar", d.path().display()))
+            .args(["--rootfs", "-o"])
+            .arg(d.path().join("file")),
+    );
+    let from_file = read_tar_file(&d.path().join("file/img.rootfs.tar"));
+    common::assert_same_tree(&ours, &from_file, "the same image read from its file");
+    assert_eq!(ours["etc/a"].what, common::sha256_hex(b"second"));
+    // The case this test is about: the engine's save stream holds a symlinked layer.
+    let listing = sh(&format!("docker save {tag} | tar -tvf -"));
+    assert!(
+        listing.lines().any(|l| l.starts_with('l') && l.contains("layer.tar")),
+        "no symlinked layer in docker save: {listing}"
+    );
+    rmi(&[tag.to_string()]);
+}
+
+#[test]
+fn push_needs_credentials_and_stores_the_local_digest_then_serves_as_cache() {
+    let _l = engine_lock();
+    let reg = Registry::start();
+    let prefix = format!("{}/boxes", reg.host);
+    run_ok(build_cmd(&prefix).arg("one"));
+
+    // No credentials: refused, with the registry and where credentials are looked up.
+    let err = run_err(
+        abox()
+            .env("DOCKER_CONFIG", &reg.config_without)
+            .args(["push", "--dir"])
+            .arg(fixtures("chain"))
+            .args(["one", "--registry", &prefix]),
+    );
+    assert!(
+        err.contains(&format!("registry {} refused", reg.host)),
+        "{err}"
+    );
+    assert!(
+        err.contains(&reg.config_without.join("config.json").display().to_string()),
+        "{err}"
+    );
+    assert!(!err.contains(&reg.password), "the password leaked: {err}");
+
+    // With credentials: pushed, and the registry holds what the engine calls the image.
+    let o = run_ok(
+        abox()
+            .env("DOCKER_CONFIG", &reg.config_with)
+            .args(["push", "-v", "--dir"])
+            .arg(fixtures("chain"))
+            .args(["one", "--registry", &prefix]),
+    );
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!all.contains(&reg.password), "the password leaked: {all}");
+    let remote = reg.manifest_digest("boxes/one", VERSION);
+    let local = sh(&format!(
+        "docker image inspect --format '{{{{range .RepoDigests}}}}{{{{println .}}}}{{{{end}}}}' {prefix}/one:{VERSION}"
+    ));
+    assert!(
+        local.lines().any(|l| l == format!("{prefix}/one@{remote}")),
+        "registry {remote} vs RepoDigests {local}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("{prefix}/one:{VERSION}@{remote}"))
+    );
+
+    // Cold engine: no local image, no build cache; the pushed image is the cache.
+    rmi(&[
+        format!("{prefix}/one:{VERSION}"),
+        format!("{prefix}/one:latest"),
+    ]);
+    sh("docker builder prune -af >/dev/null 2>&1");
+    let o = run_ok(
+        build_cmd(&prefix)
+            .env("DOCKER_CONFIG", &reg.config_with)
+            .args(["one", "--progress", "json", "--cache-from"])
+            .arg(format!("{prefix}/{{name}}:{{version}}")),
+    );
+    let states = step_states(&json_events(&o.stderr));
+    let mut checked = 0;
+    for ((_, step), state) in &states {
+        if step.contains(" RUN ") || step.contains(" COPY ") {
+            assert_eq!(
+                state, "cached",
+                "{step} should come from the registry cache"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2, "{states:?}");
+    rmi(&[
+        format!("{prefix}/one:{VERSION}"),
+        format!("{prefix}/one:latest"),
+    ]);
+}
+
+#[test]
+fn no_daemon_is_a_clear_error() {
+    for args in [
+        vec![
+            "build".to_string(),
+            "--dir".into(),
+            fixtures("chain").display().to_string(),
+        ],
+        vec!["export".into(), "docker:anything".into()],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_abox"))
+            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("unix:///nonexistent/docker.sock"), "{err}");
+        assert!(err.contains("is dockerd running?"), "{err}");
+    }
+    // A tcp engine address that nobody answers.
+    let o = Command::new(env!("CARGO_BIN_EXE_abox"))
+        .env("DOCKER_HOST", "tcp://127.0.0.1:9")
+        .args(["export", "docker:anything"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is dockerd running?"));
+}
+
+#[test]
+fn missing_image_says_how_to_get_it() {
+    require_docker();
+    let err = run_err(abox().args(["export", "docker:abox-test/never-built:1"]));
+    assert!(err.contains("no image abox-test/never-built:1"), "{err}");
+    assert!(err.contains("abox build"), "{err}");
+}
