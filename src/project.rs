@@ -346,6 +346,36 @@ mod tests {
     }
 
     #[test]
+    fn the_repository_recipes_build_in_order() {
+        let p = Project::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfiles")).unwrap();
+        let order: Vec<_> = p.recipes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(order, ["base", "docker-host", "podman-host"]);
+        assert!(p.get("base").unwrap().parents().is_empty());
+        assert_eq!(
+            p.get("base").unwrap().from_args.keys().collect::<Vec<_>>(),
+            ["BASE_IMAGE"]
+        );
+        for child in ["docker-host", "podman-host"] {
+            assert_eq!(
+                p.get(child).unwrap().parents(),
+                BTreeSet::from(["base".to_string()])
+            );
+        }
+        let v = p
+            .alpine_version()
+            .unwrap()
+            .expect("a pinned ALPINE_VERSION");
+        assert_eq!(v.split('.').count(), 3, "pin major.minor.patch: {v}");
+        let only: Vec<_> = p
+            .closure(&["podman-host".to_string()])
+            .unwrap()
+            .into_iter()
+            .map(|(r, asked)| (r.name.as_str(), asked))
+            .collect();
+        assert_eq!(only, [("base", false), ("podman-host", true)]);
+    }
+
+    #[test]
     fn undeclared_from_argument() {
         let e = parse_recipe("x", Path::new("."), "FROM ${NOPE}\n", &project()).unwrap_err();
         assert!(e.to_string().contains("no ARG"), "{e}");

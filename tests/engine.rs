@@ -237,7 +237,9 @@ fn docker_source_reads_repeated_layers() {
     // The case this test is about: the engine's save stream holds a symlinked layer.
     let listing = sh(&format!("docker save {tag} | tar -tvf -"));
     assert!(
-        listing.lines().any(|l| l.starts_with('l') && l.contains("layer.tar")),
+        listing
+            .lines()
+            .any(|l| l.starts_with('l') && l.contains("layer.tar")),
         "no symlinked layer in docker save: {listing}"
     );
     rmi(&[tag.to_string()]);
@@ -360,4 +362,77 @@ fn missing_image_says_how_to_get_it() {
     let err = run_err(abox().args(["export", "docker:abox-test/never-built:1"]));
     assert!(err.contains("no image abox-test/never-built:1"), "{err}");
     assert!(err.contains("abox build"), "{err}");
+}
+
+#[test]
+fn all_builds_then_writes_every_artifact_of_every_image() {
+    let _l = engine_lock();
+    let prefix = "abox-test-all";
+    let out = tempfile::tempdir().unwrap();
+    let o = run_ok(
+        abox()
+            .args(["all", "--dir"])
+            .arg(fixtures("chain"))
+            .args(["--base-image", standin(), "--registry", prefix, "-o"])
+            .arg(out.path()),
+    );
+    let printed = String::from_utf8_lossy(&o.stdout);
+    for n in CHAIN {
+        let d = out.path().join(n);
+        for f in [
+            format!("{n}.rootfs.tar.gz"),
+            format!("{n}.wsl"),
+            format!("{n}.lxd.tar.gz"),
+            format!("{n}.lxd-meta.tar.gz"),
+            format!("{n}.lxd-rootfs.squashfs"),
+            "SHA256SUMS".into(),
+            "manifest.json".into(),
+        ] {
+            assert!(d.join(&f).is_file(), "{n}: {f} missing");
+            if f.starts_with(n) {
+                assert!(printed.contains(&f), "{f} not printed: {printed}");
+            }
+        }
+        // The WSL tarball is the image (plus wsl.conf).
+        let mut wsl = read_tar_file(&d.join(format!("{n}.rootfs.tar.gz")));
+        assert!(wsl.remove("etc/wsl.conf").is_some());
+        wsl.retain(|p, _| !common::engine::engine_added(p));
+        let engine = docker_export_tree(&format!("{prefix}/{n}:{VERSION}"));
+        common::assert_same_tree(&wsl, &engine, &format!("docker export of {n}"));
+        sh(&format!(
+            "cd {} && sha256sum -c --quiet SHA256SUMS",
+            d.display()
+        ));
+    }
+    rmi(&tags(prefix));
+}
+
+#[test]
+fn engine_older_than_api_1_41_is_refused() {
+    // A fake engine that answers /version like Docker 19.03.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(4) {
+            let Ok(mut s) = s else { continue };
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let body = r#"{"Version":"19.03.15","ApiVersion":"1.40","MinAPIVersion":"1.12"}"#;
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nApi-Version: 1.40\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let o = Command::new(env!("CARGO_BIN_EXE_abox"))
+        .env("DOCKER_HOST", format!("tcp://127.0.0.1:{port}"))
+        .args(["export", "docker:anything"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("speaks API 1.40"), "{err}");
+    assert!(err.contains("at least 1.41"), "{err}");
 }

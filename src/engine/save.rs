@@ -23,10 +23,14 @@ struct EngineSave {
     id: String,
     name: String,
     size: u64,
+    /// The second stream, asked for together with the first: Docker 20.10 gathers the whole
+    /// image into a temporary folder before it sends the first byte, and two saves prepare in
+    /// the time of one. Until it is read, the engine waits on a full socket.
+    next: std::sync::Mutex<Option<Box<dyn Read + Send>>>,
 }
 
-impl SaveStream for EngineSave {
-    fn open(&self) -> Result<Box<dyn Read + Send>> {
+impl EngineSave {
+    fn request(&self) -> Box<dyn Read + Send> {
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(QUEUE);
         let docker = self.engine.docker.clone();
         let id = self.id.clone();
@@ -41,10 +45,22 @@ impl SaveStream for EngineSave {
                 }
             }
         });
-        Ok(Box::new(ChannelReader {
+        Box::new(ChannelReader {
             rx,
             cur: Bytes::new(),
-        }))
+        })
+    }
+}
+
+impl SaveStream for EngineSave {
+    fn open(&self) -> Result<Box<dyn Read + Send>> {
+        let mut next = self.next.lock().expect("poisoned");
+        if let Some(r) = next.take() {
+            return Ok(r);
+        }
+        let first = self.request();
+        *next = Some(self.request());
+        Ok(first)
     }
 
     fn describe(&self) -> String {
@@ -122,6 +138,7 @@ pub fn open(engine: Arc<Engine>, name: &str) -> Result<Image> {
             id,
             name: name.to_string(),
             size,
+            next: std::sync::Mutex::new(None),
         })),
     })
 }
