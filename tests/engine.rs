@@ -320,9 +320,24 @@ fn push_needs_credentials_and_stores_the_local_digest_then_serves_as_cache() {
         }
     }
     assert_eq!(checked, 2, "{states:?}");
+
+    // build --push: built, then pushed; the registry serves what was printed.
+    let o = run_ok(
+        build_cmd(&prefix)
+            .env("DOCKER_CONFIG", &reg.config_with)
+            .args(["two", "--push"]),
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let remote = reg.manifest_digest("boxes/two", "latest");
+    assert!(
+        stdout.contains(&format!("{prefix}/two:latest@{remote}")),
+        "{stdout}"
+    );
     rmi(&[
         format!("{prefix}/one:{VERSION}"),
         format!("{prefix}/one:latest"),
+        format!("{prefix}/two:{VERSION}"),
+        format!("{prefix}/two:latest"),
     ]);
 }
 
