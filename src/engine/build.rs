@@ -173,12 +173,11 @@ pub fn write_context(dir: &Path, out: impl Write) -> Result<()> {
                 format!("{rel}/{name}")
             };
             let always = r == "Dockerfile" || r == ".dockerignore";
-            if !always && ignore.excluded(&r) {
-                // A folder may still hold re-included paths (`!`): descend when any rule is
-                // an exception, as Docker does.
-                if !(e.file_type()?.is_dir() && ignore.rules.iter().any(|(_, n)| *n)) {
-                    continue;
-                }
+            let excluded = !always && ignore.excluded(&r);
+            // An excluded folder may still hold re-included paths (`!`): descend when any
+            // rule is an exception, as Docker does, but do not send the folder itself.
+            if excluded && !(e.file_type()?.is_dir() && ignore.rules.iter().any(|(_, n)| *n)) {
+                continue;
             }
             let path = e.path();
             let md = std::fs::symlink_metadata(&path)?;
@@ -193,22 +192,16 @@ pub fn write_context(dir: &Path, out: impl Write) -> Result<()> {
             }
             let ft = md.file_type();
             if ft.is_dir() {
-                if !ignore.excluded(&r) {
+                if !excluded {
                     h.set_size(0);
                     tar.append_data(&mut h, format!("{r}/"), std::io::empty())?;
                 }
                 subdirs.push((path, r));
             } else if ft.is_symlink() {
-                if ignore.excluded(&r) {
-                    continue;
-                }
                 let target = std::fs::read_link(&path)?;
                 h.set_size(0);
                 tar.append_link(&mut h, &r, &target)?;
             } else if ft.is_file() {
-                if !always && ignore.excluded(&r) {
-                    continue;
-                }
                 let f = std::fs::File::open(&path)
                     .with_context(|| format!("reading {}", path.display()))?;
                 tar.append_data(&mut h, &r, f)

@@ -16,7 +16,7 @@ pub fn push(engine: &Engine, reference: &str, progress: &Progress) -> Result<Str
     let (repo, tag) = split_tag(reference);
     let creds = credentials(&registry);
     let had_creds = creds.is_some();
-    let mut task = progress.task(&format!("pushing {reference}"), 0);
+    let task = progress.task(&format!("pushing {reference}"), 0);
     let mut digest = None;
     let mut error = None;
     engine.block_on(async {
@@ -63,7 +63,6 @@ pub fn push(engine: &Engine, reference: &str, progress: &Progress) -> Result<Str
     let digest = digest.ok_or_else(|| {
         anyhow!("pushing {reference}: the engine did not report the pushed digest")
     })?;
-    task.set(0);
     task.finish(&digest);
     Ok(digest)
 }
