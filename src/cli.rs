@@ -10,7 +10,7 @@ use crate::progress::{Mode, Progress};
 use crate::source::SelectOptions;
 
 /// alpine-boxes: build layered Alpine images and turn each into every artifact a homelab boots
-/// or imports — WSL distributions, LXD/Incus images and (soon) bootable VM disks.
+/// or imports — WSL distributions, LXD/Incus images and bootable VM disks.
 ///
 /// Images are named as skopeo and podman name them:
 ///   docker-archive:PATH[:TAG]  what `docker save` writes (Docker 20.10 and 25+ layouts)
@@ -73,11 +73,29 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Push(PushArgs),
 
+    /// Write a bootable VM disk: GPT (or MBR), one ext4 root partition, extlinux.
+    ///
+    /// The image must carry a kernel in /boot (Alpine: linux-virt; Debian:
+    /// linux-image-cloud-amd64); extlinux.conf is generated for it, with the root by UUID
+    /// when there is an initramfs, by PARTUUID otherwise, and the console on the screen and on
+    /// ttyS0 (115200 baud). Needs root (a loop device and a mount), the extlinux and
+    /// syslinux-common packages, and qemu-utils for formats other than raw. The format follows
+    /// the file name's extension unless --format is given.
+    ///
+    /// Examples:
+    ///   abox disk docker:alpine-boxes/base                      → out/base/base.qcow2
+    ///   abox disk docker:alpine-boxes/base -o vm.vdi            VirtualBox
+    ///   abox disk oci:build/base -o base.vhdx --size 8G         Hyper-V (generation 1)
+    ///   qemu-system-x86_64 -m 1G -drive file=out/base/base.qcow2 -nographic
+    #[command(verbatim_doc_comment)]
+    Disk(DiskArgs),
+
     /// Build every recipe, then write every artifact of each into out/<name>/.
     ///
     /// Artifacts: <name>.rootfs.tar.gz and <name>.wsl (WSL), <name>.lxd.tar.gz and the split
     /// <name>.lxd-meta.tar.gz + <name>.lxd-rootfs.squashfs (LXD/Incus), SHA256SUMS,
-    /// manifest.json.
+    /// manifest.json, and the bootable disk <name>.qcow2 (for images that carry a kernel; needs
+    /// root).
     #[command(verbatim_doc_comment)]
     All(AllArgs),
 }
@@ -229,6 +247,48 @@ pub struct ExportArgs {
     pub platform: String,
 }
 
+#[derive(Args, Debug)]
+pub struct DiskArgs {
+    /// The image: docker:NAME[:TAG], docker-archive:PATH[:TAG], oci:DIR[:REF] or
+    /// oci-archive:PATH[:REF].
+    pub source: String,
+
+    /// Output file [default: out/<name>/<name>.<format>].
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Disk format [default: from the output's extension, else qcow2]. VirtualBox: vdi or
+    /// vmdk; Hyper-V: vhdx; QEMU/libvirt/Proxmox: qcow2 or raw.
+    #[arg(long, value_enum)]
+    pub format: Option<crate::disk::Format>,
+
+    /// Size of the whole disk (e.g. 4G, 1536M), or auto: the rootfs's blocks and inodes plus
+    /// ext4 overhead plus max(20%, 64 MiB) of headroom.
+    #[arg(long, default_value = "auto", value_name = "auto|SIZE")]
+    pub size: String,
+
+    /// Partition table.
+    #[arg(long, value_enum, default_value_t = crate::disk::partition::Table::Gpt)]
+    pub table: crate::disk::partition::Table,
+
+    /// Extra kernel command line, appended after root=, console= and rootfstype=.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+
+    /// Set root's password from the first line of FILE (a password, or a crypt(3) hash like
+    /// $6$...). Without it root keeps the image's (usually locked) password.
+    #[arg(long, value_name = "FILE")]
+    pub root_password_file: Option<PathBuf>,
+
+    /// Compress the qcow2 (smaller, slower to write; QEMU reads it transparently).
+    #[arg(long)]
+    pub compress: bool,
+
+    /// Platform to pick from a multi-platform image.
+    #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: String,
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     let progress = Progress::new(cli.progress);
     match cli.command {
@@ -271,6 +331,24 @@ pub fn run(cli: Cli) -> Result<()> {
             let opts = factory_options(a.names, a.project, None)?;
             let engine = crate::engine::Engine::connect()?;
             crate::factory::push_images(&engine, &opts, &progress)?;
+            Ok(())
+        }
+        Command::Disk(a) => {
+            let opts = crate::disk::DiskOptions {
+                source: a.source,
+                output: a.output,
+                format: a.format,
+                size: crate::disk::fs::parse_size(&a.size)?,
+                table: a.table,
+                cmdline: a.cmdline,
+                root_password_file: a.root_password_file,
+                compress: a.compress,
+                select: SelectOptions {
+                    platform: a.platform,
+                },
+            };
+            let r = crate::disk::write_disk(&opts, &progress, None)?;
+            println!("{}", r.path.display());
             Ok(())
         }
         Command::All(a) => {

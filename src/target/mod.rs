@@ -178,9 +178,34 @@ enum Current {
     Buffer(String, Meta, Vec<u8>),
 }
 
-/// A tar stream of the rootfs (under `prefix`), with a target's fix-ups applied.
-pub struct TarStream<F: Fixup> {
-    tar: TarWriter<Out>,
+/// Where a [`TarStream`] puts its entries: a tar writer, or a folder (the disk target).
+pub trait EntryOut {
+    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()>;
+    fn data(&mut self, buf: &[u8]) -> Result<()>;
+    fn end(&mut self, size: u64) -> Result<()>;
+    /// A whole entry whose content is in memory.
+    fn entry(&mut self, path: &str, meta: &Meta, data: &[u8]) -> Result<()>;
+}
+
+impl<W: Write> EntryOut for TarWriter<W> {
+    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
+        Ok(TarWriter::begin(self, path, meta)?)
+    }
+    fn data(&mut self, buf: &[u8]) -> Result<()> {
+        Ok(TarWriter::data(self, buf)?)
+    }
+    fn end(&mut self, size: u64) -> Result<()> {
+        Ok(TarWriter::end(self, size)?)
+    }
+    fn entry(&mut self, path: &str, meta: &Meta, data: &[u8]) -> Result<()> {
+        Ok(TarWriter::entry(self, path, meta, data)?)
+    }
+}
+
+/// The rootfs (under `prefix`) with a target's fix-ups applied, as a tar stream or into any
+/// other [`EntryOut`].
+pub struct TarStream<F: Fixup, O: EntryOut = TarWriter<Out>> {
+    tar: O,
     prefix: String,
     pub fixup: F,
     current: Current,
@@ -190,8 +215,19 @@ pub struct TarStream<F: Fixup> {
 
 impl<F: Fixup> TarStream<F> {
     pub fn new(out: Out, prefix: &str, fixup: F) -> Self {
+        Self::with_out(TarWriter::new(out), prefix, fixup)
+    }
+
+    /// Add the fix-up's own entries, end the archive.
+    pub fn finish(self) -> Result<Out> {
+        Ok(self.finish_entries()?.finish()?)
+    }
+}
+
+impl<F: Fixup, O: EntryOut> TarStream<F, O> {
+    pub fn with_out(tar: O, prefix: &str, fixup: F) -> Self {
         Self {
-            tar: TarWriter::new(out),
+            tar,
             prefix: prefix.to_string(),
             fixup,
             current: Current::Drop,
@@ -275,8 +311,8 @@ impl<F: Fixup> TarStream<F> {
         Ok(())
     }
 
-    /// Add the fix-up's own entries (and any folder they need), end the archive.
-    pub fn finish(mut self) -> Result<Out> {
+    /// Add the fix-up's own entries (and any folder they need); hand back the output.
+    pub fn finish_entries(mut self) -> Result<O> {
         let extras = self.fixup.epilogue(&self.seen_dirs)?;
         for e in extras {
             let mut parents = Vec::new();
@@ -297,7 +333,20 @@ impl<F: Fixup> TarStream<F> {
                 self.seen_dirs.insert(e.path.clone());
             }
         }
-        Ok(self.tar.finish()?)
+        Ok(self.tar)
+    }
+}
+
+/// A fixed-up stream is itself a place the flattening can write to.
+impl<F: Fixup, O: EntryOut> Sink for TarStream<F, O> {
+    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
+        TarStream::begin(self, path, meta)
+    }
+    fn data(&mut self, buf: &[u8]) -> Result<()> {
+        TarStream::data(self, buf)
+    }
+    fn end(&mut self) -> Result<()> {
+        TarStream::end(self)
     }
 }
 
