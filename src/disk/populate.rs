@@ -102,8 +102,14 @@ impl DirOut {
             ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
         )
         .map_err(|e| {
-            if e == rustix::io::Errno::LOOP || e == rustix::io::Errno::XDEV {
-                anyhow!("refusing to write below /{dir}: a symlink is in the way")
+            if [
+                rustix::io::Errno::LOOP,
+                rustix::io::Errno::XDEV,
+                rustix::io::Errno::NOTDIR,
+            ]
+            .contains(&e)
+            {
+                anyhow!("refusing to write below /{dir}: a symlink or a file is in the way")
             } else {
                 failed(e, "opening", dir)
             }
@@ -268,5 +274,60 @@ impl EntryOut for DirOut {
             self.data(data)?;
         }
         self.end(m.size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(kind: Kind, mode: u32) -> Meta {
+        let mut m = Meta::new(kind, mode, 0, 1_000_000);
+        m.uid = rustix::process::geteuid().as_raw() as u64;
+        m.gid = rustix::process::getegid().as_raw() as u64;
+        m
+    }
+
+    #[test]
+    fn writes_never_follow_a_symlink_out_of_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let mut w = DirOut::new(root.path()).unwrap();
+        let target = outside.path().display().to_string();
+        w.entry("a", &meta(Kind::Symlink(target.clone()), 0o777), &[])
+            .unwrap();
+        w.entry("rel", &meta(Kind::Symlink("../..".into()), 0o777), &[])
+            .unwrap();
+        for p in ["a/b", "rel/b", "a/x/y"] {
+            let e = w.entry(p, &meta(Kind::File, 0o644), b"x").unwrap_err();
+            assert!(format!("{e:#}").contains("is in the way"), "{p}: {e:#}");
+        }
+        // A file entry over an existing symlink replaces nothing behind it.
+        let e = w.entry("a", &meta(Kind::File, 0o644), b"x").unwrap_err();
+        assert!(format!("{e:#}").contains("creating /a"), "{e:#}");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn files_folders_links_and_times() {
+        let root = tempfile::tempdir().unwrap();
+        let mut w = DirOut::new(root.path()).unwrap();
+        w.entry("d", &meta(Kind::Dir, 0o750), &[]).unwrap();
+        w.entry("d/f", &meta(Kind::File, 0o640), b"hello").unwrap();
+        w.entry("d/h", &meta(Kind::Hardlink("d/f".into()), 0), &[])
+            .unwrap();
+        w.entry("d/p", &meta(Kind::Fifo, 0o600), &[]).unwrap();
+        assert_eq!(w.written(), 5);
+        w.finish().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let d = std::fs::metadata(root.path().join("d")).unwrap();
+        assert_eq!(d.mode() & 0o7777, 0o750);
+        assert_eq!(d.mtime(), 1_000_000, "folder time set after its children");
+        let f = std::fs::metadata(root.path().join("d/f")).unwrap();
+        assert_eq!(
+            (f.mode() & 0o7777, f.nlink(), f.mtime()),
+            (0o640, 2, 1_000_000)
+        );
+        assert_eq!(std::fs::read(root.path().join("d/h")).unwrap(), b"hello");
     }
 }

@@ -20,6 +20,7 @@
 //!   x KEY VALUE                 extended attribute (PAX SCHILY.xattr.KEY)
 #![allow(dead_code)]
 
+pub mod boot;
 pub mod engine;
 
 use std::collections::BTreeMap;
