@@ -320,7 +320,7 @@ fn gpt_qcow2_from_the_engine_boots_and_checks_clean() {
         .args(["disk", &format!("docker:{tag}"), "--compress"])
         .output()
         .unwrap();
-    common::engine::rmi(&[tag.clone()]);
+    common::engine::rmi(std::slice::from_ref(&tag));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let disk = out.join("disk-boot/disk-boot.qcow2");
     assert_eq!(
