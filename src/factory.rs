@@ -230,6 +230,25 @@ pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result
         };
         let report = export::export_with(&export, progress, Some(&engine))?;
         files.extend(report.files);
+        let disk = crate::disk::DiskOptions {
+            source: export.source.clone(),
+            output: Some(out.join(&b.name).join(format!("{}.qcow2", b.name))),
+            ..Default::default()
+        };
+        if !rustix::process::geteuid().is_root() {
+            progress.note(&format!(
+                "{}: no disk written: making a bootable disk needs root (run `abox all` as root)",
+                b.name
+            ));
+            continue;
+        }
+        match crate::disk::write_disk(&disk, progress, Some(&engine)) {
+            Ok(r) => files.push(r.path),
+            Err(e) if e.downcast_ref::<crate::disk::boot::NoKernel>().is_some() => {
+                progress.note(&format!("{}: no disk written: {e}", b.name));
+            }
+            Err(e) => return Err(e.context(format!("writing the disk of {}", b.name))),
+        }
     }
     Ok(files)
 }

@@ -18,7 +18,7 @@ use common::{abox, files_in, require_root, require_tool, run_err, run_ok, sh, Im
 /// kernel command line (the kernel echoes that).
 const INIT: &str = r#"#!/bin/busybox sh
 b=/bin/busybox
-$b mount -t devtmpfs dev /dev 2>/dev/null
+$b mount -t devtmpfs dev /dev
 $b mount -t proc proc /proc
 m=$($b cat /etc/abox-marker)
 root=$($b awk '$2=="/"{d=$1} END{print d}' /proc/mounts)
@@ -598,4 +598,50 @@ fn sigint_during_the_copy_leaves_no_loop_mount_or_file() {
     assert_nothing_left(&out, "SIGINT");
     let loops = sh("losetup --list --noheadings");
     assert!(!loops.contains(".big.qcow2"), "{loops}");
+}
+
+#[test]
+fn all_writes_a_bootable_disk_for_a_recipe_with_a_kernel() {
+    needs();
+    let _l = common::engine::engine_lock();
+    let standin = common::engine::standin();
+    let work = tempfile::tempdir().unwrap();
+    let recipe = work.path().join("recipes/vm");
+    std::fs::create_dir_all(&recipe).unwrap();
+    let marker = format!("all-{}-{}", std::process::id(), rand_suffix());
+    std::fs::copy(boot::kernel_file(), recipe.join("vmlinuz")).unwrap();
+    std::fs::write(recipe.join("init"), INIT).unwrap();
+    std::fs::write(recipe.join("marker"), &marker).unwrap();
+    std::fs::write(
+        recipe.join("Dockerfile"),
+        "ARG ALPINE_VERSION=3.20.3\nARG BASE_IMAGE=alpine:3\nFROM ${BASE_IMAGE}\n\
+         COPY vmlinuz /boot/vmlinuz-virt\nCOPY init /sbin/init\n\
+         COPY marker /etc/abox-marker\n\
+         RUN chmod 755 /sbin/init && echo 'root:*:1:0:::::' > /etc/shadow && echo same-inode > /etc/hardlink\n",
+    )
+    .unwrap();
+    let prefix = "abox-test-alldisk";
+    let out = work.path().join("out");
+    let o = abox()
+        .args(["all", "--dir"])
+        .arg(work.path().join("recipes"))
+        .args(["--base-image", standin, "--registry", prefix, "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    common::engine::rmi(&[format!("{prefix}/vm:3.20.3"), format!("{prefix}/vm:latest")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let disk = out.join("vm/vm.qcow2");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&disk.display().to_string()),
+        "{o:?}"
+    );
+    let line = boot::boot(&disk, "qcow2", Bus::Nvme);
+    assert!(
+        line.starts_with(&format!(
+            "ABOX-TEST {marker} extra=0 dockerenv=no fstab=UUID="
+        )),
+        "{line}"
+    );
+    assert!(line.ends_with(" pw=* hl=same-inode"), "{line}");
 }

@@ -392,8 +392,17 @@ fn all_builds_then_writes_every_artifact_of_every_image() {
             .arg(out.path()),
     );
     let printed = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
     for n in CHAIN {
         let d = out.path().join(n);
+        // The fixtures carry no kernel: no disk, and a note that says why.
+        assert!(!d.join(format!("{n}.qcow2")).exists());
+        assert!(
+            stderr.contains(&format!(
+                "{n}: no disk written: the image has no kernel in /boot"
+            )),
+            "{stderr}"
+        );
         for f in [
             format!("{n}.rootfs.tar.gz"),
             format!("{n}.wsl"),

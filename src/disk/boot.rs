@@ -126,7 +126,18 @@ pub fn boot_files(tree: &Tree) -> Vec<String> {
     out
 }
 
-/// The kernel of the tree, or an error that says how to add one.
+/// The image has nothing to boot (`abox all` skips the disk of such images).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the image has no kernel in /boot (found: {found}), so a disk made from it cannot boot. \
+     Add one in the Dockerfile: on Alpine `RUN apk add linux-virt` (plus `mkinitfs`), on \
+     Debian `RUN apt-get install -y linux-image-cloud-amd64`"
+)]
+pub struct NoKernel {
+    pub found: String,
+}
+
+/// The kernel of the tree, or a [`NoKernel`] error that says how to add one.
 pub fn find_kernel(tree: &Tree) -> Result<Kernel> {
     let files = boot_files(tree);
     // syslinux is given the files themselves, not symlinks to them.
@@ -138,17 +149,15 @@ pub fn find_kernel(tree: &Tree) -> Result<Kernel> {
         kernel: real(k.kernel),
         initrd: k.initrd.map(real),
     });
-    k.with_context(|| {
-        format!(
-            "the image has no kernel in /boot (found: {}), so a disk made from it cannot boot. \
-             Add one in the Dockerfile: on Alpine `RUN apk add linux-virt` (plus `mkinitfs`), on \
-             Debian `RUN apt-get install -y linux-image-cloud-amd64`",
-            if files.is_empty() {
+    k.ok_or_else(|| {
+        NoKernel {
+            found: if files.is_empty() {
                 "nothing".to_string()
             } else {
                 files.join(", ")
-            }
-        )
+            },
+        }
+        .into()
     })
 }
 

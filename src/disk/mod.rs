@@ -185,8 +185,17 @@ pub fn fstab(existing: &str, fs_uuid: &str) -> String {
     out
 }
 
+/// Folders created when the image has none.
+const MOUNT_POINTS: [(&str, u32); 5] = [
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+];
+
 /// The disk's fix-ups: `/.dockerenv` dropped, `/etc/fstab` by UUID, `/boot/extlinux.conf`,
-/// root's password when asked.
+/// missing mount points created, root's password when asked.
 struct DiskFixup {
     fs_uuid: String,
     extlinux_conf: String,
@@ -222,13 +231,22 @@ impl Fixup for DiskFixup {
         })
     }
 
-    fn epilogue(&mut self, _seen_dirs: &HashSet<String>) -> Result<Vec<Extra>> {
+    fn epilogue(&mut self, seen_dirs: &HashSet<String>) -> Result<Vec<Extra>> {
         let mut v = vec![Extra::file(
             "boot/extlinux.conf",
             0o644,
             self.extlinux_conf.clone().into_bytes(),
             self.mtime,
         )];
+        // Mount points a booting system needs and container images may lack (the engine
+        // provides them to containers): without /dev, init has no devtmpfs to mount.
+        for (dir, mode) in MOUNT_POINTS {
+            if !seen_dirs.contains(dir) {
+                let mut e = Extra::dir(dir, self.mtime);
+                e.meta.mode = mode;
+                v.push(e);
+            }
+        }
         if !self.has_fstab {
             v.push(Extra::file(
                 "etc/fstab",
