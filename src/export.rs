@@ -50,14 +50,16 @@ pub fn default_out_dir(name: &str) -> PathBuf {
 }
 
 pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport> {
-    export_with(opts, progress, None)
+    export_with(opts, progress, None, Vec::new())
 }
 
-/// [`export`], reusing a connection to the engine for `docker:` sources.
+/// [`export`], reusing a connection to the engine for `docker:` sources; `extra` artifacts
+/// (already written, like a disk) are committed and listed with the export's own.
 pub fn export_with(
     opts: &ExportOptions,
     progress: &Progress,
     engine: Option<&std::sync::Arc<crate::engine::Engine>>,
+    extra: Vec<Artifact>,
 ) -> Result<ExportReport> {
     if !opts.targets.any() {
         bail!("nothing to write: choose at least one of --wsl, --wsl-package, --lxd, --lxd-split, --rootfs");
@@ -120,6 +122,7 @@ pub fn export_with(
     for t in fan.0 {
         artifacts.extend(t.finish()?);
     }
+    artifacts.extend(extra);
     crate::signals::check()?;
     let files = commit_all(&out_dir, &opts.source, &image.summary(), artifacts)?;
     task.set(0);

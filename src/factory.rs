@@ -228,27 +228,38 @@ pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result
             select: SelectOptions::default(),
             ..Default::default()
         };
-        let report = export::export_with(&export, progress, Some(&engine))?;
-        files.extend(report.files);
-        let disk = crate::disk::DiskOptions {
-            source: export.source.clone(),
-            output: Some(out.join(&b.name).join(format!("{}.qcow2", b.name))),
-            ..Default::default()
-        };
-        if !rustix::process::geteuid().is_root() {
+        // The disk first (kept under its temporary name), so SHA256SUMS and manifest.json list
+        // it with the rest and everything appears together.
+        let mut extra = Vec::new();
+        if rustix::process::geteuid().is_root() {
+            let disk = crate::disk::DiskOptions {
+                source: export.source.clone(),
+                output: Some(out.join(&b.name).join(format!("{}.qcow2", b.name))),
+                ..Default::default()
+            };
+            match crate::disk::make_disk(&disk, progress, Some(&engine)) {
+                Ok((file, _)) => {
+                    let (sha256, size) = crate::output::hash_file(file.tmp_path())?;
+                    extra.push(crate::output::Artifact {
+                        kind: "disk",
+                        file,
+                        sha256,
+                        size,
+                    });
+                }
+                Err(e) if e.downcast_ref::<crate::disk::boot::NoKernel>().is_some() => {
+                    progress.note(&format!("{}: no disk written: {e}", b.name));
+                }
+                Err(e) => return Err(e.context(format!("writing the disk of {}", b.name))),
+            }
+        } else {
             progress.note(&format!(
                 "{}: no disk written: making a bootable disk needs root (run `abox all` as root)",
                 b.name
             ));
-            continue;
         }
-        match crate::disk::write_disk(&disk, progress, Some(&engine)) {
-            Ok(r) => files.push(r.path),
-            Err(e) if e.downcast_ref::<crate::disk::boot::NoKernel>().is_some() => {
-                progress.note(&format!("{}: no disk written: {e}", b.name));
-            }
-            Err(e) => return Err(e.context(format!("writing the disk of {}", b.name))),
-        }
+        let report = export::export_with(&export, progress, Some(&engine), extra)?;
+        files.extend(report.files);
     }
     Ok(files)
 }

@@ -279,6 +279,7 @@ fn gpt_raw_from_oci_boots_over_nvme_and_holds_the_image() {
             "boot/ldlinux.sys",
             "boot/ldlinux.c32",
             "etc/fstab",
+            "run", // a mount point the image lacks
         ] {
             assert!(got.remove(added).is_some(), "{added} missing on the disk");
         }
@@ -523,6 +524,29 @@ fn refusals_leave_nothing_behind() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot write in the output folder"), "{err}");
     assert_nothing_left(&ro, "read-only folder");
+
+    // Missing syslinux parts name the package to install.
+    let err = run_err(
+        abox()
+            .env("PATH", "/nonexistent")
+            .args(["disk", &src, "-o"])
+            .arg(out.join("p.qcow2")),
+    );
+    assert!(err.contains("install the `extlinux` package"), "{err}");
+    let empty = work.path().join("no-syslinux");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = run_err(
+        abox()
+            .env("ABOX_SYSLINUX_DIR", &empty)
+            .args(["disk", &src, "--table", "mbr", "-o"])
+            .arg(out.join("p.qcow2")),
+    );
+    assert!(err.contains("mbr.bin was not found"), "{err}");
+    assert!(
+        err.contains("install the `syslinux-common` package"),
+        "{err}"
+    );
+    assert_nothing_left(&out, "missing syslinux");
 
     // A format the name contradicts.
     let err = run_err(

@@ -294,12 +294,23 @@ fn output_and_format(opts: &DiskOptions, name: &str) -> Result<(PathBuf, Format)
     }
 }
 
-/// Write the disk.
+/// Write the disk and move it to its name.
 pub fn write_disk(
     opts: &DiskOptions,
     progress: &Progress,
     engine: Option<&std::sync::Arc<crate::engine::Engine>>,
 ) -> Result<DiskReport> {
+    let (file, report) = make_disk(opts, progress, engine)?;
+    file.commit()?;
+    Ok(report)
+}
+
+/// Write the disk under its temporary name; the caller commits it (with other artifacts).
+pub fn make_disk(
+    opts: &DiskOptions,
+    progress: &Progress,
+    engine: Option<&std::sync::Arc<crate::engine::Engine>>,
+) -> Result<(PendingFile, DiskReport)> {
     fs::require_root()?;
     boot::check_extlinux()?;
     let boot_code = boot::boot_code(opts.table)?;
@@ -438,15 +449,18 @@ pub fn write_disk(
         task.finish(&format!("{}", out_path.display()));
     }
     crate::signals::check()?;
-    out.commit()?;
-    Ok(DiskReport {
-        path: out_path,
-        format,
-        disk_bytes: layout.disk_bytes,
-        fs_uuid,
-        part_uuid: layout.part_uuid,
-        kernel: kernel.kernel,
-    })
+    out.file().sync_all().context("writing the disk")?;
+    Ok((
+        out,
+        DiskReport {
+            path: out_path,
+            format,
+            disk_bytes: layout.disk_bytes,
+            fs_uuid,
+            part_uuid: layout.part_uuid,
+            kernel: kernel.kernel,
+        },
+    ))
 }
 
 #[cfg(test)]
