@@ -263,18 +263,6 @@ impl EntryOut for DirOut {
         }
         Ok(())
     }
-
-    fn entry(&mut self, path: &str, meta: &Meta, data: &[u8]) -> Result<()> {
-        let mut m = meta.clone();
-        if m.kind == Kind::File {
-            m.size = data.len() as u64;
-        }
-        self.begin(path, &m)?;
-        if m.kind == Kind::File {
-            self.data(data)?;
-        }
-        self.end(m.size)
-    }
 }
 
 #[cfg(test)]

@@ -184,7 +184,17 @@ pub trait EntryOut {
     fn data(&mut self, buf: &[u8]) -> Result<()>;
     fn end(&mut self, size: u64) -> Result<()>;
     /// A whole entry whose content is in memory.
-    fn entry(&mut self, path: &str, meta: &Meta, data: &[u8]) -> Result<()>;
+    fn entry(&mut self, path: &str, meta: &Meta, data: &[u8]) -> Result<()> {
+        let mut m = meta.clone();
+        if m.kind == Kind::File {
+            m.size = data.len() as u64;
+        }
+        self.begin(path, &m)?;
+        if m.kind == Kind::File {
+            self.data(data)?;
+        }
+        self.end(m.size)
+    }
 }
 
 impl<W: Write> EntryOut for TarWriter<W> {
