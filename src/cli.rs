@@ -90,6 +90,16 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Disk(DiskArgs),
 
+    /// Is the pinned Alpine version behind? Compares the recipes' ARG ALPINE_VERSION with
+    /// Alpine's latest-releases.yaml of its branch and of latest-stable.
+    ///
+    /// Prints a warning and exits 0 when behind; with --strict (for CI) exits 3.
+    ///
+    /// Example:
+    ///   abox check --strict
+    #[command(verbatim_doc_comment)]
+    Check(CheckArgs),
+
     /// Build every recipe, then write every artifact of each into out/<name>/.
     ///
     /// Artifacts: <name>.rootfs.tar.gz and <name>.wsl (WSL), <name>.lxd.tar.gz and the split
@@ -248,6 +258,29 @@ pub struct ExportArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Folder holding one <name>/Dockerfile per recipe.
+    #[arg(long, default_value = "Dockerfiles", value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Version to check instead of the recipes' pin.
+    #[arg(long, value_name = "X.Y.Z")]
+    pub alpine_version: Option<String>,
+
+    /// Alpine mirror (the folder holding v3.22/, latest-stable/).
+    #[arg(long, default_value = crate::check::DEFAULT_MIRROR, value_name = "URL")]
+    pub mirror: String,
+
+    /// Architecture folder of the release lists.
+    #[arg(long, default_value = "x86_64")]
+    pub arch: String,
+
+    /// Exit 3 when the pin is behind.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct DiskArgs {
     /// The image: docker:NAME[:TAG], docker-archive:PATH[:TAG], oci:DIR[:REF] or
     /// oci-archive:PATH[:REF].
@@ -331,6 +364,27 @@ pub fn run(cli: Cli) -> Result<()> {
             let opts = factory_options(a.names, a.project, None)?;
             let engine = crate::engine::Engine::connect()?;
             crate::factory::push_images(&engine, &opts, &progress)?;
+            Ok(())
+        }
+        Command::Check(a) => {
+            let pinned = match a.alpine_version {
+                Some(v) => v,
+                None => crate::project::Project::load(&a.dir)?
+                    .alpine_version()?
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "no recipe under {} pins ARG ALPINE_VERSION; pass --alpine-version",
+                            a.dir.display()
+                        )
+                    })?,
+            };
+            let drift = crate::check::check(&pinned, &a.mirror, &a.arch)?;
+            for line in drift.report() {
+                println!("{line}");
+            }
+            if a.strict && drift.behind() {
+                std::process::exit(3);
+            }
             Ok(())
         }
         Command::Disk(a) => {

@@ -3,6 +3,7 @@
 //! stream) → [`target`] (WSL, LXD/Incus, plain rootfs writers) → [`output`] (atomic artifacts,
 //! `SHA256SUMS`, `manifest.json`). [`export`] drives it; [`cmd`] runs external tools.
 
+pub mod check;
 pub mod cli;
 pub mod cmd;
 pub mod disk;
