@@ -191,19 +191,6 @@ impl<W: Write> TarWriter<W> {
         self.pad(size)
     }
 
-    /// A whole entry whose content is in memory.
-    pub fn entry(&mut self, path: &str, meta: &Meta, data: &[u8]) -> io::Result<()> {
-        let mut m = meta.clone();
-        if m.kind == Kind::File {
-            m.size = data.len() as u64;
-        }
-        self.begin(path, &m)?;
-        if m.kind == Kind::File {
-            self.data(data)?;
-        }
-        self.end(m.size)
-    }
-
     fn pad(&mut self, size: u64) -> io::Result<()> {
         let rem = (size % BLOCK as u64) as usize;
         self.written += size;
@@ -224,6 +211,37 @@ impl<W: Write> TarWriter<W> {
         self.out.write_all(&[0u8; 2 * BLOCK])?;
         self.out.flush()?;
         Ok(self.out)
+    }
+}
+
+/// Where entries go, one at a time: a [`TarWriter`], or a folder (the disk target).
+pub trait EntryOut {
+    fn begin(&mut self, path: &str, meta: &Meta) -> anyhow::Result<()>;
+    fn data(&mut self, buf: &[u8]) -> anyhow::Result<()>;
+    fn end(&mut self, size: u64) -> anyhow::Result<()>;
+    /// A whole entry whose content is in memory.
+    fn entry(&mut self, path: &str, meta: &Meta, data: &[u8]) -> anyhow::Result<()> {
+        let mut m = meta.clone();
+        if m.kind == Kind::File {
+            m.size = data.len() as u64;
+        }
+        self.begin(path, &m)?;
+        if m.kind == Kind::File {
+            self.data(data)?;
+        }
+        self.end(m.size)
+    }
+}
+
+impl<W: Write> EntryOut for TarWriter<W> {
+    fn begin(&mut self, path: &str, meta: &Meta) -> anyhow::Result<()> {
+        Ok(TarWriter::begin(self, path, meta)?)
+    }
+    fn data(&mut self, buf: &[u8]) -> anyhow::Result<()> {
+        Ok(TarWriter::data(self, buf)?)
+    }
+    fn end(&mut self, size: u64) -> anyhow::Result<()> {
+        Ok(TarWriter::end(self, size)?)
     }
 }
 

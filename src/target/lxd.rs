@@ -10,7 +10,8 @@ use std::process::Command;
 use anyhow::Result;
 
 use super::{
-    os_release, os_release_get, Action, Extra, Fixup, Out, TarFileTarget, TarStream, Target,
+    os_release, os_release_get, Action, EntryOut, Extra, Fixup, Out, TarFileTarget, TarStream,
+    Target,
 };
 use crate::cmd::PipedChild;
 use crate::flatten::Facts;

@@ -178,39 +178,7 @@ enum Current {
     Buffer(String, Meta, Vec<u8>),
 }
 
-/// Where a [`TarStream`] puts its entries: a tar writer, or a folder (the disk target).
-pub trait EntryOut {
-    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()>;
-    fn data(&mut self, buf: &[u8]) -> Result<()>;
-    fn end(&mut self, size: u64) -> Result<()>;
-    /// A whole entry whose content is in memory.
-    fn entry(&mut self, path: &str, meta: &Meta, data: &[u8]) -> Result<()> {
-        let mut m = meta.clone();
-        if m.kind == Kind::File {
-            m.size = data.len() as u64;
-        }
-        self.begin(path, &m)?;
-        if m.kind == Kind::File {
-            self.data(data)?;
-        }
-        self.end(m.size)
-    }
-}
-
-impl<W: Write> EntryOut for TarWriter<W> {
-    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
-        Ok(TarWriter::begin(self, path, meta)?)
-    }
-    fn data(&mut self, buf: &[u8]) -> Result<()> {
-        Ok(TarWriter::data(self, buf)?)
-    }
-    fn end(&mut self, size: u64) -> Result<()> {
-        Ok(TarWriter::end(self, size)?)
-    }
-    fn entry(&mut self, path: &str, meta: &Meta, data: &[u8]) -> Result<()> {
-        Ok(TarWriter::entry(self, path, meta, data)?)
-    }
-}
+pub use crate::tarfmt::EntryOut;
 
 /// The rootfs (under `prefix`) with a target's fix-ups applied, as a tar stream or into any
 /// other [`EntryOut`].
