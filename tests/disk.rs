@@ -139,7 +139,14 @@ fn check_raw(raw: &Path, gpt: bool, initrd: bool) -> String {
         );
     }
     // The boot code: syslinux's gptmbr.bin / mbr.bin in the first 440 bytes.
-    let code = std::fs::read(raw).unwrap()[..440].to_vec();
+    let mut code = [0u8; 440];
+    {
+        use std::io::Read;
+        std::fs::File::open(raw)
+            .unwrap()
+            .read_exact(&mut code)
+            .unwrap();
+    }
     let bin = if gpt { "gptmbr.bin" } else { "mbr.bin" };
     let want = std::fs::read(Path::new("/usr/lib/syslinux/mbr").join(bin)).unwrap();
     assert_eq!(&code[..want.len()], &want[..], "{bin} not in the MBR");
