@@ -291,3 +291,103 @@ fn lxd_split_image_and_several_targets_at_once() {
         ]
     );
 }
+
+/// The OpenRC fix-up tables on an Alpine-shaped image: each target's files equal the expected
+/// fixtures (tests/fixtures/openrc/<target>), its runlevel links are the table's, its added
+/// files are there; `--rootfs` stays the image as it is.
+#[test]
+fn openrc_images_get_each_targets_setup() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export(
+        dir.path(),
+        &openrc_image(""),
+        &["--wsl", "--wsl-package", "--lxd", "--rootfs"],
+    );
+
+    let wsl = read_tar_file(&out.join("base.rootfs.tar.gz"));
+    assert_openrc_setup(&wsl, "", "wsl", &[]);
+    let (mode, uid, _, start) =
+        entry_meta(&out.join("base.rootfs.tar.gz"), "usr/lib/wsl/openrc-start");
+    assert_eq!((mode & 0o7777, uid), (0o755, 0));
+    let start = String::from_utf8(start).unwrap();
+    assert!(start.starts_with("#!/bin/sh") && start.contains("exec /sbin/openrc default"));
+    let (_, _, _, conf) = entry_meta(&out.join("base.rootfs.tar.gz"), "etc/wsl.conf");
+    assert_eq!(
+        String::from_utf8(conf).unwrap(),
+        "# Written by alpine-boxes.\n[user]\ndefault=alpine\n[boot]\ncommand=/usr/lib/wsl/openrc-start\n"
+    );
+    let pkg = read_tar_file(&out.join("base.wsl"));
+    assert_openrc_setup(&pkg, "", "wsl", &[]);
+    assert!(pkg.contains_key("usr/lib/wsl/openrc-start"));
+
+    let lxd = read_tar_file(&out.join("base.lxd.tar.gz"));
+    assert_openrc_setup(
+        &lxd,
+        "rootfs/",
+        "lxd",
+        &[
+            ("boot", "bootmisc"),
+            ("boot", "syslog"),
+            ("boot", "devfs"),
+            ("default", "networking"),
+            ("default", "crond"),
+        ],
+    );
+    let (_, _, _, ifaces) = entry_meta(
+        &out.join("base.lxd.tar.gz"),
+        "rootfs/etc/network/interfaces",
+    );
+    let ifaces = String::from_utf8(ifaces).unwrap();
+    assert!(
+        ifaces.contains("auto eth0\niface eth0 inet dhcp\n"),
+        "{ifaces}"
+    );
+    assert!(!lxd.contains_key("rootfs/usr/lib/wsl/openrc-start"));
+
+    // The plain rootfs is the image as built: no target's set-up.
+    let plain = read_tar_file(&out.join("base.rootfs.tar"));
+    assert_openrc_setup(&plain, "", "input", &[]);
+    assert!(!plain.contains_key("etc/network/interfaces"));
+}
+
+/// The image's own choices win: its wsl.conf boot command, its interfaces file, a service it
+/// already linked; an image without OpenRC gets none of it.
+#[test]
+fn openrc_setup_keeps_what_the_image_decided() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export(
+        dir.path(),
+        &openrc_image(
+            "f etc/wsl.conf 0644 [boot]\\ncommand=/bin/true\\n\n\
+             d etc/network 0755\nf etc/network/interfaces 0644 auto lo\\n\n\
+             d etc/runlevels/boot 0755\nl etc/runlevels/boot/syslog -> /etc/init.d/syslog\n",
+        ),
+        &["--wsl", "--lxd"],
+    );
+    let (_, _, _, conf) = entry_meta(&out.join("base.rootfs.tar.gz"), "etc/wsl.conf");
+    assert_eq!(
+        String::from_utf8(conf).unwrap(),
+        "[boot]\ncommand=/bin/true\n[user]\ndefault=alpine\n"
+    );
+    let lxd = out.join("base.lxd.tar.gz");
+    let (_, _, _, ifaces) = entry_meta(&lxd, "rootfs/etc/network/interfaces");
+    assert_eq!(ifaces, b"auto lo\n");
+    let names = tar_names(&lxd);
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| *n == "rootfs/etc/runlevels/boot/syslog")
+            .count(),
+        1,
+        "one link, the image's"
+    );
+
+    let plain = tempfile::tempdir().unwrap();
+    let out = export(plain.path(), &ImageSpec::new(IMAGE), &["--lxd", "--wsl"]);
+    let lxd = read_tar_file(&out.join("base.lxd.tar.gz"));
+    assert!(!lxd
+        .keys()
+        .any(|p| p.contains("runlevels") || p.contains("network/interfaces")));
+    let wsl = read_tar_file(&out.join("base.rootfs.tar.gz"));
+    assert!(!wsl.contains_key("usr/lib/wsl/openrc-start"));
+}

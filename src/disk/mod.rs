@@ -24,6 +24,7 @@ use crate::output::PendingFile;
 use crate::progress::Progress;
 use crate::source::{self, SelectOptions};
 use crate::tarfmt::{Kind, Meta};
+use crate::target::openrc::{self, OpenRc};
 use crate::target::{os_release, os_release_get, Action, Extra, Fixup, TarStream};
 use partition::Table;
 
@@ -195,7 +196,8 @@ const MOUNT_POINTS: [(&str, u32); 5] = [
 ];
 
 /// The disk's fix-ups: `/.dockerenv` dropped, `/etc/fstab` by UUID, `/boot/extlinux.conf`,
-/// missing mount points created, root's password when asked.
+/// missing mount points created, root's password when asked; OpenRC images get the VM set-up
+/// ([`openrc::VM`]: serial getty, runlevels, DHCP on eth0, root grown to the disk at boot).
 struct DiskFixup {
     fs_uuid: String,
     extlinux_conf: String,
@@ -203,9 +205,15 @@ struct DiskFixup {
     mtime: u64,
     has_fstab: bool,
     has_shadow: bool,
+    openrc: OpenRc,
 }
 
 impl Fixup for DiskFixup {
+    fn start(&mut self, facts: &flatten::Facts) -> Result<()> {
+        self.openrc.start(facts);
+        Ok(())
+    }
+
     fn action(&mut self, path: &str, meta: &Meta) -> Action {
         match path {
             ".dockerenv" | "boot/extlinux.conf" => Action::Drop,
@@ -218,7 +226,7 @@ impl Fixup for DiskFixup {
                 self.has_shadow = true;
                 Action::Rewrite
             }
-            _ => Action::Keep,
+            _ => self.openrc.action(path, meta).unwrap_or(Action::Keep),
         }
     }
 
@@ -227,7 +235,7 @@ impl Fixup for DiskFixup {
         Ok(match (path, &self.root_hash) {
             ("etc/fstab", _) => fstab(&text, &self.fs_uuid).into_bytes(),
             ("etc/shadow", Some(h)) => set_root_hash(&text, h).into_bytes(),
-            _ => data,
+            _ => self.openrc.rewrite(path, &data).unwrap_or(data),
         })
     }
 
@@ -255,6 +263,7 @@ impl Fixup for DiskFixup {
                 self.mtime,
             ));
         }
+        v.extend(self.openrc.extras(self.mtime));
         if let (Some(h), false) = (&self.root_hash, self.has_shadow) {
             v.push(Extra::file(
                 "etc/shadow",
@@ -412,6 +421,7 @@ pub fn make_disk(
         mtime: created,
         has_fstab: false,
         has_shadow: false,
+        openrc: OpenRc::new(&openrc::VM),
     };
     let mut stream = TarStream::with_out(populate::DirOut::new(mnt.path())?, "", fixup);
     stream.start(&plan.facts)?;

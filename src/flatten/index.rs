@@ -32,6 +32,8 @@ pub const CAPTURE: &[&str] = &[
     "usr/lib/os-release",
     "etc/alpine-release",
     "etc/wsl.conf",
+    // OpenRC images: the targets' fix-ups apply (src/target/openrc.rs).
+    "etc/rc.conf",
 ];
 /// Largest captured file.
 const CAPTURE_MAX: u64 = 1 << 20;

@@ -1,14 +1,17 @@
 //! LXD / Incus images. Unified: one `<name>.lxd.tar.gz` with `metadata.yaml` at its root,
 //! `templates/` and `rootfs/`. Split: `<name>.lxd-meta.tar.gz` (metadata + templates, the first
 //! argument of `lxc image import`) and `<name>.lxd-rootfs.squashfs`, made by streaming the
-//! rootfs tar into `tar2sqfs` (squashfs-tools-ng) — nothing is unpacked on disk.
+//! rootfs tar into `tar2sqfs` (squashfs-tools-ng) — nothing is unpacked on disk. OpenRC images
+//! get the container set-up of the official Alpine images ([`openrc::LXD`]).
 
+use std::collections::HashSet;
 use std::io::BufWriter;
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::Result;
 
+use super::openrc::{self, OpenRc};
 use super::{
     os_release, os_release_get, Action, EntryOut, Extra, Fixup, Out, TarFileTarget, TarStream,
     Target,
@@ -123,11 +126,13 @@ pub struct LxdFixup {
     /// Put metadata and templates in front (unified image only).
     with_meta: bool,
     facts: Facts,
+    openrc: OpenRc,
 }
 
 impl Fixup for LxdFixup {
     fn start(&mut self, facts: &Facts) -> Result<()> {
         self.facts = facts.clone();
+        self.openrc.start(facts);
         Ok(())
     }
     fn prologue(&mut self) -> Result<Vec<Extra>> {
@@ -137,12 +142,17 @@ impl Fixup for LxdFixup {
             Vec::new()
         })
     }
-    fn action(&mut self, path: &str, _meta: &Meta) -> Action {
+    fn action(&mut self, path: &str, meta: &Meta) -> Action {
         if path == ".dockerenv" {
-            Action::Drop
-        } else {
-            Action::Keep
+            return Action::Drop;
         }
+        self.openrc.action(path, meta).unwrap_or(Action::Keep)
+    }
+    fn rewrite(&mut self, path: &str, data: Vec<u8>) -> Result<Vec<u8>> {
+        Ok(self.openrc.rewrite(path, &data).unwrap_or(data))
+    }
+    fn epilogue(&mut self, _seen_dirs: &HashSet<String>) -> Result<Vec<Extra>> {
+        Ok(self.openrc.extras(self.opts.created))
     }
 }
 
@@ -152,6 +162,7 @@ pub fn create_unified(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Targe
         opts: opts.clone(),
         with_meta: true,
         facts: Facts::default(),
+        openrc: OpenRc::new(&openrc::LXD),
     };
     Ok(Box::new(TarFileTarget::create(
         "lxd", &dest, true, "rootfs/", fixup,
@@ -191,6 +202,7 @@ pub fn create_split(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>
         opts: opts.clone(),
         with_meta: false,
         facts: Facts::default(),
+        openrc: OpenRc::new(&openrc::LXD),
     };
     let stream = TarStream::new(
         Out::Pipe(BufWriter::with_capacity(1 << 20, stdin)),

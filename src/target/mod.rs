@@ -3,6 +3,7 @@
 //! writes its artifacts under temporary names; [`crate::output::commit_all`] renames them.
 
 pub mod lxd;
+pub mod openrc;
 pub mod rootfs;
 pub mod wsl;
 
@@ -75,6 +76,13 @@ impl Extra {
             path: path.into(),
             meta: Meta::new(Kind::File, mode, data.len() as u64, mtime),
             data,
+        }
+    }
+    pub fn symlink(path: &str, target: &str, mtime: u64) -> Self {
+        Self {
+            path: path.into(),
+            meta: Meta::new(Kind::Symlink(target.into()), 0o777, 0, mtime),
+            data: Vec::new(),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use super::openrc::{self, OpenRc};
 use super::{Action, Extra, Fixup, TarFileTarget, Target};
 use crate::flatten::Facts;
 use crate::tarfmt::{Kind, Meta};
@@ -95,31 +96,63 @@ pub fn strip_hashes(shadow: &str) -> String {
     out
 }
 
-/// Set `[user] default=` in a wsl.conf unless it already names a default user.
-pub fn wsl_conf(existing: Option<&str>, user: Option<&User>) -> String {
-    let mut text = existing.unwrap_or("").to_string();
-    let Some(u) = user else {
-        return if text.is_empty() {
-            "# Written by alpine-boxes.\n[boot]\nsystemd=false\n".into()
-        } else {
-            text
-        };
-    };
-    let mut section = String::new();
-    for l in text.lines() {
+/// Whether an INI text has `key` (any spacing) in `[section]`.
+fn ini_has(text: &str, section: &str, key: &str) -> bool {
+    let mut current = String::new();
+    text.lines().any(|l| {
         let t = l.trim();
         if t.starts_with('[') {
-            section = t.to_ascii_lowercase();
-        } else if section == "[user]" && t.replace(' ', "").starts_with("default=") {
-            return text;
+            current = t.to_ascii_lowercase();
+            false
+        } else {
+            current == section
+                && t.split_once('=')
+                    .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(key))
+        }
+    })
+}
+
+/// Add `key=value` to `[section]` (at the section's start, or in a new section at the end).
+fn ini_add(text: &mut String, section: &str, key: &str, value: &str) {
+    let line = format!("{key}={value}\n");
+    let mut offset = 0;
+    for l in text.split_inclusive('\n') {
+        offset += l.len();
+        if l.trim().eq_ignore_ascii_case(section) {
+            if !l.ends_with('\n') {
+                text.push('\n');
+                offset += 1;
+            }
+            text.insert_str(offset, &line);
+            return;
         }
     }
-    if text.is_empty() {
-        text.push_str("# Written by alpine-boxes.\n");
-    } else if !text.ends_with('\n') {
+    if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    text.push_str(&format!("[user]\ndefault={}\n", u.name));
+    text.push_str(&format!("{section}\n{line}"));
+}
+
+/// `/etc/wsl.conf`: the image's own, with `[user] default=` and `[boot] command=` added where
+/// it sets none.
+pub fn wsl_conf(existing: Option<&str>, user: Option<&User>, boot_command: Option<&str>) -> String {
+    let mut text = existing.unwrap_or("").to_string();
+    let header = "# Written by alpine-boxes.\n";
+    if let Some(u) = user.filter(|_| !ini_has(&text, "[user]", "default")) {
+        if text.is_empty() {
+            text.push_str(header);
+        }
+        ini_add(&mut text, "[user]", "default", &u.name);
+    }
+    if let Some(c) = boot_command.filter(|_| !ini_has(&text, "[boot]", "command")) {
+        if text.is_empty() {
+            text.push_str(header);
+        }
+        ini_add(&mut text, "[boot]", "command", c);
+    }
+    if text.is_empty() {
+        text = format!("{header}[boot]\nsystemd=false\n");
+    }
     text
 }
 
@@ -195,6 +228,9 @@ pub struct WslFixup {
     conf_seen: bool,
     existing_conf: Option<String>,
     icon: Option<Vec<u8>>,
+    openrc: OpenRc,
+    /// `[boot] command` for wsl.conf: the OpenRC start helper, for OpenRC images.
+    boot_command: Option<String>,
 }
 
 /// Paths never shipped to WSL: WSL writes resolv.conf itself; `.dockerenv` is a container
@@ -231,6 +267,8 @@ impl WslFixup {
             conf_seen: false,
             existing_conf: None,
             icon,
+            openrc: OpenRc::new(&openrc::WSL),
+            boot_command: None,
         })
     }
 
@@ -264,6 +302,11 @@ impl Fixup for WslFixup {
             self.opts.user.as_deref(),
         )?;
         self.existing_conf = facts.text("etc/wsl.conf").map(str::to_string);
+        self.openrc.start(facts);
+        self.boot_command = facts
+            .files
+            .contains_key("etc/rc.conf")
+            .then(|| format!("/{}", openrc::WSL_START));
         Ok(())
     }
 
@@ -279,7 +322,7 @@ impl Fixup for WslFixup {
             "etc/wsl.conf" => Action::Drop,
             "etc/shadow" if self.package => Action::Rewrite,
             "etc/wsl-distribution.conf" if self.package => Action::Drop,
-            _ => Action::Keep,
+            _ => self.openrc.action(path, meta).unwrap_or(Action::Keep),
         }
     }
 
@@ -287,16 +330,25 @@ impl Fixup for WslFixup {
         let text = String::from_utf8_lossy(&data);
         Ok(match path {
             "etc/shadow" => strip_hashes(&text).into_bytes(),
-            "etc/wsl.conf" => wsl_conf(Some(&text), self.user.as_ref()).into_bytes(),
-            _ => data,
+            "etc/wsl.conf" => wsl_conf(
+                Some(&text),
+                self.user.as_ref(),
+                self.boot_command.as_deref(),
+            )
+            .into_bytes(),
+            _ => self.openrc.rewrite(path, &data).unwrap_or(data),
         })
     }
 
     fn epilogue(&mut self, _seen: &HashSet<String>) -> Result<Vec<Extra>> {
         let t = self.opts.mtime;
-        let mut out = Vec::new();
+        let mut out = self.openrc.extras(t);
         if !self.conf_seen {
-            let conf = wsl_conf(self.existing_conf.as_deref(), self.user.as_ref());
+            let conf = wsl_conf(
+                self.existing_conf.as_deref(),
+                self.user.as_ref(),
+                self.boot_command.as_deref(),
+            );
             out.push(Extra {
                 path: "etc/wsl.conf".into(),
                 meta: self.conf_meta(),
@@ -412,13 +464,34 @@ mod tests {
             name: "alpine".into(),
             uid: 1000,
         };
-        assert!(wsl_conf(None, Some(&u)).ends_with("[user]\ndefault=alpine\n"));
+        let start = Some("/usr/lib/wsl/openrc-start");
+        assert_eq!(
+            wsl_conf(None, Some(&u), None),
+            "# Written by alpine-boxes.\n[user]\ndefault=alpine\n"
+        );
+        assert_eq!(
+            wsl_conf(None, Some(&u), start),
+            "# Written by alpine-boxes.\n[user]\ndefault=alpine\n[boot]\ncommand=/usr/lib/wsl/openrc-start\n"
+        );
         let has = "[user]\ndefault = bob\n";
-        assert_eq!(wsl_conf(Some(has), Some(&u)), has);
+        assert_eq!(wsl_conf(Some(has), Some(&u), None), has);
+        // The image's own boot command wins; a [boot] section without one gets ours first.
         let other = "[boot]\ncommand=/sbin/openrc default";
         assert_eq!(
-            wsl_conf(Some(other), Some(&u)),
+            wsl_conf(Some(other), Some(&u), start),
             "[boot]\ncommand=/sbin/openrc default\n[user]\ndefault=alpine\n"
+        );
+        assert_eq!(
+            wsl_conf(
+                Some("[boot]\nsystemd=false\n[network]\nhostname=x\n"),
+                None,
+                start
+            ),
+            "[boot]\ncommand=/usr/lib/wsl/openrc-start\nsystemd=false\n[network]\nhostname=x\n"
+        );
+        assert_eq!(
+            wsl_conf(None, None, None),
+            "# Written by alpine-boxes.\n[boot]\nsystemd=false\n"
         );
     }
 

@@ -690,3 +690,106 @@ pub fn sh(cmd: &str) -> String {
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// A layer holding a folder of this repository (`tests/fixtures/…`), owned by root.
+pub fn layer_from_dir(dir: &Path) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.mode(tar::HeaderMode::Deterministic);
+    b.follow_symlinks(false);
+    b.append_dir_all("", dir).unwrap();
+    b.into_inner().unwrap()
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The services of an Alpine-shaped OpenRC image (stub scripts): every one the targets'
+/// runlevel tables name, in Alpine ≥ 3.17's spelling (seedrng, not urandom).
+pub const OPENRC_SERVICES: &[&str] = &[
+    "bootmisc",
+    "crond",
+    "devfs",
+    "dmesg",
+    "hostname",
+    "hwclock",
+    "hwdrivers",
+    "killprocs",
+    "mdev",
+    "modules",
+    "mount-ro",
+    "networking",
+    "savecache",
+    "seedrng",
+    "sshd",
+    "swap",
+    "sysctl",
+    "syslog",
+];
+
+/// An OpenRC image: the Alpine-shaped files of `tests/fixtures/openrc/input`, `/sbin/openrc`,
+/// the service stubs, `alpine` (uid 1000), and sshd already in the default runlevel. `extra`
+/// is one more layer description.
+pub fn openrc_image(extra: &str) -> ImageSpec {
+    let mut desc = String::from(
+        "d sbin 0755\nf sbin/openrc 0755 stub\n\
+         f etc/passwd 0644 root:x:0:0:root:/root:/bin/sh\\nalpine:x:1000:1000::/home/alpine:/bin/sh\\n\n\
+         d etc/runlevels 0755\nd etc/runlevels/default 0755\n\
+         l etc/runlevels/default/sshd -> /etc/init.d/sshd\n",
+    );
+    for s in OPENRC_SERVICES {
+        desc.push_str(&format!("f etc/init.d/{s} 0755 #!/sbin/openrc-run\n"));
+    }
+    desc.push_str(extra);
+    let mut spec = ImageSpec::new(&[&desc]);
+    spec.layers
+        .insert(0, layer_from_dir(&fixtures().join("openrc/input")));
+    spec
+}
+
+/// What an OpenRC target must have done to a rootfs tree (`rootfs/` prefix for LXD): each
+/// fixture file equals `tests/fixtures/openrc/<target>/…` or, where the target has none, the
+/// input; and exactly `links` were added to the runlevels (besides the image's own sshd).
+pub fn assert_openrc_setup(t: &Tree, prefix: &str, target: &str, links: &[(&str, &str)]) {
+    let input = fixtures().join("openrc/input");
+    for f in [
+        "etc/rc.conf",
+        "etc/inittab",
+        "etc/init.d/localmount",
+        "etc/os-release",
+    ] {
+        let expected = fixtures().join("openrc").join(target).join(f);
+        let expected = if expected.exists() {
+            expected
+        } else {
+            input.join(f)
+        };
+        let node = t
+            .get(&format!("{prefix}{f}"))
+            .unwrap_or_else(|| panic!("{target}: {f} missing"));
+        assert_eq!(
+            node.what,
+            sha256_hex(&std::fs::read(&expected).unwrap()),
+            "{target}: {f} should equal {}",
+            expected.display()
+        );
+        let mode = std::fs::metadata(&expected).unwrap().permissions();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(node.mode, mode.mode() & 0o777, "{target}: {f} mode");
+    }
+    let mut got: Vec<(String, String)> = t
+        .iter()
+        .filter_map(|(p, n)| {
+            let l = p.strip_prefix(prefix)?.strip_prefix("etc/runlevels/")?;
+            (n.kind == 'l').then(|| (l.to_string(), n.what.clone()))
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, String)> = links
+        .iter()
+        .map(|(l, s)| (format!("{l}/{s}"), format!("/etc/init.d/{s}")))
+        .chain([("default/sshd".into(), "/etc/init.d/sshd".into())])
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "{target}: runlevel links");
+}
