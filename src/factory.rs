@@ -72,6 +72,16 @@ fn has_registry(prefix: &str) -> bool {
     prefix.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost")
 }
 
+/// `SOURCE_DATE_EPOCH` as RFC 3339 UTC, when set.
+fn source_date_epoch() -> Option<String> {
+    let secs: i64 = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    chrono::DateTime::from_timestamp(secs, 0).map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+}
+
 struct Plan {
     project: Project,
     version: Option<String>,
@@ -113,6 +123,10 @@ impl Plan {
                     }
                 }
             }
+        }
+        // The OCI `created` label of reproducible builds.
+        if let (true, Some(t)) = (r.declared_args.contains("CREATED"), source_date_epoch()) {
+            args.insert("CREATED".into(), t);
         }
         for (k, v) in &opts.build_args {
             args.insert(k.clone(), v.clone());

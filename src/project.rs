@@ -31,6 +31,8 @@ pub struct Recipe {
     pub from_args: BTreeMap<String, Option<String>>,
     /// `FROM` lines whose image is written out (no argument).
     pub literal_froms: Vec<String>,
+    /// Every `ARG` the recipe declares, before or after a `FROM`.
+    pub declared_args: BTreeSet<String>,
 }
 
 impl Recipe {
@@ -127,12 +129,19 @@ pub fn parse_recipe(
     let mut from_args = BTreeMap::new();
     let mut literal_froms = Vec::new();
     let mut stages = BTreeSet::new();
+    let mut declared_args = BTreeSet::new();
     let mut seen_from = false;
     for line in logical_lines(text) {
         let mut words = line.split_whitespace();
         let Some(instr) = words.next() else { continue };
         let rest: Vec<&str> = words.collect();
-        match instr.to_ascii_uppercase().as_str() {
+        let instr = instr.to_ascii_uppercase();
+        if instr == "ARG" {
+            for a in &rest {
+                declared_args.insert(a.split_once('=').map_or(*a, |(k, _)| k).to_string());
+            }
+        }
+        match instr.as_str() {
             "ARG" if !seen_from => {
                 for a in rest {
                     match a.split_once('=') {
@@ -188,6 +197,7 @@ pub fn parse_recipe(
         global_args,
         from_args,
         literal_froms,
+        declared_args,
     })
 }
 

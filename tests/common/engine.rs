@@ -2,10 +2,11 @@
 //! busybox-static (no registry can be reached here), a private `docker-registry` with basic
 //! auth on 127.0.0.1, and a docker-export reader.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+pub use super::fixtures;
 use super::{require_tool, sh, Tree};
 
 /// Tests that build or prune share BuildKit's cache; they take this lock so one test's prune
@@ -29,8 +30,10 @@ pub fn require_docker() {
     );
 }
 
-/// The stand-in for `alpine:<version>`: busybox-static as /bin/busybox with every applet
-/// linked, `/etc/os-release`, `/etc/passwd`, `/etc/group`, imported once per test binary.
+/// The stand-in for `alpine:<version>` (see tests/fixtures/standin/README.md): busybox-static
+/// as /bin/busybox with every applet linked, `/etc/os-release`, `passwd`, `group`, `shadow`, and
+/// the `apk` stand-in with its package list; imported once, under a tag that changes with its
+/// content.
 pub fn standin() -> &'static str {
     static TAG: OnceLock<String> = OnceLock::new();
     TAG.get_or_init(|| {
@@ -38,7 +41,7 @@ pub fn standin() -> &'static str {
         require_tool("busybox");
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        for dir in ["bin", "etc", "root", "tmp", "usr/bin", "sbin"] {
+        for dir in ["bin", "etc", "root", "tmp", "usr/bin", "sbin", "usr/share/abox-standin"] {
             std::fs::create_dir_all(root.join(dir)).unwrap();
         }
         let busybox = sh("command -v busybox");
@@ -56,10 +59,24 @@ pub fn standin() -> &'static str {
         .unwrap();
         std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
         std::fs::write(root.join("etc/group"), "root:x:0:root\nwheel:x:10:root\n").unwrap();
-        sh(&format!("chmod 1777 {}/tmp", root.display()));
-        // Bump the version when the stand-in changes; an existing one is reused so repeated
-        // runs do not pile up images.
-        let tag = "abox-test/standin:busybox-v1".to_string();
+        std::fs::write(root.join("etc/shadow"), "root:*::0:::::\n").unwrap();
+        sh(&format!("chmod 1777 {}/tmp && chmod 640 {}/etc/shadow", root.display(), root.display()));
+        let fx = fixtures("");
+        let share = root.join("usr/share/abox-standin");
+        sh(&format!(
+            "cp -a {f}/standin/apk {r}/sbin/apk && cp -a {f}/standin/bin/. {r}/bin/ && cp -a {f}/standin/packages {f}/standin/files {s}/ \
+             && cp -a {f}/openrc/input/etc {s}/files/",
+            f = fx.display(),
+            r = root.display(),
+            s = share.display()
+        ));
+        // The tag follows the content, so a changed stand-in is imported anew and an unchanged
+        // one is reused (repeated runs do not pile up images).
+        let sum = sh(&format!(
+            "cd {} && find . -type f | sort | xargs sha256sum | sha256sum | cut -c1-12",
+            root.display()
+        ));
+        let tag = format!("abox-test/standin:{}", sum.trim());
         if !image_exists(&tag) {
             sh(&format!(
                 "tar -C {} --numeric-owner --owner=0 --group=0 -c . | docker import -c 'LABEL org.alpine-boxes.test=standin' - {tag} >/dev/null",
@@ -237,11 +254,4 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The fixture recipes folder `tests/fixtures/<name>`.
-pub fn fixtures(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
 }

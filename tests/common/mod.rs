@@ -700,8 +700,11 @@ pub fn layer_from_dir(dir: &Path) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+/// A folder of `tests/fixtures`.
+pub fn fixtures(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The services of an Alpine-shaped OpenRC image (stub scripts): every one the targets'
@@ -743,7 +746,7 @@ pub fn openrc_image(extra: &str) -> ImageSpec {
     desc.push_str(extra);
     let mut spec = ImageSpec::new(&[&desc]);
     spec.layers
-        .insert(0, layer_from_dir(&fixtures().join("openrc/input")));
+        .insert(0, layer_from_dir(&fixtures("openrc/input")));
     spec
 }
 
@@ -751,14 +754,14 @@ pub fn openrc_image(extra: &str) -> ImageSpec {
 /// fixture file equals `tests/fixtures/openrc/<target>/…` or, where the target has none, the
 /// input; and exactly `links` were added to the runlevels (besides the image's own sshd).
 pub fn assert_openrc_setup(t: &Tree, prefix: &str, target: &str, links: &[(&str, &str)]) {
-    let input = fixtures().join("openrc/input");
+    let input = fixtures("openrc/input");
     for f in [
         "etc/rc.conf",
         "etc/inittab",
         "etc/init.d/localmount",
         "etc/os-release",
     ] {
-        let expected = fixtures().join("openrc").join(target).join(f);
+        let expected = fixtures("openrc").join(target).join(f);
         let expected = if expected.exists() {
             expected
         } else {
