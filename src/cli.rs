@@ -317,6 +317,11 @@ pub struct DiskArgs {
     #[arg(long)]
     pub compress: bool,
 
+    /// Fail on an image without a kernel instead of building the VM layer (linux-virt,
+    /// mkinitfs, syslinux through BuildKit; Alpine docker: images only).
+    #[arg(long)]
+    pub no_vm_layer: bool,
+
     /// Platform to pick from a multi-platform image.
     #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
     pub platform: String,
@@ -400,6 +405,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 select: SelectOptions {
                     platform: a.platform,
                 },
+                no_vm_layer: a.no_vm_layer,
             };
             let r = crate::disk::write_disk(&opts, &progress, None)?;
             println!("{}", r.path.display());

@@ -676,3 +676,132 @@ fn all_writes_a_bootable_disk_for_a_recipe_with_a_kernel() {
     );
     assert!(line.ends_with(" pw=* hl=same-inode"), "{line}");
 }
+
+/// The pinned Alpine version, read from the base recipe (its one `ARG ALPINE_VERSION=` line).
+fn pinned() -> String {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfiles/base/Dockerfile"),
+    )
+    .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ARG ALPINE_VERSION="))
+        .unwrap()
+        .to_string()
+}
+
+/// The real base recipe has no kernel (it is a container image). Built on the stand-in whose
+/// `linux-virt` holds Debian's cloud kernel, `abox disk` adds the thin VM layer through
+/// BuildKit, and the disk carries the VM's OpenRC set-up: busybox init boots it with the
+/// VM-fixed inittab, the stand-in `openrc` prints each runlevel's services, and a getty
+/// answers on the serial port.
+#[test]
+fn vm_layer_gives_the_base_recipe_a_kernel_and_its_openrc_setup_boots() {
+    needs();
+    let _l = common::engine::engine_lock();
+    let standin = common::engine::standin_with_kernel(&boot::kernel_file());
+    let prefix = "abox-test-vmlayer";
+    let image = format!("{prefix}/base:{}", pinned());
+    let tags = [
+        image.clone(),
+        format!("{prefix}/base:latest"),
+        format!("{image}-vm"),
+    ];
+    common::engine::rmi(&tags);
+    run_ok(
+        abox()
+            .args(["build", "base", "--dir"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfiles"))
+            .args(["--base-image", standin, "--registry", prefix]),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("base.qcow2");
+    let o = run_ok(
+        abox()
+            .args(["disk", &format!("docker:{image}"), "-o"])
+            .arg(&disk)
+            .args(["--progress", "plain"]),
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("VM layer"), "{stderr}");
+
+    // The layer: what it asked apk for, mkinitfs configured first; the image itself untouched.
+    let in_image = |img: &str, cmd: &str| {
+        sh(&format!(
+            "docker run --rm --entrypoint /bin/sh {img} -c '{cmd}'"
+        ))
+    };
+    assert_eq!(
+        in_image(
+            &tags[2],
+            "tail -n1 /var/lib/abox-standin/apk.log; cat /etc/mkinitfs/mkinitfs.conf"
+        ),
+        "add --no-cache linux-virt mkinitfs syslinux\nfeatures=\"ata base ide scsi usb virtio nvme ext4\"\n"
+    );
+    assert_eq!(in_image(&image, "ls /boot 2>/dev/null | wc -l").trim(), "0");
+
+    // The disk's files: the VM table applied to the Alpine-shaped files the stand-in installed.
+    let raw = work.path().join("base.raw");
+    sh(&format!(
+        "qemu-img convert -O raw {} {}",
+        disk.display(),
+        raw.display()
+    ));
+    let part = work.path().join("root.ext4");
+    boot::extract_partition(&raw, &part);
+    {
+        let m = boot::Mounted::new(&part);
+        let tree = common::read_dir_tree(m.path());
+        let l = |level: &'static str, svc: &'static str| (level, svc);
+        common::assert_openrc_setup(
+            &tree,
+            "",
+            "vm",
+            &[
+                l("default", "sshd"),
+                l("default", "chronyd"),
+                l("sysinit", "devfs"),
+                l("sysinit", "dmesg"),
+                l("sysinit", "mdev"),
+                l("sysinit", "hwdrivers"),
+                l("boot", "bootmisc"),
+                l("boot", "hostname"),
+                l("boot", "hwclock"),
+                l("boot", "modules"),
+                l("boot", "networking"),
+                l("boot", "swap"),
+                l("boot", "sysctl"),
+                l("boot", "seedrng"),
+                l("boot", "syslog"),
+                l("boot", "abox-growroot"),
+                l("shutdown", "killprocs"),
+                l("shutdown", "mount-ro"),
+                l("shutdown", "savecache"),
+            ],
+        );
+        let ifaces = std::fs::read_to_string(m.path().join("etc/network/interfaces")).unwrap();
+        assert!(
+            ifaces.contains("auto eth0\niface eth0 inet dhcp\n"),
+            "{ifaces}"
+        );
+        for f in ["etc/init.d/abox-growroot", "usr/lib/alpine-boxes/growroot"] {
+            assert_eq!(tree[f].mode, 0o755, "{f}");
+        }
+        assert!(tree.contains_key("boot/vmlinuz-virt"));
+    }
+    drop(raw);
+
+    // Booted: busybox init runs the VM inittab.
+    let log = boot::boot_until(&disk, "qcow2", Bus::Nvme, &|t| t.contains(" login: "));
+    for want in [
+        "ABOX-OPENRC sysinit: devfs dmesg hwdrivers mdev",
+        "ABOX-OPENRC boot: abox-growroot bootmisc hostname hwclock modules networking seedrng swap sysctl syslog",
+        "ABOX-OPENRC default: chronyd sshd",
+    ] {
+        assert!(
+            log.lines().any(|l| l.trim() == want),
+            "{want:?} not on the console:\n{log}"
+        );
+    }
+    common::engine::rmi(&tags);
+    assert!(boot::abox_mounts().is_empty());
+}

@@ -305,7 +305,7 @@ fn openrc_images_get_each_targets_setup() {
     );
 
     let wsl = read_tar_file(&out.join("base.rootfs.tar.gz"));
-    assert_openrc_setup(&wsl, "", "wsl", &[]);
+    assert_openrc_setup(&wsl, "", "wsl", &[("default", "sshd")]);
     let (mode, uid, _, start) =
         entry_meta(&out.join("base.rootfs.tar.gz"), "usr/lib/wsl/openrc-start");
     assert_eq!((mode & 0o7777, uid), (0o755, 0));
@@ -317,7 +317,7 @@ fn openrc_images_get_each_targets_setup() {
         "# Written by alpine-boxes.\n[user]\ndefault=alpine\n[boot]\ncommand=/usr/lib/wsl/openrc-start\n"
     );
     let pkg = read_tar_file(&out.join("base.wsl"));
-    assert_openrc_setup(&pkg, "", "wsl", &[]);
+    assert_openrc_setup(&pkg, "", "wsl", &[("default", "sshd")]);
     assert!(pkg.contains_key("usr/lib/wsl/openrc-start"));
 
     let lxd = read_tar_file(&out.join("base.lxd.tar.gz"));
@@ -331,6 +331,7 @@ fn openrc_images_get_each_targets_setup() {
             ("boot", "devfs"),
             ("default", "networking"),
             ("default", "crond"),
+            ("default", "sshd"),
         ],
     );
     let (_, _, _, ifaces) = entry_meta(
@@ -346,7 +347,7 @@ fn openrc_images_get_each_targets_setup() {
 
     // The plain rootfs is the image as built: no target's set-up.
     let plain = read_tar_file(&out.join("base.rootfs.tar"));
-    assert_openrc_setup(&plain, "", "input", &[]);
+    assert_openrc_setup(&plain, "", "input", &[("default", "sshd")]);
     assert!(!plain.contains_key("etc/network/interfaces"));
 }
 

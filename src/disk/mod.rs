@@ -11,6 +11,7 @@ pub mod boot;
 pub mod fs;
 pub mod partition;
 pub mod populate;
+pub mod vmlayer;
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -93,6 +94,8 @@ pub struct DiskOptions {
     /// qcow2 only: compressed clusters.
     pub compress: bool,
     pub select: SelectOptions,
+    /// Do not build the VM layer (a kernel) on an Alpine `docker:` image that has none.
+    pub no_vm_layer: bool,
 }
 
 #[derive(Debug)]
@@ -303,6 +306,27 @@ fn output_and_format(opts: &DiskOptions, name: &str) -> Result<(PathBuf, Format)
     }
 }
 
+/// The engine image to build the VM layer on, when `err` says the image has no kernel and it
+/// is an Alpine `docker:` image (the layer installs Alpine's kernel with apk).
+fn vm_layer_base(
+    opts: &DiskOptions,
+    facts: &flatten::Facts,
+    err: &anyhow::Error,
+) -> Option<String> {
+    err.downcast_ref::<boot::NoKernel>()?;
+    if opts.no_vm_layer {
+        return None;
+    }
+    let alpine = facts
+        .text("etc/os-release")
+        .map(|t| os_release_get(&os_release(t), "ID") == Some("alpine"))
+        .unwrap_or(false);
+    match source::SourceRef::parse(&opts.source).ok()? {
+        source::SourceRef::Docker { name } if alpine => Some(name),
+        _ => None,
+    }
+}
+
 /// Write the disk and move it to its name.
 pub fn write_disk(
     opts: &DiskOptions,
@@ -332,7 +356,7 @@ pub fn make_disk(
         bail!("--compress applies to qcow2 only");
     }
 
-    let image = source::open_with(&opts.source, &opts.select, engine)?;
+    let mut image = source::open_with(&opts.source, &opts.select, engine)?;
     let (out_path, format) = output_and_format(opts, &image.name)?;
     if opts.compress && format != Format::Qcow2 {
         bail!("--compress applies to qcow2 only");
@@ -348,8 +372,26 @@ pub fn make_disk(
     // The final file, created now so an unwritable folder fails before any work.
     let mut out = PendingFile::create(&out_path)?;
 
-    let plan = flatten::index(&image, progress)?;
-    let kernel = boot::find_kernel(plan.tree())?;
+    let mut plan = flatten::index(&image, progress)?;
+    let kernel = match boot::find_kernel(plan.tree()) {
+        Ok(k) => k,
+        Err(e) => {
+            let Some(name) = vm_layer_base(opts, &plan.facts, &e) else {
+                return Err(e);
+            };
+            let engine = match engine {
+                Some(e) => e.clone(),
+                None => std::sync::Arc::new(crate::engine::Engine::connect()?),
+            };
+            let tag = vmlayer::build_on(&name, &engine, progress)?;
+            let short = image.name.clone();
+            image = source::open_with(&format!("docker:{tag}"), &opts.select, Some(&engine))?;
+            image.name = short;
+            plan = flatten::index(&image, progress)?;
+            boot::find_kernel(plan.tree())
+                .with_context(|| format!("the VM layer {tag} installed no kernel"))?
+        }
+    };
     let usage = fs::usage(plan.tree());
     let min_fs = fs::min_fs_bytes(usage);
     let fs_bytes = match opts.size {

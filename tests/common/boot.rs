@@ -118,17 +118,32 @@ pub enum Bus {
 }
 
 /// Strings on the console that mean the boot failed.
-const FAILURES: [&str; 5] = [
+const FAILURES: [&str; 6] = [
     "Boot failed",
     "No bootable device",
     "failed: I/O error",
     "Kernel panic",
     "initramfs: ",
+    // busybox init, when an inittab line names a missing program
+    "can't run '",
 ];
 
 /// Boot a disk under QEMU (TCG; KVM here cannot run firmware) and return the line starting
 /// with `ABOX-TEST ` that the image's init prints, or panic with the console log.
 pub fn boot(disk: &Path, format: &str, bus: Bus) -> String {
+    let marker = |t: &str| {
+        t.lines()
+            .find(|l| l.starts_with("ABOX-TEST "))
+            .map(|l| l.trim().to_string())
+    };
+    let log = boot_until(disk, format, bus, &|t| marker(t).is_some());
+    marker(&log).unwrap()
+}
+
+/// Boot a disk under QEMU until `done` holds for the serial console's text (then stop the VM)
+/// and return that text; panic with the console log on a boot failure, an exit before `done`,
+/// or after 300 s.
+pub fn boot_until(disk: &Path, format: &str, bus: Bus, done: &dyn Fn(&str) -> bool) -> String {
     require_tool("qemu-system-x86_64");
     let log_dir = tempfile::tempdir().unwrap();
     let log = log_dir.path().join("serial.log");
@@ -160,8 +175,8 @@ pub fn boot(disk: &Path, format: &str, bus: Bus) -> String {
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     let outcome = loop {
         let text = read();
-        if let Some(line) = text.lines().find(|l| l.starts_with("ABOX-TEST ")) {
-            break Ok(line.trim().to_string());
+        if done(&text) {
+            break Ok(text);
         }
         if let Some(f) = FAILURES.iter().find(|f| text.contains(*f)) {
             break Err(format!("console shows {f:?}"));
@@ -169,23 +184,25 @@ pub fn boot(disk: &Path, format: &str, bus: Bus) -> String {
         if let Some(status) = child.try_wait().unwrap() {
             // Exited: read the log once more (the marker may have landed just before).
             let text = read();
-            if let Some(line) = text.lines().find(|l| l.starts_with("ABOX-TEST ")) {
-                break Ok(line.trim().to_string());
+            if done(&text) {
+                break Ok(text);
             }
             let mut err = String::new();
             use std::io::Read;
             child.stderr.take().unwrap().read_to_string(&mut err).ok();
-            break Err(format!("qemu exited ({status}) without the marker: {err}"));
+            break Err(format!(
+                "qemu exited ({status}) before the console showed what was awaited: {err}"
+            ));
         }
         if start.elapsed() > limit {
-            break Err(format!("no marker after {limit:?}"));
+            break Err(format!("not done after {limit:?}"));
         }
         std::thread::sleep(Duration::from_millis(250));
     };
     let _ = child.kill();
     let _ = child.wait();
     match outcome {
-        Ok(line) => line,
+        Ok(text) => text,
         Err(e) => panic!(
             "booting {} ({format}, {bus:?}): {e}\n--- serial console ---\n{}",
             disk.display(),

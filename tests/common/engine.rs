@@ -36,12 +36,31 @@ pub fn require_docker() {
 /// content.
 pub fn standin() -> &'static str {
     static TAG: OnceLock<String> = OnceLock::new();
-    TAG.get_or_init(|| {
+    TAG.get_or_init(|| standin_image(None))
+}
+
+/// The stand-in whose `linux-virt` installs a real kernel (`kernel`, at /boot/vmlinuz-virt), for
+/// boot tests of the VM layer.
+pub fn standin_with_kernel(kernel: &std::path::Path) -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| standin_image(Some(kernel)))
+}
+
+fn standin_image(kernel: Option<&std::path::Path>) -> String {
+    {
         require_docker();
         require_tool("busybox");
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        for dir in ["bin", "etc", "root", "tmp", "usr/bin", "sbin", "usr/share/abox-standin"] {
+        for dir in [
+            "bin",
+            "etc",
+            "root",
+            "tmp",
+            "usr/bin",
+            "sbin",
+            "usr/share/abox-standin",
+        ] {
             std::fs::create_dir_all(root.join(dir)).unwrap();
         }
         let busybox = sh("command -v busybox");
@@ -52,6 +71,14 @@ pub fn standin() -> &'static str {
                 std::os::unix::fs::symlink("busybox", l).unwrap();
             }
         }
+        // Also where Alpine's busybox puts them (/sbin/getty, /sbin/init…): inittab names them so.
+        for path in sh("busybox --list-full").lines() {
+            let l = root.join(path);
+            if !path.starts_with("bin/") && std::fs::symlink_metadata(&l).is_err() {
+                std::fs::create_dir_all(l.parent().unwrap()).unwrap();
+                std::os::unix::fs::symlink("/bin/busybox", l).unwrap();
+            }
+        }
         std::fs::write(
             root.join("etc/os-release"),
             "NAME=\"Alpine Linux\"\nID=alpine\nVERSION_ID=3.20.3\nPRETTY_NAME=\"stand-in for Alpine (busybox)\"\n",
@@ -60,7 +87,11 @@ pub fn standin() -> &'static str {
         std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
         std::fs::write(root.join("etc/group"), "root:x:0:root\nwheel:x:10:root\n").unwrap();
         std::fs::write(root.join("etc/shadow"), "root:*::0:::::\n").unwrap();
-        sh(&format!("chmod 1777 {}/tmp && chmod 640 {}/etc/shadow", root.display(), root.display()));
+        sh(&format!(
+            "chmod 1777 {}/tmp && chmod 640 {}/etc/shadow",
+            root.display(),
+            root.display()
+        ));
         let fx = fixtures("");
         let share = root.join("usr/share/abox-standin");
         sh(&format!(
@@ -70,10 +101,14 @@ pub fn standin() -> &'static str {
             r = root.display(),
             s = share.display()
         ));
+        if let Some(k) = kernel {
+            std::fs::create_dir_all(share.join("files/boot")).unwrap();
+            std::fs::copy(k, share.join("files/boot/vmlinuz-virt")).unwrap();
+        }
         // The tag follows the content, so a changed stand-in is imported anew and an unchanged
         // one is reused (repeated runs do not pile up images).
         let sum = sh(&format!(
-            "cd {} && find . -type f | sort | xargs sha256sum | sha256sum | cut -c1-12",
+            "cd {} && {{ find . -printf '%y %m %p %l\\n' | sort; find . -type f | sort | xargs sha256sum; }} | sha256sum | cut -c1-12",
             root.display()
         ));
         let tag = format!("abox-test/standin:{}", sum.trim());
@@ -84,7 +119,7 @@ pub fn standin() -> &'static str {
             ));
         }
         tag
-    })
+    }
 }
 
 /// Remove images (ignoring the ones that are not there), then the test images left dangling
