@@ -99,7 +99,12 @@ fn rand_suffix() -> u64 {
     u32::from_le_bytes(b) as u64 % 1000
 }
 
-fn needs() {
+/// What every disk test needs; the guard it returns serialises them, since each one checks
+/// that no loop device or mount of abox's is left, which a parallel test's would break.
+#[must_use]
+fn needs() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     require_root();
     for t in [
         "extlinux",
@@ -110,6 +115,7 @@ fn needs() {
     ] {
         require_tool(t);
     }
+    guard
 }
 
 /// The test image as an OCI layout: `oci:DIR:boot`.
@@ -242,7 +248,7 @@ fn check_line(line: &str, img: &TestImage, uuid: &str, extra: bool, pw: &str) {
 
 #[test]
 fn gpt_raw_from_oci_boots_over_nvme_and_holds_the_image() {
-    needs();
+    let _disk = needs();
     let img = test_image(false);
     let work = tempfile::tempdir().unwrap();
     let src = oci_source(&img, &work.path().join("oci"));
@@ -313,7 +319,7 @@ fn gpt_raw_from_oci_boots_over_nvme_and_holds_the_image() {
 
 #[test]
 fn gpt_qcow2_from_the_engine_boots_and_checks_clean() {
-    needs();
+    let _disk = needs();
     common::engine::require_docker();
     let img = test_image(false);
     let work = tempfile::tempdir().unwrap();
@@ -364,7 +370,7 @@ fn gpt_qcow2_from_the_engine_boots_and_checks_clean() {
 
 #[test]
 fn mbr_raw_boots() {
-    needs();
+    let _disk = needs();
     let img = test_image(false);
     let work = tempfile::tempdir().unwrap();
     let src = oci_source(&img, &work.path().join("oci"));
@@ -381,7 +387,7 @@ fn mbr_raw_boots() {
 
 #[test]
 fn virtio_with_initramfs_boots_by_uuid_with_cmdline_and_password() {
-    needs();
+    let _disk = needs();
     let img = test_image(true);
     let work = tempfile::tempdir().unwrap();
     let src = oci_source(&img, &work.path().join("oci"));
@@ -436,7 +442,7 @@ fn virtio_with_initramfs_boots_by_uuid_with_cmdline_and_password() {
 
 #[test]
 fn vmdk_vdi_vhdx_check_clean_and_hold_a_valid_disk() {
-    needs();
+    let _disk = needs();
     let img = test_image(false);
     let work = tempfile::tempdir().unwrap();
     let src = oci_source(&img, &work.path().join("oci"));
@@ -480,7 +486,7 @@ fn assert_nothing_left(out_dir: &Path, what: &str) {
 
 #[test]
 fn refusals_leave_nothing_behind() {
-    needs();
+    let _disk = needs();
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
@@ -567,7 +573,7 @@ fn refusals_leave_nothing_behind() {
 
 #[test]
 fn sigint_during_the_copy_leaves_no_loop_mount_or_file() {
-    needs();
+    let _disk = needs();
     let work = tempfile::tempdir().unwrap();
     // Enough content that the copy lasts a while: 160 files of 2 MiB.
     let chunk = work.path().join("chunk");
@@ -633,7 +639,7 @@ fn sigint_during_the_copy_leaves_no_loop_mount_or_file() {
 
 #[test]
 fn all_writes_a_bootable_disk_for_a_recipe_with_a_kernel() {
-    needs();
+    let _disk = needs();
     let _l = common::engine::engine_lock();
     let standin = common::engine::standin();
     let work = tempfile::tempdir().unwrap();
@@ -646,9 +652,9 @@ fn all_writes_a_bootable_disk_for_a_recipe_with_a_kernel() {
     std::fs::write(
         recipe.join("Dockerfile"),
         "ARG ALPINE_VERSION=3.20.3\nARG BASE_IMAGE=alpine:3\nFROM ${BASE_IMAGE}\n\
-         COPY vmlinuz /boot/vmlinuz-virt\nCOPY init /sbin/init\n\
+         COPY vmlinuz /boot/vmlinuz-virt\nCOPY init /tmp/init\n\
          COPY marker /etc/abox-marker\n\
-         RUN chmod 755 /sbin/init && echo 'root:*:1:0:::::' > /etc/shadow && echo same-inode > /etc/hardlink\n",
+         RUN chmod 755 /tmp/init && mv /tmp/init /sbin/init && echo 'root:*:1:0:::::' > /etc/shadow && echo same-inode > /etc/hardlink\n",
     )
     .unwrap();
     let prefix = "abox-test-alldisk";
@@ -696,7 +702,7 @@ fn pinned() -> String {
 /// answers on the serial port.
 #[test]
 fn vm_layer_gives_the_base_recipe_a_kernel_and_its_openrc_setup_boots() {
-    needs();
+    let _disk = needs();
     let _l = common::engine::engine_lock();
     let standin = common::engine::standin_with_kernel(&boot::kernel_file());
     let prefix = "abox-test-vmlayer";
@@ -803,5 +809,159 @@ fn vm_layer_gives_the_base_recipe_a_kernel_and_its_openrc_setup_boots() {
         );
     }
     common::engine::rmi(&tags);
+    assert!(boot::abox_mounts().is_empty());
+}
+
+/// The test init of the growroot boot: run the VM set-up's growroot script as OpenRC would at
+/// boot, then report the root filesystem's size in KiB.
+const GROW_INIT: &str = r#"#!/bin/busybox sh
+b=/bin/busybox
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+$b mount -t devtmpfs dev /dev
+$b mount -t proc proc /proc
+$b mount -t sysfs sys /sys
+$b mount -o remount,rw /
+$b mkdir -p /tmp /run
+/usr/lib/alpine-boxes/growroot > /dev/ttyS0 2>&1
+echo "ABOX-TEST rc=$? kib=$($b df -k / | $b awk 'NR == 2 { print $2 }')" > /dev/ttyS0
+$b sync
+$b poweroff -f
+"#;
+
+/// Host programs (and the shared libraries they load) as layer lines, at their host paths.
+fn host_programs(names: &[&str]) -> String {
+    let mut files = std::collections::BTreeSet::new();
+    for n in names {
+        let p = sh(&format!("command -v {n}")).trim().to_string();
+        assert!(!p.is_empty(), "{n} missing: run scripts/setup");
+        files.insert(p.clone());
+        for l in sh(&format!("ldd {p} || true")).lines() {
+            if let Some(lib) = l.split_whitespace().find(|w| w.starts_with('/')) {
+                files.insert(lib.to_string());
+            }
+        }
+    }
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut out = String::new();
+    for f in &files {
+        let mut d = Path::new(f).parent().unwrap();
+        while d != Path::new("/") {
+            dirs.insert(d.to_path_buf());
+            d = d.parent().unwrap();
+        }
+    }
+    for d in &dirs {
+        out.push_str(&format!(
+            "d {} 0755\n",
+            d.display().to_string().trim_start_matches('/')
+        ));
+    }
+    for f in &files {
+        // Resolve symlinks (libc.so.6 → libc-2.36.so…): the image gets the file itself.
+        let real = std::fs::canonicalize(f).unwrap();
+        out.push_str(&format!(
+            "H {} 0755 {}\n",
+            f.trim_start_matches('/'),
+            real.display()
+        ));
+    }
+    out
+}
+
+/// First-boot growth, for real: an OpenRC image's disk carries the `abox-growroot` service
+/// and its script; run at boot with Debian's growpart, sfdisk, partx, blkid, flock and
+/// resize2fs in the image, it changes nothing on a fresh disk, and after `qemu-img resize` it
+/// grows the GPT partition and the mounted ext4 to the new end — sgdisk and e2fsck then find
+/// the disk clean.
+#[test]
+fn growroot_grows_the_root_to_an_enlarged_disk_at_boot() {
+    let _disk = needs();
+    require_tool("growpart");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("init"), GROW_INIT).unwrap();
+    let busybox = sh("command -v busybox");
+    let v = &boot::kernel().1;
+    let mut desc = format!(
+        "d bin 0755\nH bin/busybox 0755 {bb}\nd sbin 0755\nH sbin/init 0755 {init}\n\
+         d etc 0755\nd dev 0755\nd proc 0555\nd sys 0555\nd tmp 1777\n\
+         d boot 0755\nH boot/vmlinuz-{v} 0644 {k}\n",
+        bb = busybox.trim(),
+        init = d.join("init").display(),
+        k = boot::kernel_file().display(),
+    );
+    for applet in [
+        "sh", "awk", "sed", "grep", "cat", "mktemp", "rm", "cp", "readlink", "mknod", "df", "sort",
+        "tr", "cut", "head", "tail", "wc", "uname", "dd", "expr", "sleep", "mv",
+    ] {
+        desc.push_str(&format!("l bin/{applet} -> busybox\n"));
+    }
+    desc.push_str(&host_programs(&[
+        "growpart",
+        "sfdisk",
+        "partx",
+        "blkid",
+        "flock",
+        "resize2fs",
+    ]));
+    let mut spec = common::openrc_image("");
+    spec.layers.push(common::layer(&desc));
+    let work = tempfile::tempdir().unwrap();
+    let lay = work.path().join("oci");
+    spec.write_oci(&lay, "grow");
+    let disk = work.path().join("grow.img");
+    run_ok(
+        abox()
+            .args([
+                "disk",
+                &format!("oci:{}:grow", lay.display()),
+                "--format",
+                "raw",
+                "-o",
+            ])
+            .arg(&disk),
+    );
+    let parse = |line: &str, key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in {line}"))
+            .parse()
+            .unwrap()
+    };
+
+    let first = boot::boot(&disk, "raw", Bus::Nvme);
+    assert_eq!(parse(&first, "rc="), 0, "{first}");
+    let before = parse(&first, "kib=");
+
+    let grow = 256u64 << 20;
+    sh(&format!(
+        "qemu-img resize -q -f raw {} +{grow}",
+        disk.display()
+    ));
+    let log = boot::boot_until(&disk, "raw", Bus::Nvme, &|t| t.contains("ABOX-TEST "));
+    let second = log.lines().find(|l| l.starts_with("ABOX-TEST ")).unwrap();
+    assert_eq!(parse(second, "rc="), 0, "{log}");
+    let after = parse(second, "kib=");
+    assert!(
+        after >= before + (grow >> 10) * 9 / 10,
+        "root grew from {before} KiB to {after} KiB only\n{log}"
+    );
+    assert!(log.contains("CHANGED"), "growpart's report:\n{log}");
+
+    // The table (backup header at the new end) and the filesystem are clean.
+    let v = sh(&format!("sgdisk -v {} 2>&1 || true", disk.display()));
+    assert!(v.contains("No problems found"), "{v}");
+    let part = work.path().join("root.ext4");
+    boot::extract_partition(&disk, &part);
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&part)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     assert!(boot::abox_mounts().is_empty());
 }

@@ -168,7 +168,8 @@ for tool in growpart resize2fs; do
 	command -v "$tool" >/dev/null 2>&1 || { say "$tool is not installed, not growing"; exit 0; }
 done
 # The root's device by number (without an initramfs /proc/mounts calls it /dev/root).
-majmin=$(mountpoint -d /) || { say "cannot tell the root's device"; exit 1; }
+majmin=$(awk '$5 == "/" { m = $3 } END { print m }' /proc/self/mountinfo)
+[ -n "$majmin" ] || { say "cannot tell the root's device"; exit 1; }
 sys=$(readlink -f "/sys/dev/block/$majmin")
 name=${sys##*/}
 if [ ! -r "$sys/partition" ]; then
