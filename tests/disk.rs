@@ -101,7 +101,6 @@ fn rand_suffix() -> u64 {
 
 /// What every disk test needs; the guard it returns serialises them, since each one checks
 /// that no loop device or mount of abox's is left, which a parallel test's would break.
-#[must_use]
 fn needs() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
