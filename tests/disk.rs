@@ -682,18 +682,6 @@ fn all_writes_a_bootable_disk_for_a_recipe_with_a_kernel() {
     assert!(line.ends_with(" pw=* hl=same-inode"), "{line}");
 }
 
-/// The pinned Alpine version, read from the base recipe (its one `ARG ALPINE_VERSION=` line).
-fn pinned() -> String {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfiles/base/Dockerfile"),
-    )
-    .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("ARG ALPINE_VERSION="))
-        .unwrap()
-        .to_string()
-}
-
 /// The real base recipe has no kernel (it is a container image). Built on the stand-in whose
 /// `linux-virt` holds Debian's cloud kernel, `abox disk` adds the thin VM layer through
 /// BuildKit, and the disk carries the VM's OpenRC set-up: busybox init boots it with the
@@ -705,7 +693,7 @@ fn vm_layer_gives_the_base_recipe_a_kernel_and_its_openrc_setup_boots() {
     let _l = common::engine::engine_lock();
     let standin = common::engine::standin_with_kernel(&boot::kernel_file());
     let prefix = "abox-test-vmlayer";
-    let image = format!("{prefix}/base:{}", pinned());
+    let image = format!("{prefix}/base:{}", common::engine::pinned());
     let tags = [
         image.clone(),
         format!("{prefix}/base:latest"),
@@ -730,19 +718,17 @@ fn vm_layer_gives_the_base_recipe_a_kernel_and_its_openrc_setup_boots() {
     assert!(stderr.contains("VM layer"), "{stderr}");
 
     // The layer: what it asked apk for, mkinitfs configured first; the image itself untouched.
-    let in_image = |img: &str, cmd: &str| {
-        sh(&format!(
-            "docker run --rm --entrypoint /bin/sh {img} -c '{cmd}'"
-        ))
-    };
     assert_eq!(
-        in_image(
+        common::engine::in_image(
             &tags[2],
             "tail -n1 /var/lib/abox-standin/apk.log; cat /etc/mkinitfs/mkinitfs.conf"
         ),
         "add --no-cache linux-virt mkinitfs syslinux\nfeatures=\"ata base ide scsi usb virtio nvme ext4\"\n"
     );
-    assert_eq!(in_image(&image, "ls /boot 2>/dev/null | wc -l").trim(), "0");
+    assert_eq!(
+        common::engine::in_image(&image, "ls /boot 2>/dev/null | wc -l").trim(),
+        "0"
+    );
 
     // The disk's files: the VM table applied to the Alpine-shaped files the stand-in installed.
     let raw = work.path().join("base.raw");

@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use common::engine::{engine_lock, rmi, standin};
+use common::engine::{engine_lock, in_image, pinned, rmi, standin};
 use common::{abox, run_ok, sh};
 
 const PREFIX: &str = "abox-test-recipes";
@@ -33,24 +33,6 @@ fn tags() -> Vec<String> {
             ]
         })
         .collect()
-}
-
-/// The pin, read here independently of abox: the one `ARG ALPINE_VERSION=` line.
-fn pinned() -> String {
-    let text = std::fs::read_to_string(dockerfiles().join("base/Dockerfile")).unwrap();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("ARG ALPINE_VERSION="))
-        .collect();
-    assert_eq!(lines.len(), 1, "the pin is one line");
-    lines[0].to_string()
-}
-
-/// Run a shell command in a throw-away container of `image`.
-fn in_image(image: &str, cmd: &str) -> String {
-    sh(&format!(
-        "docker run --rm --entrypoint /bin/sh {image} -c '{cmd}'"
-    ))
 }
 
 fn words(s: &str) -> BTreeSet<String> {

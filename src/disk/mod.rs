@@ -306,6 +306,13 @@ fn output_and_format(opts: &DiskOptions, name: &str) -> Result<(PathBuf, Format)
     }
 }
 
+fn is_alpine(facts: &flatten::Facts) -> bool {
+    facts
+        .text("etc/os-release")
+        .map(|t| os_release_get(&os_release(t), "ID") == Some("alpine"))
+        .unwrap_or(false)
+}
+
 /// The engine image to build the VM layer on, when `err` says the image has no kernel and it
 /// is an Alpine `docker:` image (the layer installs Alpine's kernel with apk).
 fn vm_layer_base(
@@ -317,12 +324,8 @@ fn vm_layer_base(
     if opts.no_vm_layer {
         return None;
     }
-    let alpine = facts
-        .text("etc/os-release")
-        .map(|t| os_release_get(&os_release(t), "ID") == Some("alpine"))
-        .unwrap_or(false);
     match source::SourceRef::parse(&opts.source).ok()? {
-        source::SourceRef::Docker { name } if alpine => Some(name),
+        source::SourceRef::Docker { name } if is_alpine(facts) => Some(name),
         _ => None,
     }
 }
@@ -449,11 +452,7 @@ pub fn make_disk(
         }
     ));
 
-    let alpine = plan
-        .facts
-        .text("etc/os-release")
-        .map(|t| os_release_get(&os_release(t), "ID") == Some("alpine"))
-        .unwrap_or(false);
+    let alpine = is_alpine(&plan.facts);
     let root = boot::root_arg(&kernel, &fs_uuid, &layout.part_uuid);
     let created = crate::target::build_time(image.config.created().as_deref());
     let fixup = DiskFixup {

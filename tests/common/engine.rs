@@ -290,3 +290,25 @@ impl Drop for Registry {
         let _ = self.child.wait();
     }
 }
+
+/// The pinned Alpine version, read here independently of abox: the one
+/// `ARG ALPINE_VERSION=` line of `Dockerfiles/base/Dockerfile`.
+pub fn pinned() -> String {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Dockerfiles/base/Dockerfile"),
+    )
+    .unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ARG ALPINE_VERSION="))
+        .collect();
+    assert_eq!(lines.len(), 1, "the pin is one line");
+    lines[0].to_string()
+}
+
+/// Run a shell command in a throw-away container of `image`; its stdout.
+pub fn in_image(image: &str, cmd: &str) -> String {
+    sh(&format!(
+        "docker run --rm --entrypoint /bin/sh {image} -c '{cmd}'"
+    ))
+}
