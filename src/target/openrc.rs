@@ -186,7 +186,8 @@ case $? in
 1) ;; # NOCHANGE: the partition already ends at the disk's end
 *) say "growpart $disk $part failed: $out"; exit 1 ;;
 esac
-resize2fs "/dev/$name" 2>&1 | grep -v '^resize2fs [0-9]' || true
+out=$(resize2fs "/dev/$name" 2>&1) || { say "resize2fs /dev/$name failed: $out"; exit 1; }
+case $out in *"Nothing to do"*) ;; *) say "$out" ;; esac
 exit 0
 "#;
 
@@ -355,14 +356,26 @@ pub fn drop_keyword(script: &str, keyword: &str) -> String {
 }
 
 impl Profile {
+    /// Whether this profile changes `path`.
+    pub fn rewrites(&self, path: &str) -> bool {
+        match path {
+            "etc/rc.conf" => !self.rc_conf.is_empty(),
+            "etc/inittab" => self.inittab != Inittab::Keep,
+            "etc/init.d/localmount" => self.localmount_drop.is_some(),
+            _ => false,
+        }
+    }
+
     /// The rewritten text of `path`, when this profile changes that file.
     pub fn rewrite(&self, path: &str, text: &str) -> Option<String> {
-        match path {
-            "etc/rc.conf" if !self.rc_conf.is_empty() => Some(rc_conf(text, self.rc_conf)),
-            "etc/inittab" if self.inittab != Inittab::Keep => Some(inittab(text, self.inittab)),
-            "etc/init.d/localmount" => self.localmount_drop.map(|k| drop_keyword(text, k)),
-            _ => None,
+        if !self.rewrites(path) {
+            return None;
         }
+        Some(match path {
+            "etc/rc.conf" => rc_conf(text, self.rc_conf),
+            "etc/inittab" => inittab(text, self.inittab),
+            _ => drop_keyword(text, self.localmount_drop?),
+        })
     }
 }
 
@@ -392,6 +405,11 @@ impl OpenRc {
         self.active = facts.files.contains_key("etc/rc.conf");
     }
 
+    /// Whether the image is an OpenRC one (known after [`OpenRc::start`]).
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
     /// The action for `path` when the profile rewrites it; records what the image has.
     pub fn action(&mut self, path: &str, meta: &Meta) -> Option<Action> {
         if !self.active {
@@ -411,12 +429,7 @@ impl OpenRc {
         {
             self.present.insert(path.to_string());
         }
-        let rewritten = matches!(
-            path,
-            "etc/rc.conf" | "etc/inittab" | "etc/init.d/localmount"
-        ) && meta.kind == Kind::File
-            && self.profile.rewrite(path, "").is_some();
-        rewritten.then_some(Action::Rewrite)
+        (meta.kind == Kind::File && self.profile.rewrites(path)).then_some(Action::Rewrite)
     }
 
     pub fn rewrite(&self, path: &str, data: &[u8]) -> Option<Vec<u8>> {

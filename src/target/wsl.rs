@@ -303,9 +303,9 @@ impl Fixup for WslFixup {
         )?;
         self.existing_conf = facts.text("etc/wsl.conf").map(str::to_string);
         self.openrc.start(facts);
-        self.boot_command = facts
-            .files
-            .contains_key("etc/rc.conf")
+        self.boot_command = self
+            .openrc
+            .active()
             .then(|| format!("/{}", openrc::WSL_START));
         Ok(())
     }
