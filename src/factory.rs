@@ -169,6 +169,25 @@ pub fn build_images(engine: &Engine, opts: &Options, progress: &Progress) -> Res
             log::debug!("{} exists, not rebuilding the parent", spec.tags[0]);
             continue;
         }
+        // Base images from outside the project are pulled first, so an offline machine is told
+        // in one line which image it lacks and what to do.
+        let parents: Vec<String> = r
+            .parents()
+            .iter()
+            .map(|p| plan.tags(opts, p)[0].clone())
+            .collect();
+        for image in r.base_images(&spec.build_args) {
+            if parents.contains(&image) {
+                continue;
+            }
+            engine.ensure_image(&image, progress).map_err(|e| match e.downcast::<crate::engine::pull::PullFailed>() {
+                Ok(p) => anyhow::anyhow!(
+                    "cannot pull {}, the base image of recipe {} ({}): offline or no registry access? Build on a local image with --base-image REF (e.g. one made with `docker import`), or run scripts/demo for the offline tour",
+                    p.image, r.name, p.reason
+                ),
+                Err(e) => e,
+            })?;
+        }
         let task = progress.task(&format!("building {}", r.name), 0);
         let b = build(engine, &spec, progress)?;
         task.finish(&format!("{} steps, {} cached", b.steps, b.cached));

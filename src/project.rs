@@ -33,12 +33,39 @@ pub struct Recipe {
     pub literal_froms: Vec<String>,
     /// Every `ARG` the recipe declares, before or after a `FROM`.
     pub declared_args: BTreeSet<String>,
+    /// `ARG`s before the first `FROM` in order, defaults as written (unexpanded).
+    pub raw_args: Vec<(String, Option<String>)>,
+    /// The image of every `FROM` as written (`${BASE_IMAGE}`, `alpine:3.20`), without
+    /// `scratch` and references to earlier stages.
+    pub from_images: Vec<String>,
 }
 
 impl Recipe {
     /// Project images this one is built on.
     pub fn parents(&self) -> BTreeSet<String> {
         self.from_args.values().flatten().cloned().collect()
+    }
+
+    /// The images this recipe's `FROM` lines name once `args` (what abox passes with
+    /// `--build-arg`) are applied, evaluated as BuildKit does: a passed argument wins, else its
+    /// default with the earlier arguments substituted.
+    pub fn base_images(&self, args: &BTreeMap<String, String>) -> Vec<String> {
+        let mut vars: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for (k, default) in &self.raw_args {
+            let v = match args.get(k) {
+                Some(v) => Some(v.clone()),
+                None => default.as_ref().map(|d| expand(d, &vars)),
+            };
+            vars.insert(k.clone(), v);
+        }
+        let mut out: Vec<String> = Vec::new();
+        for f in &self.from_images {
+            let image = expand(f, &vars);
+            if !image.is_empty() && !out.contains(&image) {
+                out.push(image);
+            }
+        }
+        out
     }
 }
 
@@ -130,6 +157,8 @@ pub fn parse_recipe(
     let mut literal_froms = Vec::new();
     let mut stages = BTreeSet::new();
     let mut declared_args = BTreeSet::new();
+    let mut raw_args = Vec::new();
+    let mut from_images = Vec::new();
     let mut seen_from = false;
     for line in logical_lines(text) {
         let mut words = line.split_whitespace();
@@ -144,6 +173,10 @@ pub fn parse_recipe(
         match instr.as_str() {
             "ARG" if !seen_from => {
                 for a in rest {
+                    match a.split_once('=') {
+                        Some((k, v)) => raw_args.push((k.to_string(), Some(unquote(v)))),
+                        None => raw_args.push((a.to_string(), None)),
+                    }
                     match a.split_once('=') {
                         Some((k, v)) => {
                             // A default may refer to earlier arguments (alpine:${ALPINE_VERSION}).
@@ -171,9 +204,11 @@ pub fn parse_recipe(
                 if vars.is_empty() {
                     if !stages.contains(&image.to_ascii_lowercase()) && *image != "scratch" {
                         literal_froms.push(image.to_string());
+                        from_images.push(image.to_string());
                     }
                     continue;
                 }
+                from_images.push(image.to_string());
                 for v in vars {
                     if !global_args.contains_key(&v) {
                         bail!("{name}/Dockerfile: FROM uses ${v}, which no ARG before the first FROM declares");
@@ -198,6 +233,8 @@ pub fn parse_recipe(
         from_args,
         literal_froms,
         declared_args,
+        raw_args,
+        from_images,
     })
 }
 
@@ -383,6 +420,31 @@ mod tests {
             .map(|(r, asked)| (r.name.as_str(), asked))
             .collect();
         assert_eq!(only, [("base", false), ("podman-host", true)]);
+    }
+
+    #[test]
+    fn base_images_evaluated_as_buildkit_does() {
+        let text = "ARG ALPINE_VERSION=3.20.3\nARG BASE_IMAGE=alpine:${ALPINE_VERSION}\nFROM ${BASE_IMAGE} AS build\nFROM build\nFROM scratch\nFROM busybox:1\n";
+        let r = parse_recipe("base", Path::new("."), text, &project()).unwrap();
+        let args = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(r.base_images(&args(&[])), ["alpine:3.20.3", "busybox:1"]);
+        // A passed version reaches the default that uses it.
+        assert_eq!(
+            r.base_images(&args(&[("ALPINE_VERSION", "3.22.1")])),
+            ["alpine:3.22.1", "busybox:1"]
+        );
+        // A passed base image wins over the default.
+        assert_eq!(
+            r.base_images(&args(&[
+                ("ALPINE_VERSION", "3.22.1"),
+                ("BASE_IMAGE", "local/x:1")
+            ])),
+            ["local/x:1", "busybox:1"]
+        );
     }
 
     #[test]

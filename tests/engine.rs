@@ -464,3 +464,80 @@ fn engine_older_than_api_1_41_is_refused() {
     assert!(err.contains("speaks API 1.40"), "{err}");
     assert!(err.contains("at least 1.41"), "{err}");
 }
+
+#[test]
+fn offline_all_names_the_base_image_it_cannot_pull_and_the_way_out() {
+    require_docker();
+    // The repository's own recipes, as README's first command runs them: nothing can be pulled
+    // here, so the pinned alpine:<version> is missing (a machine that has it would build).
+    let pinned = common::engine::pinned();
+    let image = format!("alpine:{pinned}");
+    assert!(
+        !image_exists(&image),
+        "{image} is in the engine: this test needs a machine without it"
+    );
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_abox"))
+        .current_dir(&root)
+        .args(["--progress", "none", "all", "-o"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains(&format!(
+            "cannot pull {image}, the base image of recipe base"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("--base-image") && err.contains("scripts/demo"),
+        "{err}"
+    );
+    assert!(common::files_in(out.path()).is_empty(), "nothing written");
+
+    // A registry that takes the connection and never answers: abox gives up after its idle
+    // limit with the same one line, instead of waiting on the engine's own time-outs.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().take(16) {
+            held.push(s);
+        }
+    });
+    let recipes = tempfile::tempdir().unwrap();
+    let dir = recipes.path().join("hung");
+    std::fs::create_dir_all(&dir).unwrap();
+    let hung = format!("127.0.0.1:{port}/abox-test/hung:1");
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!("ARG BASE_IMAGE={hung}\nFROM ${{BASE_IMAGE}}\nRUN true\n"),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_abox"))
+        .args([
+            "--progress",
+            "none",
+            "build",
+            "--registry",
+            "abox-test-hung",
+            "--dir",
+        ])
+        .arg(recipes.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains(&format!(
+            "cannot pull {hung}, the base image of recipe hung"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("no answer from the registry within"), "{err}");
+}

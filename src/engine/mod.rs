@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod build;
+pub mod pull;
 pub mod push;
 pub mod save;
 
