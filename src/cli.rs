@@ -16,7 +16,11 @@ use crate::source::SelectOptions;
 ///   docker-archive:PATH[:TAG]  what `docker save` writes (Docker 20.10 and 25+ layouts)
 ///   oci:DIR[:REF]              an OCI image layout folder (skopeo, umoci, buildah, buildx)
 ///   oci-archive:PATH[:REF]     a tar of an OCI image layout
-///   docker:NAME[:TAG]          an image in the Docker engine (DOCKER_HOST), streamed out
+///   docker:NAME[:TAG]          an image in the Docker engine, streamed out
+///
+/// The Docker engine is the one the docker CLI would use: --host, --context, DOCKER_HOST,
+/// DOCKER_CONTEXT, the currentContext of ~/.docker/config.json, else the local socket;
+/// unix://, tcp:// (TLS with DOCKER_TLS_VERIFY or the context's certificates) and ssh://.
 #[derive(Parser, Debug)]
 #[command(name = "abox", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -27,6 +31,21 @@ pub struct Cli {
     /// How to show progress.
     #[arg(long, value_enum, default_value_t = Mode::Auto, global = true)]
     pub progress: Mode,
+
+    /// Log level (error, warn, info, debug, trace); overrides -v. debug shows which engine
+    /// was chosen and why, and every external command.
+    #[arg(long, value_name = "LEVEL", global = true)]
+    pub log_level: Option<log::LevelFilter>,
+
+    /// Docker engine to use (unix:///PATH, tcp://HOST:PORT, ssh://[USER@]HOST[:PORT]),
+    /// as the docker CLI's --host [default: DOCKER_HOST, else the docker context].
+    #[arg(short = 'H', long, value_name = "URL", global = true)]
+    pub host: Option<String>,
+
+    /// Docker context to use, as the docker CLI's --context [default: DOCKER_CONTEXT, else
+    /// the currentContext of $DOCKER_CONFIG/config.json].
+    #[arg(short = 'c', long, value_name = "NAME", global = true)]
+    pub context: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -329,6 +348,10 @@ pub struct DiskArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     let progress = Progress::new(cli.progress);
+    crate::engine::set_flags(crate::engine::Flags {
+        host: cli.host,
+        context: cli.context,
+    });
     match cli.command {
         Command::Export(a) => {
             let mut targets = Targets {

@@ -4,12 +4,13 @@ use clap::Parser;
 
 fn main() {
     let cli = alpine_boxes::cli::Cli::parse();
-    let level = match cli.verbose {
-        0 => "warn",
-        1 => "debug",
-        _ => "trace",
+    let level = match (cli.log_level, cli.verbose) {
+        (Some(l), _) => l.as_str().to_ascii_lowercase(),
+        (None, 0) => "warn".into(),
+        (None, 1) => "debug".into(),
+        _ => "trace".into(),
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&level))
         .format_target(false)
         .init();
     if let Err(e) = alpine_boxes::signals::install() {

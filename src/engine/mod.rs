@@ -5,15 +5,20 @@
 
 pub mod auth;
 pub mod build;
+pub mod endpoint;
 pub mod pull;
 pub mod push;
 pub mod save;
+mod ssh;
 
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bollard::Docker;
+
+pub use endpoint::{Endpoint, Flags};
 
 /// Oldest engine API abox talks to (Docker 20.10).
 pub const MIN_API: (usize, usize) = (1, 41);
@@ -26,45 +31,119 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
 pub struct Engine {
     pub docker: Docker,
     rt: tokio::runtime::Runtime,
-    /// Where it was reached, for messages.
+    /// Where it was reached (URL), for messages.
     pub host: String,
+    /// Where it was reached and why that one.
+    pub endpoint: Endpoint,
     /// The API version both sides speak.
     pub api: String,
+    /// The local relay of an `ssh://` engine (dropped after the runtime).
+    _ssh: Option<ssh::SshProxy>,
 }
 
-/// `DOCKER_HOST`, or the default socket.
-pub fn host() -> String {
-    std::env::var("DOCKER_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string())
+/// `--host`/`--context`, set once by the command line before any engine is reached.
+static FLAGS: OnceLock<Flags> = OnceLock::new();
+
+/// Record the command line's `--host` and `--context` for every later [`Engine::connect`].
+pub fn set_flags(flags: Flags) {
+    let _ = FLAGS.set(flags);
 }
+
+/// The endpoint the next [`Engine::connect`] uses: the flags, the environment, the docker
+/// CLI's config and context store (see [`endpoint`]).
+pub fn resolve_endpoint() -> Result<Endpoint> {
+    let flags = FLAGS.get().cloned().unwrap_or_default();
+    endpoint::resolve(&flags, &endpoint::process_env)
+}
+
+/// bollard's own per-connection read timeout, in seconds; [`REQUEST_TIMEOUT`] replaces it.
+const CONNECT_TIMEOUT_SECS: u64 = 120;
 
 impl Engine {
-    /// Connect to the engine `DOCKER_HOST` names (unix socket, tcp, or the default socket),
-    /// agree on an API version and refuse engines older than [`MIN_API`].
+    /// Connect to the engine the docker CLI would use ([`resolve_endpoint`]): a unix socket,
+    /// `tcp://` (TLS with `DOCKER_TLS_VERIFY` or a context's certificates) or `ssh://`; agree on
+    /// an API version and refuse engines older than [`MIN_API`]. Errors name the endpoint,
+    /// why it was chosen, and for TLS or SSH the file or the ssh message at fault.
     pub fn connect() -> Result<Engine> {
-        let host = host();
+        let ep = resolve_endpoint()?;
+        log::debug!("engine endpoint: {ep}");
+        Self::connect_to(ep)
+    }
+
+    /// Connect to `ep` (see [`Engine::connect`]).
+    pub fn connect_to(ep: Endpoint) -> Result<Engine> {
+        let host = ep.host.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("abox-engine")
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        let unreachable = |e: &dyn std::fmt::Display| {
+        let mut ssh = None;
+        let v = bollard::API_DEFAULT_VERSION;
+        let docker = if host.starts_with("unix://") {
+            Docker::connect_with_unix(&host, CONNECT_TIMEOUT_SECS, v)
+        } else if host.starts_with("ssh://") {
+            let args = endpoint::ssh_args(&host)?;
+            let proxy = {
+                let _g = rt.enter();
+                ssh::SshProxy::start(args)?
+            };
+            let d = Docker::connect_with_unix(&proxy.socket, CONNECT_TIMEOUT_SECS, v);
+            ssh = Some(proxy);
+            d
+        } else if let Some(t) = &ep.tls {
+            Docker::connect_with_ssl(&host, &t.key, &t.cert, &t.ca, CONNECT_TIMEOUT_SECS, v)
+        } else {
+            Docker::connect_with_http(&host, CONNECT_TIMEOUT_SECS, v)
+        };
+        let unreachable = |e: &dyn std::fmt::Display| -> anyhow::Error {
+            let what = format!("cannot reach the Docker engine at {ep}");
+            if let Some(p) = &ssh {
+                let said = ssh::summary(&p.last_error());
+                let login = endpoint::ssh_args(&host)
+                    .map(|a| {
+                        a.into_iter()
+                            .filter(|a| a != "--")
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default();
+                if !said.is_empty() {
+                    return anyhow!(
+                        "{what}: ssh said: {said} — check the address, your ssh keys and known_hosts (`ssh {login} docker version` must work without a prompt)"
+                    );
+                }
+                return anyhow!("{what}: {e} — is the docker CLI installed on the remote host, and dockerd running there? (`ssh {login} docker version` tells)");
+            }
+            let what = format!("{what}: {e}");
+            if let Some(t) = &ep.tls {
+                let text = e.to_string().to_ascii_lowercase();
+                if text.contains("certificate")
+                    || text.contains("tls")
+                    || text.contains("handshake")
+                {
+                    return anyhow!(
+                        "{what} — TLS failed: the engine's certificate must be signed by the CA in {}, and it must accept the client certificate {} (key {})",
+                        t.ca.display(),
+                        t.cert.display(),
+                        t.key.display()
+                    );
+                }
+            }
             anyhow!(
-                "cannot reach the Docker engine at {host}: {e} — is dockerd running? \
-                 (start it with `sudo systemctl start docker` or `sudo dockerd &`, \
-                 or point DOCKER_HOST at a running engine)"
+                "{what} — is dockerd running? (start it with `sudo systemctl start docker` or \
+                 `sudo dockerd &`, or choose another engine with --host, --context, DOCKER_HOST \
+                 or DOCKER_CONTEXT)"
             )
         };
-        let docker = Docker::connect_with_host(&host)
-            .map_err(|e| unreachable(&e))?
+        let docker = docker
+            .map_err(|e| unreachable(&chain(&e)))?
             .with_timeout(REQUEST_TIMEOUT);
         let docker = rt.block_on(async {
             // A dead socket or port fails fast; a hung one should not hang us forever.
             match tokio::time::timeout(Duration::from_secs(30), docker.negotiate_version()).await {
-                Ok(r) => r.map_err(|e| unreachable(&e)),
+                Ok(r) => r.map_err(|e| unreachable(&chain(&e))),
                 Err(_) => Err(unreachable(&"no answer within 30 s")),
             }
         })?;
@@ -77,12 +156,14 @@ impl Engine {
                 MIN_API.1
             );
         }
-        log::debug!("engine at {host}, API {v}");
+        log::debug!("engine at {ep}, API {v}");
         Ok(Engine {
             api: v.to_string(),
             docker,
             rt,
             host,
+            endpoint: ep,
+            _ssh: ssh,
         })
     }
 
@@ -120,4 +201,18 @@ pub(crate) fn api_error(e: bollard::errors::Error) -> anyhow::Error {
         } => anyhow!("the engine answered {status_code}: {message}"),
         e => anyhow!(e),
     }
+}
+
+/// An error and its sources on one line (`a: b: c`), without repeats.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
 }

@@ -22,6 +22,7 @@
 
 pub mod boot;
 pub mod engine;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
