@@ -119,6 +119,18 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Check(CheckArgs),
 
+    /// Check what abox needs: the engine (which one and why), BuildKit, external tools and
+    /// their versions, syslinux and OVMF files, loop devices and mounts, registry credentials.
+    ///
+    /// Prints a table (or JSON with --json); each missing part names the package to install.
+    /// Exits 1 when a part `abox all` needs is missing.
+    ///
+    /// Example:
+    ///   abox doctor
+    ///   abox --context buildbox doctor --json
+    #[command(verbatim_doc_comment)]
+    Doctor(DoctorArgs),
+
     /// Build every recipe, then write every artifact of each into out/<name>/.
     ///
     /// Artifacts: <name>.rootfs.tar.gz and <name>.wsl (WSL), <name>.lxd.tar.gz and the split
@@ -277,6 +289,14 @@ pub struct ExportArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// One JSON object on stdout ({"ok": bool, "checks": [{name, ok, required, detail,
+    /// needed_by, fix}]}) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct CheckArgs {
     /// Folder holding one <name>/Dockerfile per recipe.
     #[arg(long, default_value = "Dockerfiles", value_name = "DIR")]
@@ -432,6 +452,18 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let r = crate::disk::write_disk(&opts, &progress, None)?;
             println!("{}", r.path.display());
+            Ok(())
+        }
+        Command::Doctor(a) => {
+            let report = crate::doctor::run();
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            if !report.ok {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::All(a) => {

@@ -205,6 +205,21 @@ const MBR_DIRS: [&str; 4] = [
 
 /// The 440 bytes of boot code for the table: `gptmbr.bin` or `mbr.bin`.
 pub fn boot_code(table: Table) -> Result<Vec<u8>> {
+    let p = boot_code_path(table)?;
+    let code = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+    if code.len() > 440 {
+        bail!(
+            "{} is {} bytes, more than the 440 of an MBR",
+            p.display(),
+            code.len()
+        );
+    }
+    Ok(code)
+}
+
+/// Where syslinux's boot code for the table is: `ABOX_SYSLINUX_DIR`, else the folders
+/// Debian, Ubuntu, Alpine and Fedora install it in. Missing: an error naming the package.
+pub fn boot_code_path(table: Table) -> Result<PathBuf> {
     let name = match table {
         Table::Gpt => "gptmbr.bin",
         Table::Mbr => "mbr.bin",
@@ -215,15 +230,7 @@ pub fn boot_code(table: Table) -> Result<Vec<u8>> {
     for d in &dirs {
         let p = d.join(name);
         if p.is_file() {
-            let code = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-            if code.len() > 440 {
-                bail!(
-                    "{} is {} bytes, more than the 440 of an MBR",
-                    p.display(),
-                    code.len()
-                );
-            }
-            return Ok(code);
+            return Ok(p);
         }
     }
     bail!(

@@ -24,11 +24,7 @@ pub const DOCKER_HUB: &str = "https://index.docker.io/v1/";
 
 /// Where credentials are looked up, for messages.
 pub fn config_path() -> PathBuf {
-    std::env::var_os("DOCKER_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))
-        .unwrap_or_else(|| PathBuf::from("~/.docker"))
-        .join("config.json")
+    super::endpoint::config_dir(&super::endpoint::process_env).join("config.json")
 }
 
 /// Credentials for `registry`, or None when none are configured. A helper that fails is a
