@@ -179,6 +179,17 @@ pub struct BuildOpts {
     /// Push each image after building it (needs --registry).
     #[arg(long)]
     pub push: bool,
+
+    /// Secret for RUN --mount=type=secret,id=NAME (repeatable), as buildx spells it:
+    /// id=NAME,src=FILE or id=NAME,env=VAR. Served through the BuildKit session when the step
+    /// runs; never a build argument, never in the image or its history.
+    #[arg(long, value_name = "id=NAME,src=FILE|env=VAR")]
+    pub secret: Vec<String>,
+
+    /// SSH agent for RUN --mount=type=ssh (repeatable): default (the agent at $SSH_AUTH_SOCK)
+    /// or ID=SOCKET.
+    #[arg(long, value_name = "default|ID[=SOCKET]")]
+    pub ssh: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -227,6 +238,16 @@ fn factory_options(
         o.no_cache = b.no_cache;
         o.cache_from = b.cache_from;
         o.push = b.push;
+        let mut session = crate::engine::session::SessionConfig::default();
+        for spec in &b.secret {
+            let (id, source) = crate::engine::session::parse_secret(spec)?;
+            session.secrets.insert(id, source);
+        }
+        for spec in &b.ssh {
+            let (id, sock) = crate::engine::session::parse_ssh(spec)?;
+            session.ssh.insert(id, sock);
+        }
+        o.session = std::sync::Arc::new(session);
         for a in b.build_args {
             let (k, v) = a
                 .split_once('=')

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use crate::engine::build::{build, BuildSpec, Built};
+use crate::engine::session::SessionConfig;
 use crate::engine::Engine;
 use crate::export::{self, ExportOptions, Targets};
 use crate::progress::Progress;
@@ -32,6 +33,8 @@ pub struct Options {
     /// Cache sources; `{name}` and `{version}` are replaced per recipe.
     pub cache_from: Vec<String>,
     pub push: bool,
+    /// Build secrets and SSH agents served to `RUN --mount=type=secret|ssh`.
+    pub session: Arc<SessionConfig>,
 }
 
 impl Default for Options {
@@ -46,6 +49,7 @@ impl Default for Options {
             no_cache: false,
             cache_from: Vec::new(),
             push: false,
+            session: Arc::default(),
         }
     }
 }
@@ -143,6 +147,7 @@ impl Plan {
                 .iter()
                 .map(|c| c.replace("{name}", &r.name).replace("{version}", &version))
                 .collect(),
+            session: opts.session.clone(),
         }
     }
 }
@@ -162,6 +167,8 @@ pub fn build_images(engine: &Engine, opts: &Options, progress: &Progress) -> Res
     if opts.push && !has_registry(&opts.prefix) {
         bail!("--push needs --registry HOST[:PORT]/NAMESPACE");
     }
+    // Every secret file and agent socket is checked before the first build starts.
+    opts.session.check()?;
     let mut built = Vec::new();
     for (r, asked) in plan.project.closure(&opts.names)? {
         let spec = plan.spec(opts, r);

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::session::SessionConfig;
 use super::Engine;
 use crate::progress::{Mode, Progress};
 
@@ -29,6 +30,8 @@ pub struct BuildSpec {
     pub build_args: BTreeMap<String, String>,
     pub no_cache: bool,
     pub cache_from: Vec<String>,
+    /// Secrets and SSH agents the build's session serves.
+    pub session: Arc<SessionConfig>,
 }
 
 /// A built image.
@@ -513,10 +516,30 @@ pub fn build(engine: &Engine, spec: &BuildSpec, progress: &Progress) -> Result<B
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    // Proxies as the docker CLI passes them; BuildKit keeps these predefined arguments out of
+    // the image's history and config.
+    for (k, v) in proxy_args(&super::endpoint::process_env) {
+        args.entry(k).or_insert(v);
+    }
     // Record cache metadata in the image so a pushed image can serve as --cache-from.
     args.entry("BUILDKIT_INLINE_CACHE".into())
         .or_insert_with(|| "1".into());
     let session = format!("abox-{}-{}", std::process::id(), rand_suffix());
+    // bollard's own BuildKit session serves only credentials; abox serves its own (secrets,
+    // SSH agents, credentials on demand) and asks bollard for a plain build request, turned
+    // into a BuildKit one on its way out.
+    let served = engine
+        .block_on(super::session::start(
+            &engine.dial,
+            &session,
+            spec.session.clone(),
+        ))
+        .with_context(|| format!("building {}", spec.name))?;
+    let _serving = AbortOnDrop(served);
+    let docker = engine
+        .docker
+        .clone()
+        .with_request_modifier(buildkit_request);
     let mut opts = BuildImageOptionsBuilder::default()
         .dockerfile("Dockerfile")
         .t(tag)
@@ -524,29 +547,17 @@ pub fn build(engine: &Engine, spec: &BuildSpec, progress: &Progress) -> Result<B
         .forcerm(true)
         .nocache(spec.no_cache)
         .buildargs(&args)
-        .version(BuilderVersion::BuilderBuildKit)
+        .version(BuilderVersion::BuilderV1)
         .session(&session);
     if !spec.cache_from.is_empty() {
         opts = opts.cachefrom(&spec.cache_from);
-    }
-    // Registries the build may need to log in to: the cache sources'.
-    let mut creds = HashMap::new();
-    for r in &spec.cache_from {
-        let reg = super::auth::registry_of(r);
-        if let Some(c) = super::auth::credentials(&reg) {
-            creds.insert(reg, c);
-        }
     }
 
     let mut view = View::new(progress, &spec.name);
     let mut id: Option<String> = None;
     let mut stream_error: Option<String> = None;
     engine.block_on(async {
-        let mut s = engine.docker.build_image(
-            opts.build(),
-            (!creds.is_empty()).then_some(creds),
-            Some(bollard::body_try_stream(body)),
-        );
+        let mut s = docker.build_image(opts.build(), None, Some(bollard::body_try_stream(body)));
         while let Some(item) = s.next().await {
             if crate::signals::check().is_err() {
                 stream_error = Some("interrupted".into());
@@ -619,6 +630,69 @@ pub fn build(engine: &Engine, spec: &BuildSpec, progress: &Progress) -> Result<B
     })
 }
 
+/// Aborts the session's task when the build is over (or fails).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Turn bollard's `POST /build?…version=1…` into a BuildKit build (`version=2`); the session
+/// named in the same query is abox's.
+fn buildkit_request(mut req: bollard::BollardRequest) -> bollard::BollardRequest {
+    if !req.uri().path().ends_with("/build") {
+        return req;
+    }
+    let uri = req.uri().to_string();
+    let Some((path, query)) = uri.split_once('?') else {
+        return req;
+    };
+    let query: Vec<&str> = query
+        .split('&')
+        .map(|kv| if kv == "version=1" { "version=2" } else { kv })
+        .collect();
+    if let Ok(u) = format!("{path}?{}", query.join("&")).parse() {
+        *req.uri_mut() = u;
+    }
+    req
+}
+
+/// The proxy build arguments the docker CLI passes: `proxies.default` of its config.json
+/// (`httpProxy`, `httpsProxy`, `noProxy`, `ftpProxy`, `allProxy`, each as the upper- and
+/// lower-case argument), then the same variables from the environment, either case, which win.
+pub fn proxy_args(env: &dyn Fn(&str) -> Option<String>) -> BTreeMap<String, String> {
+    const NAMES: [(&str, &str); 5] = [
+        ("HTTP_PROXY", "httpProxy"),
+        ("HTTPS_PROXY", "httpsProxy"),
+        ("NO_PROXY", "noProxy"),
+        ("FTP_PROXY", "ftpProxy"),
+        ("ALL_PROXY", "allProxy"),
+    ];
+    let mut out = BTreeMap::new();
+    let config = super::endpoint::config_dir(env).join("config.json");
+    let proxies: serde_json::Value = std::fs::read_to_string(&config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .map(|v| v["proxies"]["default"].clone())
+        .unwrap_or_default();
+    for (upper, key) in NAMES {
+        if let Some(v) = proxies[key].as_str().filter(|v| !v.is_empty()) {
+            out.insert(upper.to_string(), v.to_string());
+            out.insert(upper.to_ascii_lowercase(), v.to_string());
+        }
+    }
+    for (upper, _) in NAMES {
+        for name in [upper.to_string(), upper.to_ascii_lowercase()] {
+            if let Some(v) = env(&name).filter(|v| !v.is_empty()) {
+                out.insert(name, v);
+            }
+        }
+    }
+    out
+}
+
 /// `repo[:tag]` → (repo, tag); a registry port is not a tag.
 pub fn split_tag(r: &str) -> (&str, &str) {
     match r.rsplit_once(':') {
@@ -653,6 +727,41 @@ mod tests {
         assert!(ig.excluded("docs/a.md"));
         assert!(!ig.excluded("docs/sub/a.md"));
         assert!(!ig.excluded("Dockerfile"));
+    }
+
+    #[test]
+    fn proxies_from_config_and_environment() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("config.json"),
+            r#"{"proxies": {"default": {"httpProxy": "http://cfg:3128", "noProxy": "localhost"}}}"#,
+        )
+        .unwrap();
+        let dir = d.path().display().to_string();
+        let env = |k: &str| match k {
+            "DOCKER_CONFIG" => Some(dir.clone()),
+            "https_proxy" => Some("http://env:8080".to_string()),
+            "HTTP_PROXY" => Some("http://env-wins:1".to_string()),
+            _ => None,
+        };
+        let p = proxy_args(&env);
+        assert_eq!(p["http_proxy"], "http://cfg:3128");
+        assert_eq!(p["HTTP_PROXY"], "http://env-wins:1");
+        assert_eq!(p["NO_PROXY"], "localhost");
+        assert_eq!(p["no_proxy"], "localhost");
+        assert_eq!(p["https_proxy"], "http://env:8080");
+        assert!(!p.contains_key("HTTPS_PROXY"));
+        assert!(!p.contains_key("FTP_PROXY"));
+    }
+
+    #[test]
+    fn buildkit_version_in_the_build_request() {
+        let mut req = bollard::BollardRequest::new(bollard::body_full(Bytes::new()));
+        *req.uri_mut() = "http://docker/build?t=x&version=1&session=abox-1"
+            .parse()
+            .unwrap();
+        let r = buildkit_request(req);
+        assert_eq!(r.uri().query(), Some("t=x&version=2&session=abox-1"));
     }
 
     #[test]

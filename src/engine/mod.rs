@@ -9,6 +9,7 @@ pub mod endpoint;
 pub mod pull;
 pub mod push;
 pub mod save;
+pub mod session;
 mod ssh;
 
 use std::future::Future;
@@ -37,6 +38,8 @@ pub struct Engine {
     pub endpoint: Endpoint,
     /// The API version both sides speak.
     pub api: String,
+    /// How to open a raw connection to it (for BuildKit sessions).
+    pub dial: session::Dial,
     /// The local relay of an `ssh://` engine (dropped after the runtime).
     _ssh: Option<ssh::SshProxy>,
 }
@@ -80,6 +83,7 @@ impl Engine {
             .build()
             .context("starting the async runtime")?;
         let mut ssh = None;
+        let mut dial = None;
         let v = bollard::API_DEFAULT_VERSION;
         let docker = if host.starts_with("unix://") {
             Docker::connect_with_unix(&host, CONNECT_TIMEOUT_SECS, v)
@@ -90,6 +94,9 @@ impl Engine {
                 ssh::SshProxy::start(args)?
             };
             let d = Docker::connect_with_unix(&proxy.socket, CONNECT_TIMEOUT_SECS, v);
+            dial = Some(session::Dial::Unix(
+                proxy.socket.trim_start_matches("unix://").into(),
+            ));
             ssh = Some(proxy);
             d
         } else if let Some(t) = &ep.tls {
@@ -157,12 +164,25 @@ impl Engine {
             );
         }
         log::debug!("engine at {ep}, API {v}");
+        let dial = match dial {
+            Some(d) => d,
+            None => match (host.split_once("://"), &ep.tls) {
+                (Some(("unix", path)), _) => session::Dial::Unix(path.into()),
+                (Some((_, addr)), Some(t)) => session::Dial::Tls {
+                    addr: addr.to_string(),
+                    tls: t.clone(),
+                },
+                (Some((_, addr)), None) => session::Dial::Tcp(addr.to_string()),
+                (None, _) => bail!("engine address {host:?} has no scheme"),
+            },
+        };
         Ok(Engine {
             api: v.to_string(),
             docker,
             rt,
             host,
             endpoint: ep,
+            dial,
             _ssh: ssh,
         })
     }
