@@ -1,7 +1,9 @@
-//! The Docker engine, through its HTTP API (bollard): connecting, BuildKit builds
-//! ([`build`]), pushes with the docker CLI's credentials ([`auth`], [`push`]) and streaming
-//! images out of it ([`save`]). The rest of abox is synchronous; an [`Engine`] owns a small
-//! tokio runtime and blocks on it.
+//! The Docker engine, through its HTTP API (bollard): the engine the docker CLI would use
+//! ([`endpoint`]: flags, environment, contexts; unix, TCP/TLS, or SSH through a relay), BuildKit
+//! builds ([`build`]) with abox's own session ([`session`]: credentials, secrets, SSH agents),
+//! base-image pulls ([`pull`]), pushes with the docker CLI's credentials ([`auth`], [`push`]) and
+//! streaming images out of it ([`save`]). The rest of abox is synchronous; an [`Engine`] owns a
+//! small tokio runtime and blocks on it.
 
 pub mod auth;
 pub mod build;
