@@ -161,6 +161,24 @@ fn ssh_engine_builds_with_its_session_pushes_and_exports() {
         out.path(),
     );
 
+    // The VM layer (a BuildKit build on the image) and the disk's save stream, over ssh.
+    let before = sshd.call_count();
+    let disk = out.path().join("two.raw");
+    run_ok(
+        ssh_abox()
+            .args(["disk", &format!("docker:{prefix}/two:{VERSION}"), "-o"])
+            .arg(&disk),
+    );
+    assert!(disk.is_file(), "no disk written");
+    assert!(
+        image_exists(&format!("{prefix}/two:{VERSION}-vm")),
+        "no VM layer"
+    );
+    assert!(
+        sshd.call_count() > before,
+        "the disk did not go through ssh"
+    );
+
     // A host key that does not match: a clear error naming the endpoint and what ssh said.
     let err = run_err(
         ssh_abox()
@@ -173,6 +191,10 @@ fn ssh_engine_builds_with_its_session_pushes_and_exports() {
     assert!(
         err.to_ascii_lowercase().contains("host key"),
         "ssh's own words: {err}"
+    );
+    assert!(
+        err.contains(&sshd.dir.join("known_hosts.wrong").display().to_string()),
+        "names the known_hosts file: {err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(!out.path().join("never").exists());

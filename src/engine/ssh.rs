@@ -127,15 +127,23 @@ async fn relay(conn: tokio::net::UnixStream, args: &[String], keep: &Mutex<Strin
     d.map(|_| ()).context("relaying the engine stream")
 }
 
-/// The lines of what `ssh` said that carry its verdict: banners (`@@@…`) and advice dropped,
-/// the last two lines kept, joined with " / ".
+/// The lines of what `ssh` said that carry its verdict: the line naming the offending
+/// known_hosts entry (the file to fix) and the last two lines; banners (`@@@…`) and advice
+/// dropped; joined with " / ".
 pub fn summary(stderr: &str) -> String {
     let lines: Vec<&str> = stderr
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '@'))
         .collect();
-    lines[lines.len().saturating_sub(2)..].join(" / ")
+    let last = lines.len().saturating_sub(2);
+    let mut keep: Vec<&str> = lines[..last]
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("Offending "))
+        .collect();
+    keep.extend(&lines[last..]);
+    keep.join(" / ")
 }
 
 #[cfg(test)]
@@ -145,7 +153,7 @@ mod tests {
         let said = "@@@@@@\n@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @\n@@@@@@\nOffending key in kh:1\nHost key for [127.0.0.1]:22 has changed and you have requested strict checking.\nHost key verification failed.\n";
         assert_eq!(
             super::summary(said),
-            "Host key for [127.0.0.1]:22 has changed and you have requested strict checking. / Host key verification failed."
+            "Offending key in kh:1 / Host key for [127.0.0.1]:22 has changed and you have requested strict checking. / Host key verification failed."
         );
         assert_eq!(super::summary(""), "");
     }
