@@ -241,11 +241,15 @@ fn factory_options(
         let mut session = crate::engine::session::SessionConfig::default();
         for spec in &b.secret {
             let (id, source) = crate::engine::session::parse_secret(spec)?;
-            session.secrets.insert(id, source);
+            if session.secrets.insert(id.clone(), source).is_some() {
+                anyhow::bail!("--secret id={id} is given twice");
+            }
         }
         for spec in &b.ssh {
             let (id, sock) = crate::engine::session::parse_ssh(spec)?;
-            session.ssh.insert(id, sock);
+            if session.ssh.insert(id.clone(), sock).is_some() {
+                anyhow::bail!("--ssh {id} is given twice");
+            }
         }
         o.session = std::sync::Arc::new(session);
         for a in b.build_args {

@@ -100,12 +100,15 @@ const ENGINE_USERS: &str = "build, push, all, docker: sources";
 
 fn engine_checks(checks: &mut Vec<Check>) -> Option<Engine> {
     let mut c = check("engine", true, ENGINE_USERS);
+    let mut skipped = check("BuildKit", true, "build, all, the VM layer");
+    skipped.detail = "not tried: no engine".into();
+    skipped.fix = Some("fix the engine first".into());
     let ep = match crate::engine::resolve_endpoint() {
         Ok(ep) => ep,
         Err(e) => {
             c.detail = format!("{e:#}");
             c.fix = Some("fix the engine settings named above".into());
-            checks.push(c);
+            checks.extend([c, skipped]);
             return None;
         }
     };
@@ -113,12 +116,18 @@ fn engine_checks(checks: &mut Vec<Check>) -> Option<Engine> {
         Ok(engine) => engine,
         Err(e) => {
             c.detail = format!("{e:#}");
-            c.fix = Some(
+            c.fix = Some(if ep.host.starts_with("ssh://") {
+                "make `ssh HOST docker version` work without a prompt (keys or agent, \
+                 known_hosts), with dockerd running there"
+                    .into()
+            } else if ep.tls.is_some() {
+                "check the TLS files named above against the engine's certificate".into()
+            } else {
                 "install docker.io and start dockerd (scripts/setup does both), or choose a \
                  running engine with --host/--context"
-                    .into(),
-            );
-            checks.push(c);
+                    .into()
+            });
+            checks.extend([c, skipped]);
             return None;
         }
     };
@@ -153,7 +162,7 @@ fn buildkit_probe(engine: &Engine) -> anyhow::Result<()> {
         dir.path().join("Dockerfile"),
         "FROM scratch\nLABEL org.alpine-boxes.doctor=probe\n",
     )?;
-    let tag = "abox-doctor/buildkit-probe:latest".to_string();
+    let tag = format!("abox-doctor/buildkit-probe:{}", std::process::id());
     let spec = crate::engine::build::BuildSpec {
         context: dir.path().to_path_buf(),
         name: "buildkit-probe".into(),
@@ -185,10 +194,10 @@ const TOOLS: &[Tool] = &[
     Tool {
         name: "mke2fs",
         version_args: &["-V"],
-        package: "e2fsprogs ≥ 1.47 (Debian 12: apt-get install -t bookworm-backports e2fsprogs)",
+        package: "e2fsprogs ≥ 1.47.1 (Debian 12: apt-get install -t bookworm-backports e2fsprogs)",
         required: true,
         needed_by: "disk, all",
-        min: Some((1, 47, 0)),
+        min: Some((1, 47, 1)),
     },
     Tool {
         name: "extlinux",
@@ -498,14 +507,18 @@ fn credential_checks(checks: &mut Vec<Check>) {
         match crate::engine::auth::credentials(host) {
             Some(cred) => {
                 c.ok = true;
+                // The docker CLI's order: credHelpers, then credsStore, then auths.
+                let source = match cfg.cred_helpers.get(&r).or(cfg.creds_store.as_ref()) {
+                    Some(h) => format!("the credential helper docker-credential-{h}"),
+                    None => path.display().to_string(),
+                };
                 c.detail = format!(
-                    "{} from {}",
+                    "{} from {source}",
                     if cred.identitytoken.is_some() {
                         "an identity token"
                     } else {
                         "a user name and password"
-                    },
-                    path.display()
+                    }
                 );
             }
             None => {

@@ -10,9 +10,20 @@ fn main() {
         (None, 1) => "debug".into(),
         _ => "trace".into(),
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&level))
-        .format_target(false)
-        .init();
+    // The HTTP and gRPC libraries log whole request URLs at debug level, build arguments
+    // (proxy credentials) included: they stay at info unless RUST_LOG asks for more.
+    let filter = if std::env::var_os("RUST_LOG").is_some() {
+        None
+    } else {
+        Some(format!(
+            "{level},bollard=info,hyper=info,hyper_util=info,h2=info,tonic=info,tower=info,rustls=info"
+        ))
+    };
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default());
+    if let Some(f) = filter {
+        logger.parse_filters(&f);
+    }
+    logger.format_target(false).init();
     if let Err(e) = alpine_boxes::signals::install() {
         eprintln!("error: installing signal handlers: {e:#}");
         std::process::exit(1);

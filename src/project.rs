@@ -38,6 +38,8 @@ pub struct Recipe {
     /// The image of every `FROM` as written (`${BASE_IMAGE}`, `alpine:3.20`), without
     /// `scratch` and references to earlier stages.
     pub from_images: Vec<String>,
+    /// Stage names (`FROM … AS name`), lower case.
+    pub stages: BTreeSet<String>,
 }
 
 impl Recipe {
@@ -61,7 +63,8 @@ impl Recipe {
         let mut out: Vec<String> = Vec::new();
         for f in &self.from_images {
             let image = expand(f, &vars);
-            if !image.is_empty() && !out.contains(&image) {
+            let stage = self.stages.contains(&image.to_ascii_lowercase());
+            if !image.is_empty() && image != "scratch" && !stage && !out.contains(&image) {
                 out.push(image);
             }
         }
@@ -235,6 +238,7 @@ pub fn parse_recipe(
         declared_args,
         raw_args,
         from_images,
+        stages,
     })
 }
 
@@ -436,6 +440,15 @@ mod tests {
         assert_eq!(
             r.base_images(&args(&[("ALPINE_VERSION", "3.22.1")])),
             ["alpine:3.22.1", "busybox:1"]
+        );
+        // scratch and earlier stages, reached through an argument, are no images to pull.
+        assert_eq!(
+            r.base_images(&args(&[("BASE_IMAGE", "scratch")])),
+            ["busybox:1"]
+        );
+        assert_eq!(
+            r.base_images(&args(&[("BASE_IMAGE", "BUILD")])),
+            ["busybox:1"]
         );
         // A passed base image wins over the default.
         assert_eq!(

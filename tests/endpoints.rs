@@ -236,7 +236,17 @@ fn tls_engine_builds_and_exports_and_a_wrong_ca_is_refused() {
         err.contains(&tls.wrong.join("ca.pem").display().to_string()),
         "names the CA file: {err}"
     );
-    // Without a client certificate the front refuses the connection: the error names the files.
+    // The CA alone (no client certificate, which the CLI allows): the front asks for one and
+    // refuses the handshake; the error says TLS failed and names the CA.
+    let ca_only = tempfile::tempdir().unwrap();
+    std::fs::copy(tls.certs.join("ca.pem"), ca_only.path().join("ca.pem")).unwrap();
+    let err = run_err(tls_abox(ca_only.path()).args(["export", "docker:x"]));
+    assert!(err.contains("TLS failed"), "{err}");
+    assert!(
+        err.contains(&ca_only.path().join("ca.pem").display().to_string()),
+        "{err}"
+    );
+    // No CA at all: refused before connecting, naming the file to provide.
     let empty = tempfile::tempdir().unwrap();
     let err = run_err(tls_abox(empty.path()).args(["export", "docker:x"]));
     assert!(

@@ -467,6 +467,7 @@ fn engine_older_than_api_1_41_is_refused() {
 
 #[test]
 fn offline_all_names_the_base_image_it_cannot_pull_and_the_way_out() {
+    let _l = engine_lock();
     require_docker();
     // The repository's own recipes, as README's first command runs them: nothing can be pulled
     // here, so the pinned alpine:<version> is missing (a machine that has it would build).
@@ -540,4 +541,27 @@ fn offline_all_names_the_base_image_it_cannot_pull_and_the_way_out() {
         "{err}"
     );
     assert!(err.contains("no answer from the registry within"), "{err}");
+
+    // A base pinned by digest is pulled by digest (not taken apart as name:tag).
+    let pinned = format!("alpine@sha256:{}", "ab".repeat(32));
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!("ARG BASE_IMAGE={pinned}\nFROM ${{BASE_IMAGE}}\nRUN true\n"),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_abox"))
+        .args([
+            "--progress",
+            "none",
+            "build",
+            "--registry",
+            "abox-test-hung",
+            "--dir",
+        ])
+        .arg(recipes.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("cannot pull {pinned},")), "{err}");
+    assert!(!err.contains("invalid reference"), "{err}");
 }

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# scripts/setup on a machine as a newcomer has it, without touching this one: each case runs in a
-# private mount namespace (unshare -m) where /etc/apt is a copy holding only the sources the case
-# gives, /var/lib/apt/lists is empty, and dpkg-query is shadowed so every package reads as
-# missing. Needs root and the apt archive; run by .ci/run after the real set-up.
+# scripts/setup on a machine as a newcomer has it: each case runs in a private mount namespace
+# (unshare -m) where /etc/apt is a copy holding only the sources the case gives,
+# /var/lib/apt/lists is empty, dpkg-query is shadowed so every package reads as missing, and no
+# Rust toolchain is on PATH or under HOME. Only apt's configuration is private: the packages the
+# set-up lists are installed for real (the same ones the real set-up installs, so on a machine
+# that ran it first nothing changes but Debian's cargo-web/rustc-web added beside rustup's).
+# Needs root and the apt archive; run by .ci/run after the real set-up.
 #   case deb822:  only /etc/apt/sources.list.d/debian.sources (a fresh Debian 12) → exit 0, and
 #                 bookworm-backports added with the same mirror URI
 #   case classic: only a one-line /etc/apt/sources.list → the same
@@ -29,11 +32,14 @@ one_case() {
   mkdir -p "$d/bin" "$d/lists"
   printf '#!/bin/sh\n# every package reads as missing\nexit 1\n' >"$d/bin/dpkg-query"
   chmod +x "$d/bin/dpkg-query"
+  mkdir -p "$d/home"
+  # No Rust of the user's: HOME is empty and PATH holds the system's folders only, so setup
+  # installs a toolchain new enough for the project (or says why it cannot).
   unshare -m --propagation private bash -c '
     set -e
     mount --bind "$1/apt" /etc/apt
     mount -t tmpfs tmpfs /var/lib/apt/lists
-    PATH="$1/bin:$PATH" ABOX_SETUP_LOG="$1/setup.log" exec scripts/setup' _ "$d" >"$d/out" 2>&1 || rc=$?
+    HOME="$1/home" PATH="$1/bin:/usr/sbin:/usr/bin:/sbin:/bin" ABOX_SETUP_LOG="$1/setup.log" exec scripts/setup' _ "$d" >"$d/out" 2>&1 || rc=$?
   sed "s/^/  [$name] /" "$d/out" | tail -n 40
   if [ "$expect" = 0 ]; then
     [ "$rc" = 0 ] || fail "$name" "scripts/setup exited $rc"
@@ -43,6 +49,9 @@ one_case() {
     grep -qx "URIs: $uri" "$added" || fail "$name" "backports source does not reuse $uri: $(cat "$added")"
     grep -q '^+ apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils e2fsprogs$' "$d/setup.log" ||
       fail "$name" "backports packages not installed from bookworm-backports"
+    local v
+    v=$(PATH=/usr/sbin:/usr/bin:/sbin:/bin cargo --version) || fail "$name" "no cargo on the system PATH after setup"
+    [ "$(echo "$v" | awk '{ split($2, a, "."); print a[2] }')" -ge 88 ] || fail "$name" "cargo too old for the project: $v"
   else
     [ "$rc" != 0 ] || fail "$name" "scripts/setup exited 0 although apt-get failed"
     grep -q 'setup: step "apt-get update" failed (exit 100): apt-get update -q' "$d/out" ||

@@ -45,6 +45,9 @@ pub struct Built {
     pub cached: usize,
 }
 
+/// How often a build that prints nothing looks for Ctrl-C.
+const SIGNAL_POLL: Duration = Duration::from_millis(200);
+
 /// Lines of a failed step's log kept for the error message.
 const LOG_TAIL_LINES: usize = 20;
 
@@ -518,7 +521,7 @@ pub fn build(engine: &Engine, spec: &BuildSpec, progress: &Progress) -> Result<B
         .collect();
     // Proxies as the docker CLI passes them; BuildKit keeps these predefined arguments out of
     // the image's history and config.
-    for (k, v) in proxy_args(&super::endpoint::process_env) {
+    for (k, v) in proxy_args(&super::endpoint::process_env, &engine.endpoint.host) {
         args.entry(k).or_insert(v);
     }
     // Record cache metadata in the image so a pushed image can serve as --cache-from.
@@ -558,7 +561,21 @@ pub fn build(engine: &Engine, spec: &BuildSpec, progress: &Progress) -> Result<B
     let mut stream_error: Option<String> = None;
     engine.block_on(async {
         let mut s = docker.build_image(opts.build(), None, Some(bollard::body_try_stream(body)));
-        while let Some(item) = s.next().await {
+        // A step may run for minutes without a word: Ctrl-C is looked at between events and
+        // at least every SIGNAL_POLL.
+        let mut tick = tokio::time::interval(SIGNAL_POLL);
+        loop {
+            let item = tokio::select! {
+                item = s.next() => item,
+                _ = tick.tick() => {
+                    if crate::signals::check().is_err() {
+                        stream_error = Some("interrupted".into());
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some(item) = item else { break };
             if crate::signals::check().is_err() {
                 stream_error = Some("interrupted".into());
                 break;
@@ -659,10 +676,13 @@ fn buildkit_request(mut req: bollard::BollardRequest) -> bollard::BollardRequest
     req
 }
 
-/// The proxy build arguments the docker CLI passes: `proxies.default` of its config.json
-/// (`httpProxy`, `httpsProxy`, `noProxy`, `ftpProxy`, `allProxy`, each as the upper- and
-/// lower-case argument), then the same variables from the environment, either case, which win.
-pub fn proxy_args(env: &dyn Fn(&str) -> Option<String>) -> BTreeMap<String, String> {
+/// The proxy build arguments for a build on the engine at `daemon` (its URL): as the docker
+/// CLI passes them, `proxies.<daemon>` of its config.json, else `proxies.default` (`httpProxy`,
+/// `httpsProxy`, `noProxy`, `ftpProxy`, `allProxy`, each as the upper- and lower-case
+/// argument); then, for an engine on this machine only (a unix socket, or TCP to a loopback
+/// address), the same variables from abox's environment, either case, which win — a proxy this
+/// machine uses means nothing to a remote engine.
+pub fn proxy_args(env: &dyn Fn(&str) -> Option<String>, daemon: &str) -> BTreeMap<String, String> {
     const NAMES: [(&str, &str); 5] = [
         ("HTTP_PROXY", "httpProxy"),
         ("HTTPS_PROXY", "httpsProxy"),
@@ -672,21 +692,33 @@ pub fn proxy_args(env: &dyn Fn(&str) -> Option<String>) -> BTreeMap<String, Stri
     ];
     let mut out = BTreeMap::new();
     let config = super::endpoint::config_dir(env).join("config.json");
-    let proxies: serde_json::Value = std::fs::read_to_string(&config)
+    let all: serde_json::Value = std::fs::read_to_string(&config)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .map(|v| v["proxies"]["default"].clone())
+        .map(|v| v["proxies"].clone())
         .unwrap_or_default();
+    let short = daemon.strip_suffix(":2375").unwrap_or(daemon);
+    let proxies = [daemon, short]
+        .iter()
+        .map(|k| &all[*k])
+        .find(|p| p.is_object())
+        .unwrap_or(&all["default"]);
     for (upper, key) in NAMES {
         if let Some(v) = proxies[key].as_str().filter(|v| !v.is_empty()) {
             out.insert(upper.to_string(), v.to_string());
             out.insert(upper.to_ascii_lowercase(), v.to_string());
         }
     }
-    for (upper, _) in NAMES {
-        for name in [upper.to_string(), upper.to_ascii_lowercase()] {
-            if let Some(v) = env(&name).filter(|v| !v.is_empty()) {
-                out.insert(name, v);
+    let local = daemon.starts_with("unix://")
+        || ["tcp://localhost:", "tcp://127.", "tcp://[::1]:"]
+            .iter()
+            .any(|p| daemon.starts_with(p));
+    if local {
+        for (upper, _) in NAMES {
+            for name in [upper.to_string(), upper.to_ascii_lowercase()] {
+                if let Some(v) = env(&name).filter(|v| !v.is_empty()) {
+                    out.insert(name, v);
+                }
             }
         }
     }
@@ -744,7 +776,7 @@ mod tests {
             "HTTP_PROXY" => Some("http://env-wins:1".to_string()),
             _ => None,
         };
-        let p = proxy_args(&env);
+        let p = proxy_args(&env, "unix:///var/run/docker.sock");
         assert_eq!(p["http_proxy"], "http://cfg:3128");
         assert_eq!(p["HTTP_PROXY"], "http://env-wins:1");
         assert_eq!(p["NO_PROXY"], "localhost");
@@ -752,6 +784,20 @@ mod tests {
         assert_eq!(p["https_proxy"], "http://env:8080");
         assert!(!p.contains_key("HTTPS_PROXY"));
         assert!(!p.contains_key("FTP_PROXY"));
+        // A remote engine: its own entry in the config, never this machine's environment.
+        std::fs::write(
+            d.path().join("config.json"),
+            r#"{"proxies": {"default": {"httpProxy": "http://cfg:3128"}, "ssh://me@box": {"httpProxy": "http://box-proxy:1"}}}"#,
+        )
+        .unwrap();
+        let p = proxy_args(&env, "ssh://me@box");
+        assert_eq!(p["HTTP_PROXY"], "http://box-proxy:1");
+        assert!(
+            !p.contains_key("https_proxy"),
+            "the environment is this machine's"
+        );
+        let p = proxy_args(&env, "tcp://10.1.2.3:2375");
+        assert_eq!(p["HTTP_PROXY"], "http://cfg:3128");
     }
 
     #[test]

@@ -53,12 +53,15 @@ pub enum ContextFrom {
     Config(PathBuf),
 }
 
-/// TLS material: PEM files, as the docker CLI lays them out.
+/// TLS material: PEM files, as the docker CLI lays them out. The CA is required; the client
+/// certificate and key are optional (both or neither), as in the CLI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Whether `cert` and `key` exist and are sent.
+    pub client_cert: bool,
 }
 
 /// A resolved engine endpoint.
@@ -154,10 +157,10 @@ fn default_endpoint(
 ) -> Result<Endpoint> {
     let host = normalize(&host)?;
     let verify = env("DOCKER_TLS_VERIFY").is_some_and(|v| !v.is_empty());
-    if !verify && env("DOCKER_TLS").is_some_and(|v| !v.is_empty()) {
+    if !verify && host.starts_with("tcp://") && env("DOCKER_TLS").is_some_and(|v| !v.is_empty()) {
         bail!(
             "DOCKER_TLS without DOCKER_TLS_VERIFY: abox always checks the engine's certificate; \
-             set DOCKER_TLS_VERIFY=1 and put ca.pem, cert.pem and key.pem in DOCKER_CERT_PATH"
+             set DOCKER_TLS_VERIFY=1 and put ca.pem (and cert.pem, key.pem) in DOCKER_CERT_PATH"
         );
     }
     let tls = if verify && host.starts_with("tcp://") {
@@ -172,24 +175,34 @@ fn default_endpoint(
     Ok(Endpoint { host, tls, why })
 }
 
-/// `ca.pem`, `cert.pem`, `key.pem` in `dir`, which must all be there.
+/// `ca.pem` in `dir` (required), and `cert.pem` with `key.pem` when both are there.
 fn tls_files(dir: &Path, what: &str) -> Result<Tls> {
     let t = Tls {
         ca: dir.join("ca.pem"),
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
+        client_cert: false,
     };
-    for f in [&t.ca, &t.cert, &t.key] {
-        if !f.is_file() {
-            bail!(
-                "TLS to the engine needs {} ({what}: {}); copy the CA and your client \
-                 certificate and key there",
-                f.display(),
-                dir.display()
-            );
-        }
+    if !t.ca.is_file() {
+        bail!(
+            "TLS to the engine needs the CA certificate {} ({what}: {}); copy the CA that signed \
+             the engine's certificate there",
+            t.ca.display(),
+            dir.display()
+        );
     }
-    Ok(t)
+    match (t.cert.is_file(), t.key.is_file()) {
+        (true, true) => Ok(Tls {
+            client_cert: true,
+            ..t
+        }),
+        (false, false) => Ok(t),
+        (has_cert, _) => bail!(
+            "{} is there but {} is not: a client certificate needs its key ({what})",
+            if has_cert { &t.cert } else { &t.key }.display(),
+            if has_cert { &t.key } else { &t.cert }.display()
+        ),
+    }
 }
 
 /// `currentContext` of `<dir>/config.json`, when set to something else than `default`.
@@ -260,14 +273,18 @@ fn from_store(dir: &Path, name: &str, from: ContextFrom) -> Result<Endpoint> {
         Some(h) if !h.is_empty() => normalize(h)?,
         _ => DEFAULT_HOST.to_string(),
     };
+    if ep.skip_tls_verify && host.starts_with("tcp://") {
+        bail!(
+            "docker context {name:?} skips TLS verification: abox always checks the engine's \
+             certificate; recreate the context with ca= (the CA that signed the engine's \
+             certificate)"
+        );
+    }
     let tls_dir = dir.join("contexts/tls").join(&id).join("docker");
-    let tls = if tls_dir.join("ca.pem").is_file() || tls_dir.join("cert.pem").is_file() {
-        if ep.skip_tls_verify {
-            bail!(
-                "docker context {name:?} skips TLS verification: abox always checks the \
-                 engine's certificate; recreate the context with ca= set"
-            );
-        }
+    let tls = if ["ca.pem", "cert.pem", "key.pem"]
+        .iter()
+        .any(|f| tls_dir.join(f).is_file())
+    {
         Some(tls_files(&tls_dir, &format!("context {name:?}"))?)
     } else {
         None
@@ -282,66 +299,107 @@ fn from_store(dir: &Path, name: &str, from: ContextFrom) -> Result<Endpoint> {
     })
 }
 
-/// Check a host URL's scheme; `HOST:PORT` alone means `tcp://` as in the CLI.
+/// The port of `tcp://HOST` without one (docker/cli `opts.DefaultHTTPPort`).
+const DEFAULT_TCP_PORT: u16 = 2375;
+
+/// Parse an engine address as the docker CLI does (`opts.ParseHost`): `unix://PATH` (empty:
+/// the default socket), `tcp://[HOST][:PORT]` (localhost and port 2375 when left out),
+/// `ssh://…`, or a bare `HOST[:PORT]`, which means `tcp://`. Anything else is refused.
 fn normalize(h: &str) -> Result<String> {
     let h = h.trim();
-    if let Some((scheme, rest)) = h.split_once("://") {
-        if rest.is_empty() {
-            bail!("engine address {h:?} has no host or path");
+    let (scheme, rest) = h.split_once("://").unwrap_or(("tcp", h));
+    match scheme {
+        "unix" if rest.is_empty() => Ok(DEFAULT_HOST.to_string()),
+        "unix" => Ok(format!("unix://{rest}")),
+        "ssh" => {
+            ssh_args(h)?;
+            Ok(h.to_string())
         }
-        match scheme {
-            "unix" | "tcp" | "ssh" => Ok(h.trim_end_matches('/').to_string()),
-            "http" => Ok(format!("tcp://{}", rest.trim_end_matches('/'))),
-            _ => bail!(
-                "engine address {h:?}: abox speaks unix://, tcp:// (with DOCKER_TLS_VERIFY for \
-                 TLS) and ssh://"
-            ),
+        "tcp" => {
+            let rest = rest.trim_end_matches('/');
+            if rest.contains('/') || rest.contains('@') || rest.contains('?') {
+                bail!("engine address {h:?}: expected tcp://HOST:PORT");
+            }
+            let (host, port) = split_port(rest)
+                .with_context(|| format!("engine address {h:?}: expected tcp://HOST:PORT"))?;
+            let host = if host.is_empty() { "localhost" } else { host };
+            let port = port.unwrap_or(DEFAULT_TCP_PORT);
+            if host.contains(':') {
+                Ok(format!("tcp://[{host}]:{port}"))
+            } else {
+                Ok(format!("tcp://{host}:{port}"))
+            }
         }
-    } else if h.contains(':') && !h.starts_with('/') {
-        Ok(format!("tcp://{h}"))
-    } else {
-        bail!("engine address {h:?}: expected unix:///PATH, tcp://HOST:PORT or ssh://[USER@]HOST[:PORT]")
+        _ => bail!(
+            "engine address {h:?}: abox (like the docker CLI) speaks unix://, tcp:// (TLS with \
+             DOCKER_TLS_VERIFY or a context's certificates) and ssh://"
+        ),
     }
 }
 
+/// `HOST[:PORT]` or `[V6][:PORT]` → (host, port); an empty port is no port.
+fn split_port(s: &str) -> Result<(&str, Option<u16>)> {
+    let (host, port) = match s.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, tail) = v6.split_once(']').context("unclosed [ in the address")?;
+            match tail {
+                "" => (addr, None),
+                t => (addr, Some(t.strip_prefix(':').context("junk after ]")?)),
+            }
+        }
+        None => match s.split_once(':') {
+            Some((h, p)) if !p.contains(':') => (h, Some(p)),
+            Some(_) => bail!("an IPv6 address goes in brackets: [ADDRESS]:PORT"),
+            None => (s, None),
+        },
+    };
+    let port = match port {
+        None | Some("") => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .with_context(|| format!("port {p:?} is not a port number"))?,
+        ),
+    };
+    Ok((host, port))
+}
+
 /// `ssh://[USER@]HOST[:PORT]` → the docker CLI's ssh arguments (`-l USER -p PORT -- HOST`).
+/// Refused, as in the CLI or for safety: a password in the address, a path, a query, and user
+/// or host names that are not plain names (nothing ssh could read as an option).
 pub fn ssh_args(host: &str) -> Result<Vec<String>> {
     let rest = host
         .strip_prefix("ssh://")
         .with_context(|| format!("{host:?} is not an ssh:// address"))?;
-    if rest.contains('/') {
-        bail!("{host:?}: an ssh:// address takes no path (the remote engine is the one its docker CLI reaches)");
+    if rest.contains('/') || rest.contains('?') || rest.contains('#') {
+        bail!("{host:?}: expected ssh://[USER@]HOST[:PORT] (no path or query; the remote engine is the one its docker CLI reaches)");
     }
     let (user, hostport) = match rest.rsplit_once('@') {
         Some((u, h)) => (Some(u), h),
         None => (None, rest),
     };
-    let (h, port) = match hostport.strip_prefix('[') {
-        Some(v6) => {
-            let (addr, tail) = v6
-                .split_once(']')
-                .with_context(|| format!("{host:?}: unclosed [ in the address"))?;
-            (addr, tail.strip_prefix(':'))
-        }
-        None => match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        },
+    let (h, port) = split_port(hostport).with_context(|| format!("{host:?}"))?;
+    let plain = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('-')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c))
     };
-    if h.is_empty() || h.starts_with('-') {
-        bail!("{host:?}: no host name");
+    if !plain(h) {
+        bail!("{host:?}: {h:?} is not a host name or address");
     }
     let mut args = Vec::new();
     if let Some(u) = user {
-        if u.is_empty() || u.starts_with('-') {
-            bail!("{host:?}: bad user name");
+        if u.contains(':') {
+            bail!("{host:?}: a plain-text password in the address is not supported (use a key or an agent)");
+        }
+        if !plain(u) {
+            bail!("{host:?}: {u:?} is not a user name");
         }
         args.extend(["-l".to_string(), u.to_string()]);
     }
     if let Some(p) = port {
-        let p: u16 = p
-            .parse()
-            .with_context(|| format!("{host:?}: port {p:?} is not a number"))?;
         args.extend(["-p".to_string(), p.to_string()]);
     }
     args.extend(["--".to_string(), h.to_string()]);
@@ -505,20 +563,43 @@ mod tests {
     }
 
     #[test]
-    fn addresses() {
+    fn addresses_as_the_cli_parses_them() {
         assert_eq!(normalize("127.0.0.1:2375").unwrap(), "tcp://127.0.0.1:2375");
-        assert_eq!(normalize("http://h:1/").unwrap(), "tcp://h:1");
+        assert_eq!(normalize("localhost").unwrap(), "tcp://localhost:2375");
+        assert_eq!(
+            normalize("tcp://127.0.0.1").unwrap(),
+            "tcp://127.0.0.1:2375"
+        );
+        assert_eq!(normalize("tcp://:2376").unwrap(), "tcp://localhost:2376");
+        assert_eq!(normalize("tcp://[::1]:5").unwrap(), "tcp://[::1]:5");
+        assert_eq!(normalize("unix://").unwrap(), DEFAULT_HOST);
+        assert!(normalize("http://h:1/").is_err());
         assert!(normalize("npipe:////./pipe/docker").is_err());
+        assert!(normalize("tcp://h:99999").is_err());
         assert_eq!(
             ssh_args("ssh://root@127.0.0.1:2222").unwrap(),
             ["-l", "root", "-p", "2222", "--", "127.0.0.1"]
         );
         assert_eq!(ssh_args("ssh://box").unwrap(), ["--", "box"]);
+        assert_eq!(ssh_args("ssh://box:").unwrap(), ["--", "box"]);
         assert_eq!(
             ssh_args("ssh://u@[::1]:22").unwrap(),
             ["-l", "u", "-p", "22", "--", "::1"]
         );
-        assert!(ssh_args("ssh://-oProxyCommand=x").is_err());
-        assert!(ssh_args("ssh://box/var/run/docker.sock").is_err());
+        for bad in [
+            "ssh://-oProxyCommand=x",
+            "ssh://box/var/run/docker.sock",
+            "ssh://root:Hunter2@box",
+            "ssh://box?x",
+            "ssh://box#f",
+            "ssh://b%41x",
+            "ssh://::1",
+            "ssh://-l@box",
+            "ssh://",
+        ] {
+            assert!(ssh_args(bad).is_err(), "{bad}");
+        }
+        let e = ssh_args("ssh://root:Hunter2@box").unwrap_err().to_string();
+        assert!(e.contains("password") && e.contains("not supported"), "{e}");
     }
 }

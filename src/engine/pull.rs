@@ -38,7 +38,11 @@ impl Engine {
         if self.has_image(image) {
             return Ok(());
         }
-        let (repo, tag) = super::build::split_tag(image);
+        // `name@sha256:…` goes whole as fromImage; `name[:tag]` as fromImage + tag.
+        let (repo, tag) = match image.contains('@') {
+            true => (image, ""),
+            false => super::build::split_tag(image),
+        };
         let creds = super::auth::credentials(&super::auth::registry_of(image));
         let task = progress.task(&format!("pulling {image}"), 0);
         let failed = |reason: String| PullFailed {
@@ -47,12 +51,10 @@ impl Engine {
         };
         let r: std::result::Result<(), PullFailed> = self.block_on(async {
             let mut s = self.docker.create_image(
-                Some(
-                    CreateImageOptionsBuilder::default()
-                        .from_image(repo)
-                        .tag(tag)
-                        .build(),
-                ),
+                Some({
+                    let o = CreateImageOptionsBuilder::default().from_image(repo);
+                    if tag.is_empty() { o } else { o.tag(tag) }.build()
+                }),
                 None,
                 creds,
             );

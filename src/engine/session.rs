@@ -156,12 +156,17 @@ impl SessionConfig {
         }
         for (id, sock) in &self.ssh {
             use std::os::unix::fs::FileTypeExt;
-            let ok = std::fs::metadata(sock).is_ok_and(|m| m.file_type().is_socket());
-            if !ok {
-                bail!(
+            match std::fs::metadata(sock) {
+                Ok(m) if m.file_type().is_socket() => {}
+                Ok(_) => bail!(
+                    "--ssh {id}: {} is not an agent socket: abox forwards an ssh-agent (start \
+                     one, `ssh-add` the key, then --ssh {id} or --ssh {id}=$SSH_AUTH_SOCK)",
+                    sock.display()
+                ),
+                Err(_) => bail!(
                     "--ssh {id}: no agent socket at {} (is ssh-agent running?)",
                     sock.display()
-                );
+                ),
             }
         }
         Ok(())
@@ -466,17 +471,29 @@ impl Secrets for SecretsSvc {
     }
 }
 
-/// A secret file's bytes, at most [`MAX_SECRET_SIZE`] of them.
+/// A secret file's bytes, at most [`MAX_SECRET_SIZE`] of them. Opened without blocking and
+/// read only when it is a regular file (a FIFO swapped in would hang the build).
 async fn read_secret(p: &Path) -> Result<Vec<u8>> {
-    let f = tokio::fs::File::open(p)
-        .await
-        .with_context(|| format!("opening {}", p.display()))?;
-    let mut data = Vec::new();
-    f.take(MAX_SECRET_SIZE + 1).read_to_end(&mut data).await?;
-    if data.len() as u64 > MAX_SECRET_SIZE {
-        bail!("{} is larger than {MAX_SECRET_SIZE} bytes", p.display());
-    }
-    Ok(data)
+    let p = p.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p)
+            .with_context(|| format!("opening {}", p.display()))?;
+        if !f.metadata()?.is_file() {
+            bail!("{} is not a regular file", p.display());
+        }
+        let mut data = Vec::new();
+        f.take(MAX_SECRET_SIZE + 1).read_to_end(&mut data)?;
+        if data.len() as u64 > MAX_SECRET_SIZE {
+            bail!("{} is larger than {MAX_SECRET_SIZE} bytes", p.display());
+        }
+        Ok(data)
+    })
+    .await?
 }
 
 struct SshSvc(Arc<SessionConfig>);
