@@ -11,6 +11,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 /// A file being written. Dropped without [`PendingFile::commit`], it removes itself.
+///
+/// Artifacts are created 0600 (as `docker save -o` writes them): a rootfs, package or disk may
+/// hold password hashes. `SHA256SUMS` and `manifest.json` are 0644.
 pub struct PendingFile {
     tmp: PathBuf,
     dest: PathBuf,
@@ -19,7 +22,19 @@ pub struct PendingFile {
 }
 
 impl PendingFile {
+    /// A private (0600) file that becomes `dest`.
     pub fn create(dest: &Path) -> Result<Self> {
+        Self::create_mode(dest, 0o600)
+    }
+
+    /// A file readable by all (0644, less the umask) that becomes `dest`: for lists that hold
+    /// no secret.
+    pub fn create_public(dest: &Path) -> Result<Self> {
+        Self::create_mode(dest, 0o644)
+    }
+
+    fn create_mode(dest: &Path, mode: u32) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let dir = dest.parent().unwrap_or(Path::new("."));
         let name = dest
             .file_name()
@@ -29,14 +44,18 @@ impl PendingFile {
             name.to_string_lossy(),
             std::process::id()
         ));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
+        let open = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+        };
+        let file = open()
             .or_else(|e| {
                 if e.kind() == io::ErrorKind::AlreadyExists {
                     std::fs::remove_file(&tmp)?;
-                    OpenOptions::new().write(true).create_new(true).open(&tmp)
+                    open()
                 } else {
                     Err(e)
                 }
@@ -199,9 +218,9 @@ pub fn commit_all(
         image,
         artifacts: entries,
     };
-    let mut sums_file = PendingFile::create(&out_dir.join("SHA256SUMS"))?;
+    let mut sums_file = PendingFile::create_public(&out_dir.join("SHA256SUMS"))?;
     sums_file.file().write_all(sums.as_bytes())?;
-    let mut man_file = PendingFile::create(&out_dir.join("manifest.json"))?;
+    let mut man_file = PendingFile::create_public(&out_dir.join("manifest.json"))?;
     {
         let mut w = BufWriter::new(man_file.file());
         serde_json::to_writer_pretty(&mut w, &manifest)?;

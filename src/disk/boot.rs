@@ -253,8 +253,25 @@ pub fn check_extlinux() -> Result<()> {
     Ok(())
 }
 
-/// Install extlinux into the mounted `/boot`.
+/// The files `extlinux --install` writes in the folder it is given.
+pub const EXTLINUX_WRITES: [&str; 2] = ["ldlinux.sys", "ldlinux.c32"];
+
+/// Install extlinux into the mounted `/boot`. The tool acts on paths inside the image, so they
+/// are checked first: `/boot` a real folder (no symlink anywhere on the way) and nothing at the
+/// names extlinux writes (the disk's fix-ups drop the image's entries there). Nothing else
+/// writes in the mount meanwhile, so the check holds when the tool runs.
 pub fn install(boot_dir: &Path) -> Result<()> {
+    let md = std::fs::symlink_metadata(boot_dir)
+        .with_context(|| format!("{} is missing", boot_dir.display()))?;
+    if !md.is_dir() {
+        bail!("the image's /boot is not a folder (a symlink?): refusing to install the boot loader through it");
+    }
+    for f in EXTLINUX_WRITES {
+        match std::fs::symlink_metadata(boot_dir.join(f)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            _ => bail!("/boot/{f} is in the image: refusing to let extlinux write over it"),
+        }
+    }
     crate::cmd::run(
         std::process::Command::new("extlinux")
             .arg("--install")

@@ -261,10 +261,18 @@ impl Mount {
             dir,
             mounted: false,
         };
-        // noinit_itable: no background zeroing of inode tables while we copy.
+        // noinit_itable: no background zeroing of inode tables while we copy. nodev, nosuid,
+        // noexec: a device node, set-id file or program of the image is inert on this host
+        // while abox works in it (opening an image's /dev/sda node would reach the host's).
         cmd::run(
             Command::new("mount")
-                .args(["-t", "ext4", "-o", "noatime,noinit_itable", dev])
+                .args([
+                    "-t",
+                    "ext4",
+                    "-o",
+                    "noatime,noinit_itable,nodev,nosuid,noexec",
+                    dev,
+                ])
                 .arg(&m.dir),
         )?;
         m.mounted = true;

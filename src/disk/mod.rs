@@ -219,14 +219,19 @@ impl Fixup for DiskFixup {
 
     fn action(&mut self, path: &str, meta: &Meta) -> Action {
         match path {
-            ".dockerenv" | "boot/extlinux.conf" => Action::Drop,
-            "etc/fstab" if meta.kind == Kind::File => {
-                self.has_fstab = true;
+            // extlinux writes ldlinux.sys and ldlinux.c32 in /boot: no entry of the image may
+            // stand there (a symlink would send the installer's writes onto the host).
+            ".dockerenv" | "boot/extlinux.conf" | "boot/ldlinux.sys" | "boot/ldlinux.c32" => {
+                Action::Drop
+            }
+            // Rewritten when regular files; anything else there is dropped by the stream and
+            // the file written afresh.
+            "etc/fstab" => {
+                self.has_fstab |= meta.kind == Kind::File;
                 Action::Rewrite
             }
-            "etc/fstab" => Action::Drop,
-            "etc/shadow" if self.root_hash.is_some() && meta.kind == Kind::File => {
-                self.has_shadow = true;
+            "etc/shadow" if self.root_hash.is_some() => {
+                self.has_shadow |= meta.kind == Kind::File;
                 Action::Rewrite
             }
             _ => self.openrc.action(path, meta).unwrap_or(Action::Keep),

@@ -126,6 +126,35 @@ impl DirOut {
         Ok(self.parent.as_ref().expect("set above").1.as_fd())
     }
 
+    /// Create the regular file `path` afresh: never open what is there. Whatever the image (or
+    /// an earlier entry) left at the name — a device node, a FIFO, a symlink, another file —
+    /// is unlinked first, so a write can never reach a host device, block on a FIFO or follow
+    /// a link; a folder in the way is an error.
+    fn create_file(&mut self, path: &str) -> Result<OwnedFd> {
+        let flags = OFlags::WRONLY
+            | OFlags::CREATE
+            | OFlags::EXCL
+            | OFlags::NOFOLLOW
+            | OFlags::NONBLOCK
+            | OFlags::CLOEXEC;
+        let name = last_name(path);
+        let pfd = self.parent_fd(path)?;
+        match rustix::fs::openat(pfd, name, flags, Mode::from_raw_mode(0o600)) {
+            Err(rustix::io::Errno::EXIST) => {
+                rustix::fs::unlinkat(pfd, name, AtFlags::empty()).map_err(|e| {
+                    if e == rustix::io::Errno::ISDIR {
+                        anyhow!("refusing to write the file /{path}: a folder is in the way")
+                    } else {
+                        failed(e, "replacing", path)
+                    }
+                })?;
+                rustix::fs::openat(pfd, name, flags, Mode::from_raw_mode(0o600))
+            }
+            r => r,
+        }
+        .map_err(|e| failed(e, "creating", path))
+    }
+
     /// Owner, then mode (chown clears set-id bits), then xattrs (chown clears
     /// `security.capability`), on an open file or folder.
     fn fd_meta(fd: BorrowedFd<'_>, meta: &Meta, path: &str) -> Result<()> {
@@ -229,18 +258,7 @@ impl EntryOut for DirOut {
         match meta.kind {
             Kind::Dir => self.mkdir(path, meta),
             Kind::File => {
-                let pfd = self.parent_fd(path)?;
-                let fd = rustix::fs::openat(
-                    pfd,
-                    last_name(path),
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::TRUNC
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|e| failed(e, "creating", path))?;
+                let fd = self.create_file(path)?;
                 self.file = Some((path.to_string(), File::from(fd), meta.clone()));
                 Ok(())
             }
@@ -290,10 +308,25 @@ mod tests {
             let e = w.entry(p, &meta(Kind::File, 0o644), b"x").unwrap_err();
             assert!(format!("{e:#}").contains("is in the way"), "{p}: {e:#}");
         }
-        // A file entry over an existing symlink replaces nothing behind it.
-        let e = w.entry("a", &meta(Kind::File, 0o644), b"x").unwrap_err();
-        assert!(format!("{e:#}").contains("creating /a"), "{e:#}");
+        // A file entry over an existing symlink replaces the link, nothing behind it.
+        w.entry("a", &meta(Kind::File, 0o644), b"x").unwrap();
+        assert!(std::fs::symlink_metadata(root.path().join("a"))
+            .unwrap()
+            .is_file());
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_file_over_a_fifo_or_a_folder_never_opens_it() {
+        let root = tempfile::tempdir().unwrap();
+        let mut w = DirOut::new(root.path()).unwrap();
+        // Opening a FIFO for writing would block for ever: it is replaced instead.
+        w.entry("p", &meta(Kind::Fifo, 0o600), &[]).unwrap();
+        w.entry("p", &meta(Kind::File, 0o600), b"data").unwrap();
+        assert_eq!(std::fs::read(root.path().join("p")).unwrap(), b"data");
+        w.entry("d", &meta(Kind::Dir, 0o755), &[]).unwrap();
+        let e = w.entry("d", &meta(Kind::File, 0o644), b"x").unwrap_err();
+        assert!(format!("{e:#}").contains("a folder is in the way"), "{e:#}");
     }
 
     #[test]

@@ -60,7 +60,7 @@ struct Pax {
     mtime: Option<u64>,
 }
 
-fn pax<R: Read>(e: &mut tar::Entry<R>) -> Result<Pax> {
+fn pax<R: Read>(e: &mut tar::Entry<R>, path: &str) -> Result<Pax> {
     let mut p = Pax {
         xattrs: Vec::new(),
         uid: None,
@@ -71,26 +71,38 @@ fn pax<R: Read>(e: &mut tar::Entry<R>) -> Result<Pax> {
         for ext in exts {
             let ext = ext?;
             let Ok(key) = ext.key() else { continue };
-            let num = || {
+            // A number abox cannot read is an error, never the ustar field's value instead.
+            let num = || -> Result<Option<u64>> {
                 std::str::from_utf8(ext.value_bytes())
                     .ok()
                     .and_then(|v| v.split('.').next())
                     .and_then(|v| v.parse::<u64>().ok())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "{path}: PAX {key} {:?} is not a number",
+                            String::from_utf8_lossy(ext.value_bytes())
+                        )
+                    })
             };
             if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
                 p.xattrs
                     .push((name.to_string(), ext.value_bytes().to_vec()));
             } else if key == "uid" {
-                p.uid = num();
+                p.uid = num()?;
             } else if key == "gid" {
-                p.gid = num();
+                p.gid = num()?;
             } else if key == "mtime" {
-                p.mtime = num();
+                p.mtime = num()?;
             }
         }
     }
     Ok(p)
 }
+
+/// The largest owner or group id an entry may carry: Linux ids are 32 bits and 4294967295 is
+/// `(uid_t)-1`, "no owner change".
+pub const MAX_ID: u64 = 4_294_967_294;
 
 /// The metadata of one tar entry.
 fn meta_of<R: Read>(e: &mut tar::Entry<R>, path: &str) -> Result<Meta> {
@@ -142,12 +154,20 @@ fn meta_of<R: Read>(e: &mut tar::Entry<R>, path: &str) -> Result<Meta> {
     let size = if kind == Kind::File { e.size() } else { 0 };
     let h = e.header();
     let (mode, uid, gid, mtime) = (h.mode()?, h.uid()?, h.gid()?, h.mtime()?);
-    let p = pax(e)?;
+    let p = pax(e, path)?;
+    let (uid, gid) = (p.uid.unwrap_or(uid), p.gid.unwrap_or(gid));
+    // Owners are 32-bit on Linux and (u32)-1 means "no change" to chown: a larger id would be
+    // cut to another one (4294967296 → 0, root) on a disk or in a squashfs.
+    for (what, id) in [("owner", uid), ("group", gid)] {
+        if id > MAX_ID {
+            bail!("{path}: {what} id {id} is beyond the 32-bit ids Linux has (at most {MAX_ID}): refusing the image");
+        }
+    }
     Ok(Meta {
         kind,
         mode: mode & 0o7777,
-        uid: p.uid.unwrap_or(uid),
-        gid: p.gid.unwrap_or(gid),
+        uid,
+        gid,
         mtime: p.mtime.unwrap_or(mtime),
         size,
         xattrs: p.xattrs,

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use gzp::deflate::Gzip;
 use gzp::par::compress::{ParCompress, ParCompressBuilder};
 use gzp::ZWriter;
@@ -253,12 +253,29 @@ impl<F: Fixup, O: EntryOut> TarStream<F, O> {
                 self.dropped.insert(path.to_string());
                 Current::Drop
             }
-            Action::Rewrite if meta.kind == Kind::File && meta.size <= REWRITE_MAX => {
+            Action::Rewrite if meta.kind == Kind::File => {
+                if meta.size > REWRITE_MAX {
+                    bail!(
+                        "/{path} is {} bytes: abox rewrites it for this target and takes at most \
+                         {REWRITE_MAX} bytes there; it will not pass it through unchanged",
+                        meta.size
+                    );
+                }
                 Current::Buffer(
                     path.to_string(),
                     meta.clone(),
                     Vec::with_capacity(meta.size as usize),
                 )
+            }
+            // A path a fix-up owns must be a regular file: a link, device node or FIFO there is
+            // dropped (the fix-up writes the file afresh where it needs one).
+            Action::Rewrite => {
+                log::debug!(
+                    "dropping the {:?} at /{path}: abox writes a regular file there",
+                    meta.kind
+                );
+                self.dropped.insert(path.to_string());
+                Current::Drop
             }
             Action::KeepAs(m) => self.keep(path, &m)?,
             _ => self.keep(path, meta)?,

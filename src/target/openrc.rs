@@ -425,11 +425,16 @@ impl OpenRc {
                 self.links.insert(link.to_string());
             }
         }
-        if path == "etc/network/interfaces" || self.profile.files.iter().any(|(p, _, _)| *p == path)
+        let rewrites = self.profile.rewrites(path);
+        // A file abox rewrites counts as present only as a regular file: anything else there is
+        // dropped by the stream, and the file is then written afresh.
+        if (path == "etc/network/interfaces"
+            || self.profile.files.iter().any(|(p, _, _)| *p == path))
+            && (!rewrites || meta.kind == Kind::File)
         {
             self.present.insert(path.to_string());
         }
-        (meta.kind == Kind::File && self.profile.rewrites(path)).then_some(Action::Rewrite)
+        rewrites.then_some(Action::Rewrite)
     }
 
     pub fn rewrite(&self, path: &str, data: &[u8]) -> Option<Vec<u8>> {

@@ -18,6 +18,7 @@
 //!   u UID GID                   owner
 //!   t MTIME                     modification time
 //!   x KEY VALUE                 extended attribute (PAX SCHILY.xattr.KEY)
+//!   P KEY VALUE                 any PAX record (hostile input: `P uid 4294967296`)
 #![allow(dead_code)]
 
 pub mod boot;
@@ -41,6 +42,7 @@ struct Pending {
     link: Option<Vec<u8>>,
     data: Vec<u8>,
     xattrs: Vec<(String, Vec<u8>)>,
+    pax: Vec<(String, Vec<u8>)>,
 }
 
 fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
@@ -77,6 +79,9 @@ fn flush(b: &mut tar::Builder<Vec<u8>>, p: Option<Pending>) {
     let mut pax = Vec::new();
     for (k, v) in &p.xattrs {
         pax.extend(pax_record(&format!("SCHILY.xattr.{k}"), v));
+    }
+    for (k, v) in &p.pax {
+        pax.extend(pax_record(k, v));
     }
     if p.name.len() > 100 {
         pax.extend(pax_record("path", &p.name));
@@ -138,7 +143,7 @@ pub fn layer(desc: &str) -> Vec<u8> {
         let w: Vec<&str> = rest.split_whitespace().collect();
         let mode = |i: usize| u32::from_str_radix(w[i], 8).unwrap();
         match op {
-            "u" | "t" | "x" => {
+            "u" | "t" | "x" | "P" => {
                 let p = cur.as_mut().expect("modifier after an entry");
                 match op {
                     "u" => {
@@ -146,6 +151,7 @@ pub fn layer(desc: &str) -> Vec<u8> {
                         p.header.set_gid(w[1].parse().unwrap());
                     }
                     "t" => p.header.set_mtime(w[0].parse().unwrap()),
+                    "P" => p.pax.push((w[0].to_string(), w[1].as_bytes().to_vec())),
                     _ => p.xattrs.push((w[0].to_string(), w[1].as_bytes().to_vec())),
                 }
                 continue;
@@ -159,6 +165,7 @@ pub fn layer(desc: &str) -> Vec<u8> {
             link: None,
             data: Vec::new(),
             xattrs: Vec::new(),
+            pax: Vec::new(),
         };
         cur = Some(match op {
             "d" => mk(

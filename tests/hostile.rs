@@ -1,0 +1,365 @@
+//! Hostile images must never reach the host (issue "A hostile image must never reach the
+//! host"): each test builds, in code, a small image carrying one kind of attack and runs it
+//! through every command it applies to, asserting the exit code and message, that a decoy file
+//! outside the output is untouched (hashed before and after), that no host device was written,
+//! and that nothing is left behind (loop devices, mounts, files). Needs root (the disk path)
+//! and fails without it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::boot::{abox_mounts, debugfs, extract_partition};
+use common::{
+    abox, files_in, require_root, require_tool, run_err, run_ok, sh, sha256_hex, ImageSpec,
+};
+
+/// Disk tests check that no loop device or mount of abox's is left: one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    require_root();
+    for t in ["extlinux", "losetup", "debugfs", "mke2fs"] {
+        require_tool(t);
+    }
+    g
+}
+
+/// A bootable-looking image: a kernel file is enough for abox to write a disk (nothing here
+/// boots it).
+const KERNELED: &str = "d bin 0755\nf bin/sh 0755 x\nd boot 0755\nf boot/vmlinuz 0644 not-really-a-kernel\nd etc 0755\nf etc/passwd 0644 root:x:0:0:root:/root:/bin/sh\\n\n";
+
+fn oci(spec: &ImageSpec, dir: &Path) -> String {
+    spec.write_oci(dir, "x");
+    format!("oci:{}:x", dir.display())
+}
+
+/// A file outside everything abox writes, hashed to prove it was not touched.
+struct Decoy {
+    path: PathBuf,
+    sum: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Decoy {
+    fn new() -> Decoy {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("victim");
+        std::fs::write(&path, b"the host's own file\n").unwrap();
+        let sum = sha256_hex(&std::fs::read(&path).unwrap());
+        Decoy { path, sum, _dir: d }
+    }
+    fn assert_untouched(&self, what: &str) {
+        let now = std::fs::read(&self.path).unwrap_or_default();
+        assert_eq!(
+            sha256_hex(&now),
+            self.sum,
+            "{what}: the host file outside was changed"
+        );
+        let attrs = sh(&format!(
+            "lsattr {} 2>/dev/null || true",
+            self.path.display()
+        ));
+        assert!(
+            !attrs.split_whitespace().next().unwrap_or("").contains('i'),
+            "{what}: made immutable"
+        );
+    }
+}
+
+fn assert_nothing_left(out: &Path, what: &str) {
+    assert_eq!(files_in(out), Vec::<PathBuf>::new(), "{what}: files left");
+    assert!(abox_mounts().is_empty(), "{what}: mounts left");
+    let loops = sh("losetup --list --noheadings --output BACK-FILE");
+    assert!(
+        !loops.contains(&out.display().to_string()),
+        "{what}: loop devices left: {loops}"
+    );
+}
+
+/// The raw disk's root filesystem, extracted to a file for debugfs.
+fn root_fs(disk: &Path, work: &Path) -> PathBuf {
+    let fs = work.join("root.ext4");
+    extract_partition(disk, &fs);
+    fs
+}
+
+#[test]
+fn owner_ids_beyond_32_bits_are_refused_for_every_target() {
+    let _g = serial();
+    for id in [
+        "4294967296",
+        "4294967295",
+        "18446744073709551615",
+        "99999999999999999999999",
+    ] {
+        for key in ["uid", "gid"] {
+            let work = tempfile::tempdir().unwrap();
+            let out = work.path().join("out");
+            std::fs::create_dir_all(&out).unwrap();
+            let spec = ImageSpec::new(&[&format!(
+                "{KERNELED}f bin/su 4755 setuid-root-if-cut\nP {key} {id}\n"
+            )]);
+            let src = oci(&spec, &work.path().join("img"));
+            let o = abox()
+                .args([
+                    "export",
+                    &src,
+                    "--wsl",
+                    "--wsl-package",
+                    "--lxd",
+                    "--lxd-split",
+                    "--rootfs",
+                    "-o",
+                ])
+                .arg(&out)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{key} {id}: {err}");
+            assert!(err.contains("bin/su"), "{key} {id}: names the entry: {err}");
+            assert!(
+                err.contains("beyond the 32-bit ids") || err.contains("is not a number"),
+                "{key} {id}: {err}"
+            );
+            assert_nothing_left(&out, &format!("export, {key} {id}"));
+            let err = run_err(abox().args(["disk", &src, "-o"]).arg(out.join("d.img")));
+            assert!(err.contains("bin/su"), "disk, {key} {id}: {err}");
+            assert_nothing_left(&out, &format!("disk, {key} {id}"));
+        }
+    }
+    // The largest real id passes and is kept.
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let spec = ImageSpec::new(&[&format!("{KERNELED}f bin/su 4755 x\nP uid 4294967294\n")]);
+    let src = oci(&spec, &work.path().join("img"));
+    run_ok(
+        abox()
+            .args(["export", &src, "--rootfs", "--name", "x", "-o"])
+            .arg(&out),
+    );
+    let t = common::read_tar_file(&out.join("x.rootfs.tar"));
+    assert_eq!(t["bin/su"].uid, 4294967294);
+}
+
+#[test]
+fn device_nodes_and_fifos_where_abox_writes_never_reach_the_host() {
+    let _g = serial();
+    // A real host block device the image names: a loop device over a decoy file.
+    let decoy_dir = tempfile::tempdir().unwrap();
+    let decoy = decoy_dir.path().join("device.img");
+    std::fs::write(&decoy, vec![0u8; 1 << 20]).unwrap();
+    let dev = sh(&format!("losetup --find --show {}", decoy.display()));
+    let dev = dev.trim().to_string();
+    /// Detaches the decoy's loop device however the test ends.
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["--detach", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let rdev = sh(&format!("stat -c '%t %T' {dev}"));
+    let mut it = rdev
+        .split_whitespace()
+        .map(|h| u32::from_str_radix(h, 16).unwrap());
+    let (major, minor) = (it.next().unwrap(), it.next().unwrap());
+    let before = sha256_hex(&std::fs::read(&decoy).unwrap());
+
+    let work = tempfile::tempdir().unwrap();
+    let pw = work.path().join("pw");
+    std::fs::write(&pw, "s3cret-root\n").unwrap();
+    let cases = [
+        (
+            "block device",
+            format!("b etc/shadow 0600 {major} {minor}\nb etc/fstab 0644 {major} {minor}\n"),
+        ),
+        ("fifo", "p etc/shadow 0600\np etc/fstab 0644\n".to_string()),
+        (
+            "symlink",
+            format!("l etc/shadow -> {dev}\nl etc/fstab -> {dev}\n"),
+        ),
+    ];
+    for (what, extra) in &cases {
+        let out = work.path().join(format!("out-{}", what.replace(' ', "-")));
+        std::fs::create_dir_all(&out).unwrap();
+        let spec = ImageSpec::new(&[&format!("{KERNELED}{extra}")]);
+        let src = oci(
+            &spec,
+            &work.path().join(format!("img-{}", what.replace(' ', "-"))),
+        );
+        let disk = out.join("d.img");
+        // Bounded: a FIFO opened for writing would hang abox for ever.
+        let mut child = abox()
+            .args(["disk", &src, "--root-password-file"])
+            .arg(&pw)
+            .arg("-o")
+            .arg(&disk)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(180) {
+                let _ = child.kill();
+                panic!("{what}: abox hung");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert!(status.success(), "{what}: abox failed");
+        assert_eq!(
+            sha256_hex(&std::fs::read(&decoy).unwrap()),
+            before,
+            "{what}: the host device was written"
+        );
+        // The disk's /etc/shadow and /etc/fstab are regular files with what abox meant.
+        let fs = root_fs(&disk, work.path());
+        for f in ["/etc/shadow", "/etc/fstab"] {
+            let st = debugfs(&fs, &format!("stat {f}"));
+            assert!(
+                st.contains("Type: regular"),
+                "{what}: {f} is not a regular file: {st}"
+            );
+        }
+        let shadow = debugfs(&fs, "cat /etc/shadow");
+        assert!(
+            shadow.starts_with("root:$6$"),
+            "{what}: root's password not set: {shadow}"
+        );
+        assert!(debugfs(&fs, "cat /etc/fstab").contains("UUID="), "{what}");
+        std::fs::remove_file(&disk).unwrap();
+        std::fs::remove_file(&fs).unwrap();
+        assert_nothing_left(&out, what);
+    }
+}
+
+#[test]
+fn the_boot_loader_installer_never_follows_the_images_links() {
+    let _g = serial();
+    let decoy = Decoy::new();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let v = decoy.path.display();
+    // Links at the files extlinux writes, absolute and relative.
+    let spec = ImageSpec::new(&[&format!(
+        "{KERNELED}l boot/ldlinux.sys -> {v}\nl boot/ldlinux.c32 -> ../../../../../../..{v}\n"
+    )]);
+    let src = oci(&spec, &work.path().join("links"));
+    let disk = out.join("d.img");
+    run_ok(abox().args(["disk", &src, "-o"]).arg(&disk));
+    decoy.assert_untouched("links at ldlinux.*");
+    let fs = root_fs(&disk, work.path());
+    for f in ["/boot/ldlinux.sys", "/boot/ldlinux.c32"] {
+        let st = debugfs(&fs, &format!("stat {f}"));
+        assert!(
+            st.contains("Type: regular"),
+            "{f} is extlinux's own file: {st}"
+        );
+    }
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::remove_file(&fs).unwrap();
+    assert_nothing_left(&out, "links at ldlinux.*");
+
+    // /boot itself a link to a host folder: refused, nothing written there.
+    let host_dir = decoy.path.parent().unwrap().display().to_string();
+    let spec = ImageSpec::new(&[&format!(
+        "d bin 0755\nf bin/sh 0755 x\nd kernel 0755\nf kernel/vmlinuz 0644 k\nl boot -> {host_dir}\n"
+    )]);
+    let src = oci(&spec, &work.path().join("bootlink"));
+    let before: Vec<_> = files_in(decoy.path.parent().unwrap());
+    let o = abox()
+        .args(["disk", &src, "-o"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        files_in(decoy.path.parent().unwrap()),
+        before,
+        "files appeared in the host folder"
+    );
+    decoy.assert_untouched("/boot as a link");
+    assert_nothing_left(&out, "/boot as a link");
+}
+
+#[test]
+fn artifacts_are_private_and_the_lists_readable() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let spec = ImageSpec::new(&[&format!(
+        "{KERNELED}f etc/shadow 0640 root:$6$salt$hash:1::::::\\n\n"
+    )]);
+    let src = oci(&spec, &work.path().join("img"));
+    run_ok(
+        abox()
+            .args([
+                "export",
+                &src,
+                "--name",
+                "x",
+                "--wsl",
+                "--wsl-package",
+                "--lxd",
+                "--lxd-split",
+                "--rootfs",
+                "-o",
+            ])
+            .arg(&out),
+    );
+    let disk_out = work.path().join("disk");
+    std::fs::create_dir_all(&disk_out).unwrap();
+    run_ok(
+        abox()
+            .args(["disk", &src, "-o"])
+            .arg(disk_out.join("x.qcow2")),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for f in files_in(&out).into_iter().chain(files_in(&disk_out)) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        let want = if name == "SHA256SUMS" || name == "manifest.json" {
+            0o644
+        } else {
+            0o600
+        };
+        assert_eq!(mode(&f), want, "{name}");
+    }
+}
+
+#[test]
+fn a_file_a_target_rewrites_is_never_passed_through_unchanged() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    // 17 MiB of /etc/shadow: over the in-memory rewrite limit of the .wsl package's hash strip.
+    let spec = ImageSpec::new(&[&format!("{KERNELED}F etc/shadow 0640 17825792\n")]);
+    let src = oci(&spec, &work.path().join("img"));
+    let err = run_err(
+        abox()
+            .args(["export", &src, "--wsl-package", "-o"])
+            .arg(&out),
+    );
+    assert!(err.contains("/etc/shadow is 17825792 bytes"), "{err}");
+    assert!(err.contains("will not pass it through unchanged"), "{err}");
+    assert_eq!(files_in(&out), Vec::<PathBuf>::new());
+    // And on a disk that must set root's password.
+    let pw = work.path().join("pw");
+    std::fs::write(&pw, "pw\n").unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    let err = run_err(
+        abox()
+            .args(["disk", &src, "--root-password-file"])
+            .arg(&pw)
+            .arg("-o")
+            .arg(out.join("d.img")),
+    );
+    assert!(err.contains("/etc/shadow is 17825792 bytes"), "{err}");
+    assert_nothing_left(&out, "big shadow on a disk");
+}
