@@ -363,3 +363,131 @@ fn a_file_a_target_rewrites_is_never_passed_through_unchanged() {
     assert!(err.contains("/etc/shadow is 17825792 bytes"), "{err}");
     assert_nothing_left(&out, "big shadow on a disk");
 }
+
+/// Every `$6$…`-style hash in a (gzip) tar's bytes.
+fn hashes_in(tar_gz: &Path) -> usize {
+    let out = sh(&format!(
+        "zcat {} | grep -a -o '\\$6\\$[A-Za-z0-9./]*\\$' | wc -l",
+        tar_gz.display()
+    ));
+    out.trim().parse().unwrap()
+}
+
+#[test]
+fn no_password_hash_survives_in_the_wsl_package() {
+    let _g = serial();
+    let h = "$6$saltsalt$0123456789abcdefABCDEF";
+    let cases = [
+        ("symlink", format!("f etc/real-shadow 0640 root:{h}:1::::::\\n\nl etc/shadow -> real-shadow\n")),
+        ("absolute symlink", format!("d srv 0755\nf srv/sh 0640 root:{h}:1::::::\\n\nl etc/shadow -> /srv/sh\n")),
+        ("hard link", format!("f etc/shadow.orig 0640 root:{h}:1::::::\\n\nh etc/shadow => etc/shadow.orig\n")),
+        ("backup", format!("f etc/shadow 0640 root:*:1::::::\\n\nf etc/shadow- 0640 root:{h}:1::::::\\n\n")),
+        ("gshadow", format!("f etc/gshadow 0640 wheel:{h}::root\\n\n")),
+        ("etc is a link", format!("d private 0755\nd private/etc 0755\nf private/etc/shadow 0640 root:{h}:1::::::\\n\n")),
+    ];
+    for (what, extra) in &cases {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let base = if *what == "etc is a link" {
+            // /etc itself is a symlink to private/etc.
+            "d bin 0755\nf bin/sh 0755 x\nl etc -> private/etc\n".to_string()
+        } else {
+            "d bin 0755\nf bin/sh 0755 x\nd etc 0755\nf etc/passwd 0644 root:x:0:0:root:/root:/bin/sh\\n\n".to_string()
+        };
+        let spec = ImageSpec::new(&[&format!("{base}{extra}")]);
+        let src = oci(&spec, &work.path().join("img"));
+        run_ok(
+            abox()
+                .args([
+                    "export",
+                    &src,
+                    "--name",
+                    "x",
+                    "--wsl",
+                    "--wsl-package",
+                    "-o",
+                ])
+                .arg(&out),
+        );
+        assert_eq!(
+            hashes_in(&out.join("x.wsl")),
+            0,
+            "{what}: a hash is in the .wsl package"
+        );
+        // The plain WSL tarball is the user's own import: the image as it is.
+        assert!(
+            hashes_in(&out.join("x.rootfs.tar.gz")) > 0,
+            "{what}: the test image carries no hash"
+        );
+    }
+}
+
+#[test]
+fn root_password_goes_where_the_shadow_link_leads() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let spec = ImageSpec::new(&[&format!(
+        "{KERNELED}f etc/real-shadow 0640 root:!:1::::::\\nalpine:*:1::::::\\n\nl etc/shadow -> real-shadow\n"
+    )]);
+    let src = oci(&spec, &work.path().join("img"));
+    let pw = work.path().join("pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let disk = out.join("d.img");
+    run_ok(
+        abox()
+            .args(["disk", &src, "--root-password-file"])
+            .arg(&pw)
+            .arg("-o")
+            .arg(&disk),
+    );
+    let fs = root_fs(&disk, work.path());
+    let st = debugfs(&fs, "stat /etc/shadow");
+    assert!(
+        st.contains("Type: symlink"),
+        "the image's link is kept: {st}"
+    );
+    let real = debugfs(&fs, "cat /etc/real-shadow");
+    assert!(
+        real.starts_with("root:$6$"),
+        "root's password set where the link leads: {real}"
+    );
+    assert!(real.contains("alpine:*:"), "other accounts kept: {real}");
+}
+
+#[test]
+fn a_full_disk_is_an_error_not_a_panic() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    let full = work.path().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    // 3 MiB of room for ~24 MiB of incompressible content, written by two gzip targets at once.
+    sh(&format!(
+        "mount -t tmpfs -o size=3m abox-test-full {}",
+        full.display()
+    ));
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(full.clone());
+    let spec = ImageSpec::new(&["d data 0755\nF data/a 0644 12582912\nF data/b 0644 12582912\n"]);
+    let src = oci(&spec, &work.path().join("img"));
+    let o = abox()
+        .args(["export", &src, "--name", "x", "--wsl", "--lxd", "-o"])
+        .arg(&full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.to_lowercase().contains("no space left"), "{err}");
+    assert_eq!(
+        files_in(&full),
+        Vec::<PathBuf>::new(),
+        "half-written files left"
+    );
+}

@@ -208,12 +208,17 @@ struct DiskFixup {
     mtime: u64,
     has_fstab: bool,
     has_shadow: bool,
+    /// Where `/etc/shadow`'s content is written (itself, or the file a link of it leads to).
+    shadow_at: String,
     openrc: OpenRc,
 }
 
 impl Fixup for DiskFixup {
     fn start(&mut self, facts: &flatten::Facts) -> Result<()> {
         self.openrc.start(facts);
+        if let Some(real) = facts.secret_files.get("etc/shadow") {
+            self.shadow_at = real.clone();
+        }
         Ok(())
     }
 
@@ -230,10 +235,13 @@ impl Fixup for DiskFixup {
                 self.has_fstab |= meta.kind == Kind::File;
                 Action::Rewrite
             }
-            "etc/shadow" if self.root_hash.is_some() => {
+            // Root's password goes where the shadow file's content is; a link at the name that
+            // leads to it is kept; anything else there is dropped and the file written afresh.
+            p if self.root_hash.is_some() && p == self.shadow_at => {
                 self.has_shadow |= meta.kind == Kind::File;
                 Action::Rewrite
             }
+            "etc/shadow" if self.root_hash.is_some() => Action::Keep,
             _ => self.openrc.action(path, meta).unwrap_or(Action::Keep),
         }
     }
@@ -242,7 +250,7 @@ impl Fixup for DiskFixup {
         let text = String::from_utf8_lossy(&data);
         Ok(match (path, &self.root_hash) {
             ("etc/fstab", _) => fstab(&text, &self.fs_uuid).into_bytes(),
-            ("etc/shadow", Some(h)) => set_root_hash(&text, h).into_bytes(),
+            (p, Some(h)) if p == self.shadow_at => set_root_hash(&text, h).into_bytes(),
             _ => self.openrc.rewrite(path, &data).unwrap_or(data),
         })
     }
@@ -467,6 +475,7 @@ pub fn make_disk(
         mtime: created,
         has_fstab: false,
         has_shadow: false,
+        shadow_at: "etc/shadow".into(),
         openrc: OpenRc::new(&openrc::VM),
     };
     let mut stream = TarStream::with_out(populate::DirOut::new(mnt.path())?, "", fixup);

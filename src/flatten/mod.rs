@@ -44,7 +44,14 @@ pub struct Facts {
     pub paths: usize,
     /// Bytes of regular-file content.
     pub content_bytes: u64,
+    /// For each of [`SECRET_FILES`] the image has: the path under which the stream writes the
+    /// regular file it resolves to (symlinks on the way followed, a hard link's first path), so
+    /// a target that must clean or rewrite it reaches the content, not only the name.
+    pub secret_files: HashMap<String, String>,
 }
+
+/// Files that hold password hashes (shadow and gshadow, and the backups `shadow-` tools leave).
+pub const SECRET_FILES: &[&str] = &["etc/shadow", "etc/shadow-", "etc/gshadow", "etc/gshadow-"];
 
 impl Facts {
     pub fn text(&self, path: &str) -> Option<&str> {
@@ -180,11 +187,33 @@ pub(crate) fn plan(tree: Tree, captured: Vec<Vec<index::Captured>>, layers: usiz
     }
     specials.sort_by(|a, b| a.0.cmp(&b.0));
     links.sort_by(|a, b| a.0.cmp(&b.0));
+    // The path each secret file's content is written under (its inode's first path).
+    let mut secret_files = HashMap::new();
+    for want in SECRET_FILES {
+        let Some(real) = tree.resolve(want) else {
+            continue;
+        };
+        let Some(ino) = tree.entries.get(&real).and_then(|e| match e.node {
+            tree::Node::Inode(n) => Some(n),
+            tree::Node::Dir(_) => None,
+        }) else {
+            continue;
+        };
+        if tree.inodes[ino as usize].meta.kind != Kind::File {
+            continue;
+        }
+        if let Some(paths) = paths_of.get(&ino) {
+            let origin = &tree.inodes[ino as usize].origin;
+            let primary = paths.iter().find(|p| **p == *origin).unwrap_or(&paths[0]);
+            secret_files.insert(want.to_string(), primary.to_string());
+        }
+    }
 
     // The final content of captured files: only where the tree's inode is that very entry.
     let mut facts = Facts {
         paths: tree.len(),
         content_bytes,
+        secret_files,
         ..Default::default()
     };
     let mut by_source = HashMap::new();

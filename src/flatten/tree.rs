@@ -171,6 +171,56 @@ impl Tree {
         }
     }
 
+    /// The path `path` names once every symlink on the way is followed inside the tree, as the
+    /// kernel would in the unpacked rootfs (absolute targets start at the root; at most 40
+    /// links); None when it leads nowhere, through a non-folder, or into a loop.
+    pub fn resolve(&self, path: &str) -> Option<String> {
+        let mut todo: Vec<String> = path
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .rev()
+            .map(str::to_string)
+            .collect();
+        let mut done: Vec<String> = Vec::new();
+        let mut hops = 0;
+        while let Some(c) = todo.pop() {
+            match c.as_str() {
+                "." => continue,
+                ".." => {
+                    done.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            done.push(c);
+            let here = done.join("/");
+            match &self.entries.get(&here)?.node {
+                Node::Dir(_) => {}
+                Node::Inode(n) => {
+                    if let Kind::Symlink(t) = &self.inodes[*n as usize].meta.kind {
+                        hops += 1;
+                        if hops > 40 {
+                            return None;
+                        }
+                        done.pop();
+                        if t.starts_with('/') {
+                            done.clear();
+                        }
+                        todo.extend(
+                            t.split('/')
+                                .filter(|c| !c.is_empty())
+                                .rev()
+                                .map(str::to_string),
+                        );
+                    } else if !todo.is_empty() {
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(done.join("/"))
+    }
+
     /// Number of paths in the tree.
     pub fn len(&self) -> usize {
         self.entries.len()

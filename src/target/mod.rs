@@ -118,8 +118,56 @@ const REWRITE_MAX: u64 = 16 << 20;
 /// Where a tar target's bytes go.
 pub enum Out {
     Plain(HashingWriter<BufWriter<File>>),
-    Gzip(ParCompress<'static, Gzip, HashingWriter<BufWriter<File>>>),
+    Gzip(GzipOut),
     Pipe(BufWriter<std::process::ChildStdin>),
+}
+
+type Compressor = ParCompress<'static, Gzip, HashingWriter<BufWriter<File>>>;
+
+/// The parallel gzip writer, finished exactly once. gzp's own `Drop` finishes an unfinished
+/// compressor and panics when that fails (a full disk), and its `finish` panics once a failed
+/// write has closed the pipeline: on an error path abox drops its output unfinished, so this
+/// guard finishes a healthy compressor itself (ignoring the consequence error) and leaves a
+/// failed one alone, and the error that stopped the run is the one reported.
+pub struct GzipOut {
+    gz: Option<Compressor>,
+    /// A write or flush failed: gzp has shut its pipeline down already.
+    failed: bool,
+}
+
+impl GzipOut {
+    fn finish(mut self) -> Result<HashingWriter<BufWriter<File>>> {
+        if self.failed {
+            bail!("gzip: the output failed earlier");
+        }
+        let mut gz = self.gz.take().context("gzip finished twice")?;
+        gz.finish().map_err(|e| anyhow::anyhow!("gzip: {e}"))
+    }
+
+    /// Run `f` on the compressor, remembering a failure.
+    fn with<T>(&mut self, f: impl FnOnce(&mut Compressor) -> io::Result<T>) -> io::Result<T> {
+        if self.failed {
+            return Err(io::Error::other("gzip output failed earlier"));
+        }
+        let gz = self
+            .gz
+            .as_mut()
+            .ok_or_else(|| io::Error::other("gzip output already finished"))?;
+        let r = f(gz);
+        self.failed = r.is_err();
+        r
+    }
+}
+
+impl Drop for GzipOut {
+    fn drop(&mut self) {
+        if let Some(mut gz) = self.gz.take() {
+            if !self.failed {
+                // The run already failed elsewhere; this error is a consequence of it.
+                let _ = gz.finish();
+            }
+        }
+    }
 }
 
 /// Output buffer for files and pipes.
@@ -143,7 +191,10 @@ impl Out {
             .context("gzip threads")?
             .compression_level(gzp::Compression::new(6))
             .from_writer(w);
-        Ok(Out::Gzip(gz))
+        Ok(Out::Gzip(GzipOut {
+            gz: Some(gz),
+            failed: false,
+        }))
     }
     /// Flush everything; for files, the sha256 and size of what was written.
     fn close(self) -> Result<Option<(String, u64)>> {
@@ -154,7 +205,7 @@ impl Out {
         };
         match self {
             Out::Plain(w) => done(w),
-            Out::Gzip(mut gz) => done(gz.finish().map_err(|e| anyhow::anyhow!("gzip: {e}"))?),
+            Out::Gzip(gz) => done(gz.finish()?),
             Out::Pipe(mut w) => {
                 w.flush()?;
                 Ok(None)
@@ -167,14 +218,14 @@ impl Write for Out {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Out::Plain(w) => w.write(buf),
-            Out::Gzip(w) => w.write(buf),
+            Out::Gzip(w) => w.with(|gz| gz.write(buf)),
             Out::Pipe(w) => w.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Out::Plain(w) => w.flush(),
-            Out::Gzip(w) => w.flush(),
+            Out::Gzip(w) => w.with(|gz| gz.flush()),
             Out::Pipe(w) => w.flush(),
         }
     }

@@ -231,6 +231,9 @@ pub struct WslFixup {
     openrc: OpenRc,
     /// `[boot] command` for wsl.conf: the OpenRC start helper, for OpenRC images.
     boot_command: Option<String>,
+    /// Package: the paths whose content is stripped of password hashes — the shadow files and
+    /// whatever they resolve to (a symlink's target, a hard link's first path).
+    strip: HashSet<String>,
 }
 
 /// Paths never shipped to WSL: WSL writes resolv.conf itself; `.dockerenv` is a container
@@ -269,6 +272,7 @@ impl WslFixup {
             icon,
             openrc: OpenRc::new(&openrc::WSL),
             boot_command: None,
+            strip: HashSet::new(),
         })
     }
 
@@ -307,6 +311,13 @@ impl Fixup for WslFixup {
             .openrc
             .active()
             .then(|| format!("/{}", openrc::WSL_START));
+        if self.package {
+            self.strip = crate::flatten::SECRET_FILES
+                .iter()
+                .map(|s| s.to_string())
+                .chain(facts.secret_files.values().cloned())
+                .collect();
+        }
         Ok(())
     }
 
@@ -320,7 +331,9 @@ impl Fixup for WslFixup {
                 Action::Rewrite
             }
             "etc/wsl.conf" => Action::Drop,
-            "etc/shadow" if self.package => Action::Rewrite,
+            // Hashes are stripped wherever the shadow files' content is written; a link at the
+            // name itself is kept (it leads to the stripped file).
+            p if self.strip.contains(p) && meta.kind == Kind::File => Action::Rewrite,
             "etc/wsl-distribution.conf" if self.package => Action::Drop,
             _ => self.openrc.action(path, meta).unwrap_or(Action::Keep),
         }
@@ -329,7 +342,7 @@ impl Fixup for WslFixup {
     fn rewrite(&mut self, path: &str, data: Vec<u8>) -> Result<Vec<u8>> {
         let text = String::from_utf8_lossy(&data);
         Ok(match path {
-            "etc/shadow" => strip_hashes(&text).into_bytes(),
+            p if self.strip.contains(p) => strip_hashes(&text).into_bytes(),
             "etc/wsl.conf" => wsl_conf(
                 Some(&text),
                 self.user.as_ref(),
