@@ -491,3 +491,48 @@ fn a_full_disk_is_an_error_not_a_panic() {
         "half-written files left"
     );
 }
+
+#[test]
+fn a_context_file_that_changes_while_it_streams_is_named() {
+    let _g = serial();
+    common::engine::require_docker();
+    let project = tempfile::tempdir().unwrap();
+    let dir = project.path().join("ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nCOPY . /ctx/\n",
+    )
+    .unwrap();
+    // A file whose size says 0 while reading yields bytes: /proc/version bound over it, the way
+    // a log being appended to looks to a reader that trusted its size.
+    let grows = dir.join("grows.log");
+    std::fs::write(&grows, "").unwrap();
+    std::fs::write(dir.join("zz-after"), "a later file").unwrap();
+    sh(&format!("mount --bind /proc/version {}", grows.display()));
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(grows.clone());
+    let o = abox()
+        .args(["build", "--dir"])
+        .arg(project.path())
+        .args([
+            "--base-image",
+            common::engine::standin(),
+            "--registry",
+            "abox-test-ctx",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{} changed as we read it", grows.display())),
+        "{err}"
+    );
+    assert!(!common::engine::image_exists("abox-test-ctx/ctx:latest"));
+}

@@ -122,6 +122,52 @@ impl Ignore {
     }
 }
 
+/// A context file read for exactly the size its tar header announces: one that grows or
+/// shrinks while it streams is an error naming it (a longer copy would shift every later
+/// entry of the archive, a shorter one would leave the header lying).
+struct Exactly<'a, R> {
+    inner: R,
+    left: u64,
+    path: &'a Path,
+}
+
+impl<'a, R: std::io::Read> Exactly<'a, R> {
+    fn new(inner: R, size: u64, path: &'a Path) -> Self {
+        Self {
+            inner,
+            left: size,
+            path,
+        }
+    }
+
+    fn changed(&self) -> std::io::Error {
+        std::io::Error::other(format!(
+            "{} changed as we read it: build again once nothing writes to it",
+            self.path.display()
+        ))
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Exactly<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            // The announced size is done: one more byte means the file grew.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(self.changed()),
+            };
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(self.changed());
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// Sends what is written to it as chunks over a channel (to the request body).
 struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
@@ -210,7 +256,8 @@ pub fn write_context(dir: &Path, out: impl Write) -> Result<()> {
             } else if ft.is_file() {
                 let f = std::fs::File::open(&path)
                     .with_context(|| format!("reading {}", path.display()))?;
-                tar.append_data(&mut h, &r, f)
+                let reader = Exactly::new(f, md.len(), &path);
+                tar.append_data(&mut h, &r, reader)
                     .with_context(|| format!("adding {} to the build context", path.display()))?;
             }
             // Sockets, fifos and devices have no place in a build context.
@@ -808,6 +855,22 @@ mod tests {
             .unwrap();
         let r = buildkit_request(req);
         assert_eq!(r.uri().query(), Some("t=x&version=2&session=abox-1"));
+    }
+
+    #[test]
+    fn a_context_file_must_keep_its_size_while_it_streams() {
+        use std::io::Read;
+        let p = Path::new("ctx/file");
+        let read = |data: &[u8], size: u64| -> std::io::Result<Vec<u8>> {
+            let mut out = Vec::new();
+            Exactly::new(data, size, p).read_to_end(&mut out)?;
+            Ok(out)
+        };
+        assert_eq!(read(b"hello", 5).unwrap(), b"hello");
+        for (data, size) in [(&b"hello!"[..], 5), (&b"hell"[..], 5)] {
+            let e = read(data, size).unwrap_err().to_string();
+            assert!(e.contains("ctx/file changed as we read it"), "{e}");
+        }
     }
 
     #[test]
