@@ -536,3 +536,59 @@ fn a_context_file_that_changes_while_it_streams_is_named() {
     );
     assert!(!common::engine::image_exists("abox-test-ctx/ctx:latest"));
 }
+
+#[test]
+fn claims_out_of_proportion_and_too_little_room_are_refused_before_writing() {
+    let _g = serial();
+    require_tool("tar");
+    let work = tempfile::tempdir().unwrap();
+    // GNU tar's sparse member: 1 TiB claimed, nothing stored.
+    let src_dir = work.path().join("sparse");
+    std::fs::create_dir_all(src_dir.join("data")).unwrap();
+    sh(&format!(
+        "truncate -s 1T {0}/data/huge && tar --format=gnu --sparse -C {0} -cf {1}/sparse.tar data",
+        src_dir.display(),
+        work.path().display()
+    ));
+    let mut spec = ImageSpec::new(&[KERNELED]);
+    spec.layers
+        .push(std::fs::read(work.path().join("sparse.tar")).unwrap());
+    let src = oci(&spec, &work.path().join("img"));
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let err = run_err(
+        abox()
+            .args(["export", &src, "--wsl", "--rootfs", "-o"])
+            .arg(&out),
+    );
+    assert!(
+        err.contains("data/huge: a sparse file claiming 1099511627776 bytes"),
+        "{err}"
+    );
+    assert!(err.contains("out of proportion"), "{err}");
+    assert_nothing_left(&out, "sparse export");
+    let err = run_err(abox().args(["disk", &src, "-o"]).arg(out.join("d.img")));
+    assert!(err.contains("out of proportion"), "{err}");
+    assert_nothing_left(&out, "sparse disk");
+
+    // A disk larger than the room where it goes: refused before a byte is written.
+    let small = work.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=8m abox-test-small {}",
+        small.display()
+    ));
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(small.clone());
+    let spec = ImageSpec::new(&[&format!("{KERNELED}d data 0755\nF data/x 0644 20971520\n")]);
+    let src = oci(&spec, &work.path().join("img2"));
+    let err = run_err(abox().args(["disk", &src, "-o"]).arg(small.join("d.qcow2")));
+    assert!(err.contains("the disk needs about"), "{err}");
+    assert!(err.contains("free: make room"), "{err}");
+    assert_nothing_left(&small, "no room");
+}

@@ -432,6 +432,13 @@ pub fn make_disk(
     let part_guid = random_uuid()?;
     let disk_guid = random_uuid()?;
     let layout = partition::layout(opts.table, fs_bytes, &part_guid)?;
+    // The raw disk is sparse, but what the filesystem holds is written for real; a converted
+    // format needs the raw scratch and the result side by side.
+    let copies = if format == Format::Raw { 1 } else { 2 };
+    fs::check_room(
+        out_path.parent().unwrap_or(Path::new(".")),
+        min_fs.saturating_mul(copies),
+    )?;
 
     // The raw disk: the output itself, or a scratch file next to it for qemu-img.
     let mut scratch = match format {

@@ -205,6 +205,9 @@ pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<
             Name::Opaque(p) => ops.push(Op::Opaque(p)),
             Name::Path(path) => {
                 let meta = meta_of(&mut e, &path)?;
+                if ty == tar::EntryType::GNUSparse {
+                    check_sparse(&path, e.header().entry_size()?, meta.size)?;
+                }
                 if meta.kind == Kind::File {
                     if CAPTURE.contains(&path.as_str()) && meta.size <= CAPTURE_MAX {
                         let mut data = Vec::with_capacity(meta.size as usize);
@@ -233,6 +236,29 @@ pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<
         }
     }
     Ok((LayerIndex { ops, captured }, ar.into_inner()))
+}
+
+/// How far a sparse entry's size may exceed the bytes it stores: every target writes the holes
+/// in full (a disk's files have none), so a claim out of proportion would fill the host's disk
+/// from a tiny image. Ratio, then slack in bytes.
+const SPARSE_RATIO: u64 = 64;
+const SPARSE_SLACK: u64 = 64 << 20;
+
+/// Refuse a sparse entry whose size is out of proportion to what it stores.
+pub fn check_sparse(path: &str, stored: u64, size: u64) -> Result<()> {
+    if size
+        > stored
+            .saturating_mul(SPARSE_RATIO)
+            .saturating_add(SPARSE_SLACK)
+    {
+        bail!(
+            "{path}: a sparse file claiming {size} bytes from {stored} stored: out of proportion \
+             (abox writes sparse regions in full; at most {SPARSE_RATIO}× plus {} MiB): refusing \
+             the image",
+            SPARSE_SLACK >> 20
+        );
+    }
+    Ok(())
 }
 
 pub fn check_len(path: &str, got: u64, want: u64) -> Result<()> {
