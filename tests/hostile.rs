@@ -592,3 +592,119 @@ fn claims_out_of_proportion_and_too_little_room_are_refused_before_writing() {
     assert!(err.contains("free: make room"), "{err}");
     assert_nothing_left(&small, "no room");
 }
+
+/// An image whose copy onto a disk lasts a while (160 files of 2 MiB), as `oci:DIR:big`.
+fn big_image(work: &Path) -> String {
+    let chunk = work.join("chunk");
+    std::fs::write(&chunk, common::noise("chunk", 2 << 20)).unwrap();
+    let mut desc = format!("{KERNELED}d data 0755\n");
+    for i in 0..160 {
+        desc.push_str(&format!("H data/f{i} 0644 {}\n", chunk.display()));
+    }
+    ImageSpec::new(&[&desc]).write_oci(&work.join("oci"), "big");
+    format!("oci:{}:big", work.join("oci").display())
+}
+
+/// Start `abox disk SRC -o OUT` and return once it copies the rootfs (a loop device and a mount
+/// are held then), with a reader of the rest of its stderr.
+fn disk_mid_copy(
+    src: &str,
+    out: &Path,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<Option<String>>,
+) {
+    let mut child = abox()
+        .args(["disk", src, "-o"])
+        .arg(out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("writing rootfs: started") {
+                let _ = tx.send(None);
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        let _ = tx.send(Some(all));
+    });
+    match rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .unwrap()
+    {
+        None => {}
+        Some(all) => panic!("abox ended before the copy: {all}"),
+    }
+    assert_eq!(abox_mounts().len(), 1, "mid-copy, abox holds one mount");
+    (child, rx)
+}
+
+#[test]
+fn a_second_ctrl_c_waits_for_the_loop_device_and_mount() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    let src = big_image(work.path());
+    let out = work.path().join("out");
+    let (mut child, rx) = disk_mid_copy(&src, &out.join("big.qcow2"));
+    // Two signals at once, then a third: only the first counts while they are held.
+    for _ in 0..3 {
+        sh(&format!("kill -INT {}", child.id()));
+    }
+    let status = child.wait().unwrap();
+    let all = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{all}");
+    assert_nothing_left(&out, "repeated Ctrl-C");
+    let loops = sh("losetup --list --noheadings");
+    assert!(!loops.contains(".big.qcow2"), "{loops}");
+}
+
+#[test]
+fn what_a_killed_abox_left_is_released_by_the_next_run() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    let src = big_image(work.path());
+    let out = work.path().join("out");
+    let (mut child, _rx) = disk_mid_copy(&src, &out.join("big.qcow2"));
+    let pid = child.id();
+    sh(&format!("kill -KILL {pid}"));
+    child.wait().unwrap();
+    // Left: its mount, its loop device, its temporary files.
+    let mounts = abox_mounts();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.contains(&format!("abox-mnt-{pid}-"))),
+        "{mounts:?}"
+    );
+    let left: Vec<_> = files_in(&out);
+    assert!(
+        left.iter()
+            .any(|f| f.to_string_lossy().ends_with(&format!(".tmp-{pid}"))),
+        "{left:?}"
+    );
+    // The next run says what it released and succeeds.
+    let small = ImageSpec::new(&[KERNELED]);
+    let src2 = oci(&small, &work.path().join("small"));
+    let o = run_ok(abox().args(["disk", &src2, "-o"]).arg(out.join("next.img")));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("unmounted") && err.contains("left by an abox that died"),
+        "{err}"
+    );
+    assert!(err.contains("detached /dev/loop"), "{err}");
+    assert!(err.contains(&format!(".tmp-{pid}")), "{err}");
+    assert!(abox_mounts().is_empty(), "mounts left: {:?}", abox_mounts());
+    let loops = sh("losetup --list --noheadings --output BACK-FILE");
+    assert!(!loops.contains(&format!(".tmp-{pid}")), "{loops}");
+    assert_eq!(files_in(&out), vec![out.join("next.img")]);
+}

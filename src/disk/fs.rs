@@ -166,6 +166,105 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// Whether process `pid` is gone (a leftover named after it is then nobody's).
+fn dead(pid: u32) -> bool {
+    match rustix::process::Pid::from_raw(pid as i32) {
+        Some(p) => rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH),
+        None => false,
+    }
+}
+
+/// The PID at the end of an abox temporary name: `abox-mnt-PID-N` or `….tmp-PID`.
+fn pid_of(name: &str) -> Option<u32> {
+    if let Some(rest) = name.strip_prefix("abox-mnt-") {
+        return rest.split('-').next()?.parse().ok();
+    }
+    name.rsplit_once(".tmp-")?.1.parse().ok()
+}
+
+/// Release what an abox that died without cleaning up (SIGKILL, a crash, a power cut) left:
+/// its mounts under the temporary folder, loop devices over its temporary disks, and its
+/// temporary files in `out_dir`. Only abox's own names with the PID of a process that no longer
+/// exists are touched. Returns one line per thing released; a thing that cannot be released is
+/// an error saying exactly what it is and how to remove it.
+pub fn reap_stale(out_dir: &Path) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let tmp = std::env::temp_dir();
+    // Mounts first (a mount holds its loop device).
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mountinfo.lines() {
+        let Some(target) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let target = PathBuf::from(target);
+        let Some(name) = target.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if target.parent() != Some(tmp.as_path()) || !name.starts_with("abox-mnt-") {
+            continue;
+        }
+        if !pid_of(name).is_some_and(dead) {
+            continue;
+        }
+        if cmd::run(Command::new("umount").arg(&target)).is_err() {
+            cmd::run(Command::new("umount").arg("--lazy").arg(&target)).with_context(|| {
+                format!(
+                    "a dead abox left {} mounted; remove it with `umount {0}`",
+                    target.display()
+                )
+            })?;
+        }
+        let _ = std::fs::remove_dir(&target);
+        done.push(format!(
+            "unmounted {} (left by an abox that died)",
+            target.display()
+        ));
+    }
+    // Loop devices over a dead abox's temporary disk files.
+    if let Ok(rd) = std::fs::read_dir("/sys/block") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("loop") {
+                continue;
+            }
+            let Ok(back) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+                continue;
+            };
+            let back = back.trim().trim_end_matches(" (deleted)");
+            let file = Path::new(back)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("");
+            if !(file.starts_with('.') && pid_of(file).is_some_and(dead)) {
+                continue;
+            }
+            let dev = format!("/dev/{name}");
+            cmd::run(Command::new("losetup").args(["--detach", &dev])).with_context(|| {
+                format!("a dead abox left {dev} attached to {back}; remove it with `losetup --detach {dev}`")
+            })?;
+            done.push(format!(
+                "detached {dev} from {back} (left by an abox that died)"
+            ));
+        }
+    }
+    // Its temporary files in the output folder.
+    if let Ok(rd) = std::fs::read_dir(out_dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && pid_of(&name).is_some_and(dead) {
+                std::fs::remove_file(e.path()).with_context(|| {
+                    format!("a dead abox left {}; remove it by hand", e.path().display())
+                })?;
+                done.push(format!(
+                    "removed {} (left by an abox that died)",
+                    e.path().display()
+                ));
+            }
+        }
+    }
+    Ok(done)
+}
+
 /// Loop devices and mounts need root (a later version will not).
 pub fn require_root() -> Result<()> {
     if !rustix::process::geteuid().is_root() {
@@ -210,10 +309,13 @@ pub fn mkfs(dev: &str, fs_bytes: u64, u: Usage, uuid: &str, label: &str) -> Resu
 pub struct Loop {
     dev: String,
     attached: bool,
+    /// Dropped after the detach: a second Ctrl-C waits for it.
+    _held: crate::signals::Held,
 }
 
 impl Loop {
     pub fn attach(file: &Path, offset: u64, size: u64) -> Result<Self> {
+        let held = crate::signals::hold();
         let out = cmd::run(
             Command::new("losetup")
                 .args(["--find", "--show"])
@@ -230,6 +332,7 @@ impl Loop {
         Ok(Self {
             dev,
             attached: true,
+            _held: held,
         })
     }
 
@@ -258,6 +361,8 @@ impl Drop for Loop {
 pub struct Mount {
     dir: PathBuf,
     mounted: bool,
+    /// Dropped after the unmount: a second Ctrl-C waits for it.
+    _held: crate::signals::Held,
 }
 
 impl Mount {
@@ -278,6 +383,7 @@ impl Mount {
         let mut m = Self {
             dir,
             mounted: false,
+            _held: crate::signals::hold(),
         };
         // noinit_itable: no background zeroing of inode tables while we copy. nodev, nosuid,
         // noexec: a device node, set-id file or program of the image is inert on this host
@@ -324,6 +430,15 @@ impl Drop for Mount {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftover_names_carry_their_pid() {
+        assert_eq!(pid_of("abox-mnt-4242-0"), Some(4242));
+        assert_eq!(pid_of(".base.qcow2.raw.tmp-77"), Some(77));
+        assert_eq!(pid_of(".x.tmp-notapid"), None);
+        assert_eq!(pid_of("base.qcow2"), None);
+        assert!(!dead(std::process::id()));
+    }
 
     #[test]
     fn sizes_parse() {

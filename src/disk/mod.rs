@@ -385,6 +385,14 @@ pub fn make_disk(
             )
         })?;
     }
+    // What an abox that died here before (SIGKILL) left behind is released first, and said.
+    let out_dir = out_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    for done in fs::reap_stale(out_dir)? {
+        progress.note(&done);
+    }
     // The final file, created now so an unwritable folder fails before any work.
     let mut out = PendingFile::create(&out_path)?;
 
