@@ -54,10 +54,146 @@ const LOG_TAIL_LINES: usize = 20;
 // ---------------------------------------------------------------------------------------------
 // Build context
 
-/// `.dockerignore` patterns: Go `filepath.Match` globs plus `**`, `!` exceptions, last match
-/// wins, and a pattern that matches a folder excludes what is inside.
+/// `.dockerignore`, matched exactly as the docker CLI and BuildKit match it (moby
+/// `patternmatcher` and buildkit `dockerignore.ReadAll`): each line trimmed, `#` lines and blank
+/// lines skipped, `!` for an exception, the pattern cleaned like Go's `filepath.Clean`
+/// (`foo/../x` is `x`, a leading `/` dropped), then `*` (no `/`), `?`, `**` (any folders),
+/// `[…]`/`[^…]` classes and `\` escapes; the last matching line wins, and a pattern matching a
+/// parent folder matches what is inside.
 pub struct Ignore {
-    rules: Vec<(glob::Pattern, bool)>,
+    rules: Vec<Rule>,
+}
+
+struct Rule {
+    exclusion: bool,
+    matcher: Matcher,
+}
+
+enum Matcher {
+    Exact(String),
+    /// `dir/**`: everything below the prefix.
+    Prefix(String),
+    /// `**/name`: the suffix, or the name alone.
+    Suffix(String),
+    Regex(regex::Regex),
+}
+
+/// Go's `filepath.Clean` on a `/`-separated path.
+pub fn clean(p: &str) -> String {
+    let rooted = p.starts_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if parts.last().is_some_and(|l| *l != "..") {
+                    parts.pop();
+                } else if !rooted {
+                    parts.push("..");
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    let body = parts.join("/");
+    match (rooted, body.is_empty()) {
+        (true, _) => format!("/{body}"),
+        (false, true) => ".".into(),
+        (false, false) => body,
+    }
+}
+
+impl Matcher {
+    /// patternmatcher's `Pattern.compile`.
+    fn compile(pattern: &str) -> Result<Matcher> {
+        #[derive(PartialEq)]
+        enum Kind {
+            Exact,
+            Prefix,
+            Suffix,
+            Regex,
+        }
+        let mut kind = Kind::Exact;
+        let mut re = String::from("^");
+        let chars: Vec<char> = pattern.chars().collect();
+        let mut i = 0;
+        let mut first = true;
+        while i < chars.len() {
+            let ch = chars[i];
+            i += 1;
+            match ch {
+                '*' if chars.get(i) == Some(&'*') => {
+                    i += 1;
+                    if chars.get(i) == Some(&'/') {
+                        i += 1;
+                    }
+                    if i >= chars.len() {
+                        if kind == Kind::Exact {
+                            kind = Kind::Prefix;
+                        } else {
+                            re.push_str(".*");
+                            kind = Kind::Regex;
+                        }
+                    } else {
+                        re.push_str("(.*/)?");
+                        kind = Kind::Regex;
+                    }
+                    if first {
+                        kind = Kind::Suffix;
+                    }
+                }
+                '*' => {
+                    re.push_str("[^/]*");
+                    kind = Kind::Regex;
+                }
+                '?' => {
+                    re.push_str("[^/]");
+                    kind = Kind::Regex;
+                }
+                '.' | '+' | '(' | ')' | '|' | '{' | '}' | '$' => {
+                    re.push('\\');
+                    re.push(ch);
+                }
+                '\\' => match chars.get(i) {
+                    Some(next) => {
+                        i += 1;
+                        re.push('\\');
+                        re.push(*next);
+                        kind = Kind::Regex;
+                    }
+                    None => re.push_str("\\\\"),
+                },
+                '[' | ']' => {
+                    re.push(ch);
+                    kind = Kind::Regex;
+                }
+                c => re.push(c),
+            }
+            first = false;
+        }
+        Ok(match kind {
+            Kind::Exact => Matcher::Exact(pattern.to_string()),
+            Kind::Prefix => Matcher::Prefix(pattern[..pattern.len() - 2].to_string()),
+            Kind::Suffix => Matcher::Suffix(pattern[2..].to_string()),
+            Kind::Regex => {
+                re.push('$');
+                Matcher::Regex(
+                    regex::Regex::new(&re).with_context(|| format!("bad pattern {pattern:?}"))?,
+                )
+            }
+        })
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            Matcher::Exact(p) => path == p,
+            Matcher::Prefix(p) => path.starts_with(p.as_str()),
+            Matcher::Suffix(s) => {
+                path.ends_with(s.as_str()) || (s.starts_with('/') && path == &s[1..])
+            }
+            Matcher::Regex(r) => r.is_match(path),
+        }
+    }
 }
 
 impl Ignore {
@@ -73,52 +209,68 @@ impl Ignore {
 
     pub fn parse(text: &str) -> Result<Ignore> {
         let mut rules = Vec::new();
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for line in text.lines() {
-            let l = line.trim();
-            if l.is_empty() || l.starts_with('#') {
+            // buildkit's ReadAll: comments before trimming, then trim, `!`, clean.
+            if line.starts_with('#') {
                 continue;
             }
-            let (negate, pat) = match l.strip_prefix('!') {
+            let l = line.trim();
+            if l.is_empty() {
+                continue;
+            }
+            let (exclusion, pat) = match l.strip_prefix('!') {
                 Some(p) => (true, p.trim()),
                 None => (false, l),
             };
-            let pat = pat.trim_start_matches('/').trim_end_matches('/');
-            let pat = pat.strip_prefix("./").unwrap_or(pat);
-            if pat.is_empty() {
-                continue;
+            let mut pat = clean(pat);
+            if pat.len() > 1 && pat.starts_with('/') {
+                pat.remove(0);
             }
-            let g = glob::Pattern::new(pat).with_context(|| format!("bad pattern {l:?}"))?;
-            rules.push((g, negate));
+            if exclusion && pat.is_empty() {
+                bail!("illegal exclusion pattern: \"!\"");
+            }
+            rules.push(Rule {
+                exclusion,
+                matcher: Matcher::compile(&pat).with_context(|| format!("line {l:?}"))?,
+            });
         }
         Ok(Ignore { rules })
     }
 
-    /// Whether `rel` (a relative path with `/`) is left out of the context.
+    /// Whether `rel` (a relative path with `/`) is left out of the context
+    /// (patternmatcher's `MatchesOrParentMatches`).
     pub fn excluded(&self, rel: &str) -> bool {
-        let opts = glob::MatchOptions {
-            case_sensitive: true,
-            require_literal_separator: true,
-            require_literal_leading_dot: false,
+        let parent = crate::flatten::path::parent(rel);
+        let dirs: Vec<&str> = if parent.is_empty() {
+            Vec::new()
+        } else {
+            parent.split('/').collect()
         };
-        let mut out = false;
-        for (g, negate) in &self.rules {
-            // The path itself or one of its parent folders.
-            let mut hit = g.matches_with(rel, opts);
-            let mut p = rel;
-            while !hit {
-                match p.rsplit_once('/') {
-                    Some((parent, _)) => {
-                        hit = g.matches_with(parent, opts);
-                        p = parent;
+        let mut matched = false;
+        for r in &self.rules {
+            // An exception only matters once matched, an exclusion only before.
+            if r.exclusion != matched {
+                continue;
+            }
+            let mut hit = r.matcher.matches(rel);
+            if !hit {
+                for i in 0..dirs.len() {
+                    if r.matcher.matches(&dirs[..=i].join("/")) {
+                        hit = true;
+                        break;
                     }
-                    None => break,
                 }
             }
             if hit {
-                out = !negate;
+                matched = !r.exclusion;
             }
         }
-        out
+        matched
+    }
+
+    fn has_exceptions(&self) -> bool {
+        self.rules.iter().any(|r| r.exclusion)
     }
 }
 
@@ -228,7 +380,7 @@ pub fn write_context(dir: &Path, out: impl Write) -> Result<()> {
             let excluded = !always && ignore.excluded(&r);
             // An excluded folder may still hold re-included paths (`!`): descend when any
             // rule is an exception, as Docker does, but do not send the folder itself.
-            if excluded && !(e.file_type()?.is_dir() && ignore.rules.iter().any(|(_, n)| *n)) {
+            if excluded && !(e.file_type()?.is_dir() && ignore.has_exceptions()) {
                 continue;
             }
             let path = e.path();
