@@ -708,3 +708,100 @@ fn what_a_killed_abox_left_is_released_by_the_next_run() {
     assert!(!loops.contains(&format!(".tmp-{pid}")), "{loops}");
     assert_eq!(files_in(&out), vec![out.join("next.img")]);
 }
+
+/// A layer whose first member is an extension header of type `ty` claiming `size` bytes, with
+/// only a little of that data behind it (abox must refuse at the header, before reading it).
+fn extension_bomb(ty: tar::EntryType, size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_entry_type(ty);
+    h.set_mode(0o644);
+    h.set_size(size);
+    h.set_cksum();
+    let mut v = h.as_bytes().to_vec();
+    v.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    v
+}
+
+#[test]
+fn extension_members_and_names_are_bounded() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    for (what, ty) in [
+        ("GNU long name", tar::EntryType::GNULongName),
+        ("GNU long link name", tar::EntryType::GNULongLink),
+        ("PAX header", tar::EntryType::XHeader),
+    ] {
+        let mut spec = ImageSpec::new(&[KERNELED]);
+        spec.layers.push(extension_bomb(ty, 1 << 30));
+        let src = oci(&spec, &work.path().join(what.replace(' ', "-")));
+        let out = work.path().join("out");
+        let err = run_err(abox().args(["export", &src, "--rootfs", "-o"]).arg(&out));
+        assert!(
+            err.contains(&format!("a {what} member of 1073741824 bytes")),
+            "{what}: {err}"
+        );
+        assert_eq!(files_in(&out), Vec::<PathBuf>::new());
+        let err = run_err(abox().args(["disk", &src, "-o"]).arg(out.join("d.img")));
+        assert!(err.contains("1073741824 bytes"), "{what} (disk): {err}");
+        assert_nothing_left(&out, what);
+    }
+    // Names no filesystem takes: a path of 5000 bytes (PAX, well under the member limit) and a
+    // 300-byte name; both refused for every target, the disk included.
+    let long_path = format!("d deep 0755\nf deep/{} 0644 x\n", "d/".repeat(2500) + "f");
+    let long_name = format!("f {} 0644 x\n", "n".repeat(300));
+    for (what, desc, msg) in [
+        ("long path", long_path, "a path of 5006 bytes"),
+        ("long name", long_name, "a name of 300 bytes"),
+    ] {
+        let spec = ImageSpec::new(&[KERNELED, &desc]);
+        let src = oci(&spec, &work.path().join(what.replace(' ', "-")));
+        let out = work.path().join("out2");
+        let err = run_err(
+            abox()
+                .args(["export", &src, "--wsl", "--lxd", "-o"])
+                .arg(&out),
+        );
+        assert!(err.contains(msg), "{what}: {err}");
+        let err = run_err(abox().args(["disk", &src, "-o"]).arg(out.join("d.img")));
+        assert!(err.contains(msg), "{what} (disk): {err}");
+        assert_nothing_left(&out, what);
+    }
+}
+
+#[test]
+fn honest_sparse_files_still_pass_the_header_guard() {
+    let _g = serial();
+    require_tool("tar");
+    let work = tempfile::tempdir().unwrap();
+    let src_dir = work.path().join("sparse");
+    std::fs::create_dir_all(src_dir.join("data")).unwrap();
+    // Eight data regions between holes: more than an old-GNU header's four, so extension
+    // blocks follow the header.
+    let f = src_dir.join("data/holes");
+    for i in 0..8 {
+        sh(&format!(
+            "printf 'region-{i}' | dd of={} bs=1 seek={} conv=notrunc status=none",
+            f.display(),
+            i * 1_000_000
+        ));
+    }
+    let want = sha256_hex(&std::fs::read(&f).unwrap());
+    sh(&format!(
+        "tar --format=gnu --sparse -C {0} -cf {1}/sparse.tar data",
+        src_dir.display(),
+        work.path().display()
+    ));
+    let mut spec = ImageSpec::new(&[KERNELED]);
+    spec.layers
+        .push(std::fs::read(work.path().join("sparse.tar")).unwrap());
+    let src = oci(&spec, &work.path().join("img"));
+    let out = work.path().join("out");
+    run_ok(
+        abox()
+            .args(["export", &src, "--rootfs", "--name", "x", "-o"])
+            .arg(&out),
+    );
+    let t = common::read_tar_file(&out.join("x.rootfs.tar"));
+    assert_eq!(t["data/holes"].what, want, "the sparse file's content");
+}

@@ -131,6 +131,12 @@ fn meta_of<R: Read>(e: &mut tar::Entry<R>, path: &str) -> Result<Meta> {
             }
             let t =
                 String::from_utf8(t).map_err(|_| anyhow!("symlink {path}: target is not UTF-8"))?;
+            if t.len() >= MAX_PATH {
+                bail!(
+                    "symlink {path}: a target of {} bytes (Linux takes less than {MAX_PATH})",
+                    t.len()
+                );
+            }
             Kind::Symlink(t)
         }
         tar::EntryType::Link => {
@@ -182,10 +188,212 @@ pub fn index_layer(image: &Image, i: usize, counter: Arc<AtomicU64>) -> Result<L
     Ok(ix)
 }
 
+/// The largest extension member (GNU long name or link, PAX header) abox reads: the tar crate
+/// reads them whole into memory, so a 1 GiB one (a few MB gzipped) would exhaust the host.
+pub const MAX_EXTENSION: u64 = 1 << 20;
+/// Linux's PATH_MAX and NAME_MAX: longer names cannot be written to a filesystem.
+pub const MAX_PATH: usize = 4096;
+pub const MAX_NAME: usize = 255;
+
+const BLOCK: usize = 512;
+
+/// Watches a tar stream's structure as it is read and fails the read that would hand the tar
+/// crate an extension member over [`MAX_EXTENSION`] (before any of it is buffered). It follows
+/// what the tar crate follows: each header's size (octal or base-256), a PAX `size` record for
+/// the next member, old-GNU sparse extension blocks, and stops watching at the first zero block
+/// (the end of the archive as the tar crate reads it).
+struct HeaderGuard<R> {
+    inner: R,
+    state: Guard,
+    header: Vec<u8>,
+    /// Data left in the current member (whole blocks).
+    left: u64,
+    /// Old-GNU sparse extension blocks still to come.
+    sparse_ext: bool,
+    /// The current member's data when it is a PAX header (bounded by MAX_EXTENSION).
+    pax: Option<Vec<u8>>,
+    /// `size` from the last PAX header, for the next member.
+    next_size: Option<u64>,
+}
+
+#[derive(PartialEq)]
+enum Guard {
+    Header,
+    SparseExt,
+    Data,
+    Done,
+}
+
+fn octal_or_binary(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        // base-256: big-endian, the marker bit cleared.
+        let mut v: u64 = (field[0] & 0x7f) as u64;
+        for b in &field[1..] {
+            v = v.checked_mul(256)?.checked_add(*b as u64)?;
+        }
+        return Some(v);
+    }
+    let s = std::str::from_utf8(field).ok()?;
+    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
+    if s.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(s, 8).ok()
+}
+
+impl<R: Read> HeaderGuard<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            state: Guard::Header,
+            header: Vec::with_capacity(BLOCK),
+            left: 0,
+            sparse_ext: false,
+            pax: None,
+            next_size: None,
+        }
+    }
+
+    fn into_inner(self) -> R {
+        self.inner
+    }
+
+    fn header_done(&mut self) -> std::io::Result<()> {
+        let h = std::mem::take(&mut self.header);
+        if h.iter().all(|b| *b == 0) {
+            self.state = Guard::Done;
+            return Ok(());
+        }
+        let ty = h[156];
+        let size = octal_or_binary(&h[124..136])
+            .ok_or_else(|| std::io::Error::other("a tar header with an unreadable size"))?;
+        let size = match ty {
+            b'x' | b'g' | b'L' | b'K' => size,
+            _ => self.next_size.take().unwrap_or(size),
+        };
+        if matches!(ty, b'x' | b'g' | b'L' | b'K') && size > MAX_EXTENSION {
+            let what = match ty {
+                b'L' => "GNU long name",
+                b'K' => "GNU long link name",
+                _ => "PAX header",
+            };
+            return Err(std::io::Error::other(format!(
+                "a {what} member of {size} bytes: more than the {MAX_EXTENSION} abox reads \
+                 (a name is at most {MAX_PATH} bytes); refusing the layer"
+            )));
+        }
+        self.pax = (ty == b'x').then(Vec::new);
+        self.left = size.div_ceil(BLOCK as u64) * BLOCK as u64;
+        self.sparse_ext = ty == b'S' && h[482] != 0;
+        self.state = if self.sparse_ext {
+            Guard::SparseExt
+        } else if self.left > 0 {
+            Guard::Data
+        } else {
+            Guard::Header
+        };
+        self.header = Vec::with_capacity(BLOCK);
+        Ok(())
+    }
+
+    fn data_done(&mut self) {
+        if let Some(pax) = self.pax.take() {
+            // Records: "LEN key=value\n".
+            let mut rest = &pax[..];
+            while let Some(sp) = rest.iter().position(|b| *b == b' ') {
+                let Some(len) = std::str::from_utf8(&rest[..sp])
+                    .ok()
+                    .and_then(|l| l.parse::<usize>().ok())
+                else {
+                    break;
+                };
+                if len == 0 || len > rest.len() {
+                    break;
+                }
+                let rec = &rest[sp + 1..len];
+                if let Some(v) = rec.strip_prefix(b"size=") {
+                    let v = std::str::from_utf8(v).unwrap_or("").trim_end_matches('\n');
+                    self.next_size = v.parse().ok();
+                }
+                rest = &rest[len..];
+            }
+        }
+        self.state = Guard::Header;
+    }
+
+    /// Follow the structure over bytes that were just read.
+    fn watch(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            match self.state {
+                Guard::Done => return Ok(()),
+                Guard::Header | Guard::SparseExt => {
+                    let n = (BLOCK - self.header.len()).min(buf.len());
+                    self.header.extend_from_slice(&buf[..n]);
+                    buf = &buf[n..];
+                    if self.header.len() == BLOCK {
+                        if self.state == Guard::SparseExt {
+                            let more = self.header[504] != 0;
+                            self.header.clear();
+                            if !more {
+                                self.state = if self.left > 0 {
+                                    Guard::Data
+                                } else {
+                                    Guard::Header
+                                };
+                            }
+                        } else {
+                            self.header_done()?;
+                        }
+                    }
+                }
+                Guard::Data => {
+                    let n = (self.left.min(buf.len() as u64)) as usize;
+                    if let Some(p) = &mut self.pax {
+                        p.extend_from_slice(&buf[..n]);
+                    }
+                    buf = &buf[n..];
+                    self.left -= n as u64;
+                    if self.left == 0 {
+                        self.data_done();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for HeaderGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.watch(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Refuse a name no filesystem takes: longer than PATH_MAX, or a part longer than NAME_MAX.
+fn check_name(path: &str) -> Result<()> {
+    if path.len() >= MAX_PATH {
+        bail!(
+            "{}…: a path of {} bytes (Linux takes less than {MAX_PATH}): refusing the image",
+            path.chars().take(80).collect::<String>(),
+            path.len()
+        );
+    }
+    if let Some(part) = path.split('/').find(|p| p.len() > MAX_NAME) {
+        bail!(
+            "{}…: a name of {} bytes in a path (Linux takes at most {MAX_NAME}): refusing the image",
+            part.chars().take(80).collect::<String>(),
+            part.len()
+        );
+    }
+    Ok(())
+}
+
 /// Index one layer's tar stream; the reader is handed back, its tar fully read, for the caller
 /// to drain and check digests.
 pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<'_>)> {
-    let mut ar = tar::Archive::new(reader);
+    let mut ar = tar::Archive::new(HeaderGuard::new(reader));
     let mut ops = Vec::new();
     let mut captured = Vec::new();
     let entries = ar.entries().context("reading the layer as tar")?;
@@ -204,6 +412,7 @@ pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<
             Name::Whiteout(p) => ops.push(Op::Whiteout(p)),
             Name::Opaque(p) => ops.push(Op::Opaque(p)),
             Name::Path(path) => {
+                check_name(&path)?;
                 let meta = meta_of(&mut e, &path)?;
                 if ty == tar::EntryType::GNUSparse {
                     check_sparse(&path, e.header().entry_size()?, meta.size)?;
@@ -235,7 +444,7 @@ pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<
             }
         }
     }
-    Ok((LayerIndex { ops, captured }, ar.into_inner()))
+    Ok((LayerIndex { ops, captured }, ar.into_inner().into_inner()))
 }
 
 /// How far a sparse entry's size may exceed the bytes it stores: every target writes the holes
