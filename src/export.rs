@@ -112,6 +112,12 @@ pub fn export_with(
     }
 
     let plan = flatten::index(&image, progress)?;
+    // The plain rootfs tar holds every byte of content (plus a header block per path); the
+    // compressed targets are smaller than that and are not estimated.
+    if t.rootfs {
+        let need = plan.facts.content_bytes + plan.facts.paths as u64 * 1024;
+        crate::output::check_room(&out_dir, need, "the rootfs tar")?;
+    }
     for t in targets.iter_mut() {
         t.start(&plan.facts)?;
     }

@@ -591,6 +591,9 @@ fn claims_out_of_proportion_and_too_little_room_are_refused_before_writing() {
     assert!(err.contains("the disk needs about"), "{err}");
     assert!(err.contains("free: make room"), "{err}");
     assert_nothing_left(&small, "no room");
+    let err = run_err(abox().args(["export", &src, "--rootfs", "-o"]).arg(&small));
+    assert!(err.contains("the rootfs tar needs about"), "{err}");
+    assert_nothing_left(&small, "no room for the rootfs tar");
 }
 
 /// An image whose copy onto a disk lasts a while (160 files of 2 MiB), as `oci:DIR:big`.
@@ -736,11 +739,23 @@ fn extension_members_and_names_are_bounded() {
         spec.layers.push(extension_bomb(ty, 1 << 30));
         let src = oci(&spec, &work.path().join(what.replace(' ', "-")));
         let out = work.path().join("out");
-        let err = run_err(abox().args(["export", &src, "--rootfs", "-o"]).arg(&out));
+        // Peak memory of the refusal, measured by GNU time (KiB, on its last line).
+        require_tool("/usr/bin/time");
+        let o = Command::new("/usr/bin/time")
+            .args(["-f", "%M"])
+            .arg(env!("CARGO_BIN_EXE_abox"))
+            .args(["--progress", "plain", "export", &src, "--rootfs", "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{what}: {err}");
         assert!(
             err.contains(&format!("a {what} member of 1073741824 bytes")),
             "{what}: {err}"
         );
+        let peak_kib: u64 = err.lines().last().unwrap().trim().parse().unwrap();
+        assert!(peak_kib < 128 * 1024, "{what}: peak RSS {peak_kib} KiB");
         assert_eq!(files_in(&out), Vec::<PathBuf>::new());
         let err = run_err(abox().args(["disk", &src, "-o"]).arg(out.join("d.img")));
         assert!(err.contains("1073741824 bytes"), "{what} (disk): {err}");

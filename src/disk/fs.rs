@@ -140,24 +140,6 @@ pub fn parse_size(s: &str) -> Result<Option<u64>> {
 }
 
 /// Human-readable MiB/GiB.
-/// Fail before anything is written when the filesystem holding `dir` has less than `need`
-/// bytes free for an unprivileged writer (`statvfs`'s `f_bavail`), with both numbers.
-pub fn check_room(dir: &Path, need: u64) -> Result<()> {
-    let st = rustix::fs::statvfs(dir)
-        .with_context(|| format!("asking how much room {} has", dir.display()))?;
-    let free = st.f_bavail.saturating_mul(st.f_frsize);
-    if free < need {
-        bail!(
-            "the disk needs about {} in {}, which has {} free: make room or choose another \
-             place with -o",
-            human(need),
-            dir.display(),
-            human(free)
-        );
-    }
-    Ok(())
-}
-
 pub fn human(bytes: u64) -> String {
     if bytes >= 1 << 30 {
         format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)

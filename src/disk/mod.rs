@@ -443,10 +443,7 @@ pub fn make_disk(
     // The raw disk is sparse, but what the filesystem holds is written for real; a converted
     // format needs the raw scratch and the result side by side.
     let copies = if format == Format::Raw { 1 } else { 2 };
-    fs::check_room(
-        out_path.parent().unwrap_or(Path::new(".")),
-        min_fs.saturating_mul(copies),
-    )?;
+    crate::output::check_room(out_dir, min_fs.saturating_mul(copies), "the disk")?;
 
     // The raw disk: the output itself, or a scratch file next to it for qemu-img.
     let mut scratch = match format {
