@@ -514,25 +514,32 @@ fn offline_all_names_the_base_image_it_cannot_pull_and_the_way_out() {
     let dir = recipes.path().join("hung");
     std::fs::create_dir_all(&dir).unwrap();
     let hung = format!("127.0.0.1:{port}/abox-test/hung:1");
-    std::fs::write(
-        dir.join("Dockerfile"),
-        format!("ARG BASE_IMAGE={hung}\nFROM ${{BASE_IMAGE}}\nRUN true\n"),
-    )
-    .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_abox"))
-        .args([
-            "--progress",
-            "none",
-            "build",
-            "--registry",
-            "abox-test-hung",
-            "--dir",
-        ])
-        .arg(recipes.path())
-        .output()
+    // Build the recipe folder with `base` as its base image; exit code and stderr.
+    let build_on = |base: &str| {
+        std::fs::write(
+            dir.join("Dockerfile"),
+            format!("ARG BASE_IMAGE={base}\nFROM ${{BASE_IMAGE}}\nRUN true\n"),
+        )
         .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&o.stderr);
+        let o = Command::new(env!("CARGO_BIN_EXE_abox"))
+            .args([
+                "--progress",
+                "none",
+                "build",
+                "--registry",
+                "abox-test-hung",
+                "--dir",
+            ])
+            .arg(recipes.path())
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = build_on(&hung);
+    assert_eq!(code, Some(1));
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(
         err.contains(&format!(
@@ -544,24 +551,7 @@ fn offline_all_names_the_base_image_it_cannot_pull_and_the_way_out() {
 
     // A base pinned by digest is pulled by digest (not taken apart as name:tag).
     let pinned = format!("alpine@sha256:{}", "ab".repeat(32));
-    std::fs::write(
-        dir.join("Dockerfile"),
-        format!("ARG BASE_IMAGE={pinned}\nFROM ${{BASE_IMAGE}}\nRUN true\n"),
-    )
-    .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_abox"))
-        .args([
-            "--progress",
-            "none",
-            "build",
-            "--registry",
-            "abox-test-hung",
-            "--dir",
-        ])
-        .arg(recipes.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+    let (_, err) = build_on(&pinned);
     assert!(err.contains(&format!("cannot pull {pinned},")), "{err}");
     assert!(!err.contains("invalid reference"), "{err}");
 }

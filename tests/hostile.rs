@@ -30,6 +30,25 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// boots it).
 const KERNELED: &str = "d bin 0755\nf bin/sh 0755 x\nd boot 0755\nf boot/vmlinuz 0644 not-really-a-kernel\nd etc 0755\nf etc/passwd 0644 root:x:0:0:root:/root:/bin/sh\\n\n";
 
+/// `abox export SRC` with every target, into `out`.
+fn export_all(src: &str, out: &Path) -> Command {
+    let mut c = abox();
+    c.args([
+        "export",
+        src,
+        "--name",
+        "x",
+        "--wsl",
+        "--wsl-package",
+        "--lxd",
+        "--lxd-split",
+        "--rootfs",
+        "-o",
+    ])
+    .arg(out);
+    c
+}
+
 fn oci(spec: &ImageSpec, dir: &Path) -> String {
     spec.write_oci(dir, "x");
     format!("oci:{}:x", dir.display())
@@ -68,6 +87,25 @@ impl Decoy {
     }
 }
 
+/// Unmounts its folder however the test ends.
+struct Umount(PathBuf);
+
+impl Drop for Umount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A tmpfs of `size` (mount's spelling, e.g. `3m`) on the folder `dir`, made here.
+fn tmpfs(dir: &Path, size: &str) -> Umount {
+    std::fs::create_dir_all(dir).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size={size} abox-test-tmpfs {}",
+        dir.display()
+    ));
+    Umount(dir.to_path_buf())
+}
+
 fn assert_nothing_left(out: &Path, what: &str) {
     assert_eq!(files_in(out), Vec::<PathBuf>::new(), "{what}: files left");
     assert!(abox_mounts().is_empty(), "{what}: mounts left");
@@ -102,20 +140,7 @@ fn owner_ids_beyond_32_bits_are_refused_for_every_target() {
                 "{KERNELED}f bin/su 4755 setuid-root-if-cut\nP {key} {id}\n"
             )]);
             let src = oci(&spec, &work.path().join("img"));
-            let o = abox()
-                .args([
-                    "export",
-                    &src,
-                    "--wsl",
-                    "--wsl-package",
-                    "--lxd",
-                    "--lxd-split",
-                    "--rootfs",
-                    "-o",
-                ])
-                .arg(&out)
-                .output()
-                .unwrap();
+            let o = export_all(&src, &out).output().unwrap();
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(o.status.code(), Some(1), "{key} {id}: {err}");
             assert!(err.contains("bin/su"), "{key} {id}: names the entry: {err}");
@@ -297,22 +322,7 @@ fn artifacts_are_private_and_the_lists_readable() {
         "{KERNELED}f etc/shadow 0640 root:$6$salt$hash:1::::::\\n\n"
     )]);
     let src = oci(&spec, &work.path().join("img"));
-    run_ok(
-        abox()
-            .args([
-                "export",
-                &src,
-                "--name",
-                "x",
-                "--wsl",
-                "--wsl-package",
-                "--lxd",
-                "--lxd-split",
-                "--rootfs",
-                "-o",
-            ])
-            .arg(&out),
-    );
+    run_ok(&mut export_all(&src, &out));
     let disk_out = work.path().join("disk");
     std::fs::create_dir_all(&disk_out).unwrap();
     run_ok(
@@ -461,19 +471,8 @@ fn a_full_disk_is_an_error_not_a_panic() {
     let _g = serial();
     let work = tempfile::tempdir().unwrap();
     let full = work.path().join("full");
-    std::fs::create_dir_all(&full).unwrap();
     // 3 MiB of room for ~24 MiB of incompressible content, written by two gzip targets at once.
-    sh(&format!(
-        "mount -t tmpfs -o size=3m abox-test-full {}",
-        full.display()
-    ));
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(full.clone());
+    let _u = tmpfs(&full, "3m");
     let spec = ImageSpec::new(&["d data 0755\nF data/a 0644 12582912\nF data/b 0644 12582912\n"]);
     let src = oci(&spec, &work.path().join("img"));
     let o = abox()
@@ -510,12 +509,6 @@ fn a_context_file_that_changes_while_it_streams_is_named() {
     std::fs::write(&grows, "").unwrap();
     std::fs::write(dir.join("zz-after"), "a later file").unwrap();
     sh(&format!("mount --bind /proc/version {}", grows.display()));
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
     let _u = Umount(grows.clone());
     let o = abox()
         .args(["build", "--dir"])
@@ -573,18 +566,7 @@ fn claims_out_of_proportion_and_too_little_room_are_refused_before_writing() {
 
     // A disk larger than the room where it goes: refused before a byte is written.
     let small = work.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    sh(&format!(
-        "mount -t tmpfs -o size=8m abox-test-small {}",
-        small.display()
-    ));
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(small.clone());
+    let _u = tmpfs(&small, "8m");
     let spec = ImageSpec::new(&[&format!("{KERNELED}d data 0755\nF data/x 0644 20971520\n")]);
     let src = oci(&spec, &work.path().join("img2"));
     let err = run_err(abox().args(["disk", &src, "-o"]).arg(small.join("d.qcow2")));
