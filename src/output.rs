@@ -40,7 +40,7 @@ impl PendingFile {
             .file_name()
             .with_context(|| format!("{} has no file name", dest.display()))?;
         let tmp = dir.join(format!(
-            ".{}.tmp-{}",
+            ".{}.abox-tmp-{}",
             name.to_string_lossy(),
             std::process::id()
         ));

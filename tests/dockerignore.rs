@@ -31,6 +31,12 @@ a/b/c
 sub/*/inner
 [a-c]range
 star\\*name
+secret\\D
+k\\Sy
+w\\W
+v[x&&y]z
+w[a~~b]
+d\\d
 ";
 
 const FILES: &[&str] = &[
@@ -65,6 +71,15 @@ const FILES: &[&str] = &[
     "star*name",
     "starXname",
     "normal.txt",
+    // Go's \d \s \w are ASCII, and its classes have no set operations.
+    "secret\u{663}",
+    "k\u{3000}y",
+    "w\u{e9}",
+    "vxz",
+    "v&z",
+    "w~",
+    "d\u{663}",
+    "d7",
     "   # an indented line is a pattern, not a comment",
 ];
 

@@ -273,7 +273,7 @@ fn the_boot_loader_installer_never_follows_the_images_links() {
     let v = decoy.path.display();
     // Links at the files extlinux writes, absolute and relative.
     let spec = ImageSpec::new(&[&format!(
-        "{KERNELED}l boot/ldlinux.sys -> {v}\nl boot/ldlinux.c32 -> ../../../../../../..{v}\n"
+        "{KERNELED}l boot/ldlinux.sys -> {v}\nl boot/ldlinux.c32 -> ../../../../../../..{v}\nl boot/extlinux.sys -> {v}\n"
     )]);
     let src = oci(&spec, &work.path().join("links"));
     let disk = out.join("d.img");
@@ -674,7 +674,7 @@ fn what_a_killed_abox_left_is_released_by_the_next_run() {
     let left: Vec<_> = files_in(&out);
     assert!(
         left.iter()
-            .any(|f| f.to_string_lossy().ends_with(&format!(".tmp-{pid}"))),
+            .any(|f| f.to_string_lossy().ends_with(&format!(".abox-tmp-{pid}"))),
         "{left:?}"
     );
     // The next run says what it released and succeeds.
@@ -687,10 +687,10 @@ fn what_a_killed_abox_left_is_released_by_the_next_run() {
         "{err}"
     );
     assert!(err.contains("detached /dev/loop"), "{err}");
-    assert!(err.contains(&format!(".tmp-{pid}")), "{err}");
+    assert!(err.contains(&format!(".abox-tmp-{pid}")), "{err}");
     assert!(abox_mounts().is_empty(), "mounts left: {:?}", abox_mounts());
     let loops = sh("losetup --list --noheadings --output BACK-FILE");
-    assert!(!loops.contains(&format!(".tmp-{pid}")), "{loops}");
+    assert!(!loops.contains(&format!(".abox-tmp-{pid}")), "{loops}");
     assert_eq!(files_in(&out), vec![out.join("next.img")]);
 }
 
@@ -801,4 +801,121 @@ fn honest_sparse_files_still_pass_the_header_guard() {
     );
     let t = common::read_tar_file(&out.join("x.rootfs.tar"));
     assert_eq!(t["data/holes"].what, want, "the sparse file's content");
+}
+
+/// One raw tar member: a ustar header of type `ty` (GNU magic when `gnu`) and its data, padded.
+fn raw_member(name: &str, ty: u8, data: &[u8], gnu: bool) -> Vec<u8> {
+    let mut h = if gnu {
+        tar::Header::new_gnu()
+    } else {
+        tar::Header::new_ustar()
+    };
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_entry_type(tar::EntryType::new(ty));
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    let mut v = h.as_bytes().to_vec();
+    v.extend_from_slice(data);
+    v.resize(v.len().div_ceil(512) * 512, 0);
+    v
+}
+
+/// A PAX record `LEN key=value\n`.
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while len != body.len() + len.to_string().len() {
+        len = body.len() + len.to_string().len();
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+#[test]
+fn the_header_guard_reads_a_tar_exactly_as_the_tar_crate_does() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    let bomb = extension_bomb(tar::EntryType::GNULongName, 1 << 30);
+    // Each prefix tries to make the guard skip the bomb's header while the tar crate reads it.
+    let mut two_sizes = pax_record("size", "0");
+    two_sizes.extend(pax_record("size", "1536"));
+    let mut sparse2 = tar::Header::new_gnu();
+    sparse2.as_old_mut().name[..1].copy_from_slice(b"s");
+    sparse2.set_entry_type(tar::EntryType::GNUSparse);
+    sparse2.set_mode(0o644);
+    sparse2.set_uid(0);
+    sparse2.set_gid(0);
+    sparse2.set_mtime(0);
+    sparse2.set_size(0);
+    sparse2.as_gnu_mut().unwrap().isextended[0] = 2;
+    sparse2.as_gnu_mut().unwrap().realsize = *b"00000000000\0";
+    sparse2.set_cksum();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "two PAX size records (the crate takes the first)",
+            [
+                raw_member("PaxHeaders/f", b'x', &two_sizes, false),
+                raw_member("f", b'0', b"", false),
+            ]
+            .concat(),
+        ),
+        (
+            "a PAX header used up by a global header",
+            [
+                raw_member("PaxHeaders/g", b'x', &pax_record("size", "1536"), false),
+                raw_member("GlobalHead", b'g', &pax_record("comment", "hi"), false),
+                raw_member("f", b'0', b"", false),
+            ]
+            .concat(),
+        ),
+        (
+            "a sparse header whose isextended is 2, not 1",
+            sparse2.as_bytes().to_vec(),
+        ),
+    ];
+    for (what, prefix) in cases {
+        let mut spec = ImageSpec::new(&[KERNELED]);
+        spec.layers.push([prefix, bomb.clone()].concat());
+        let src = oci(&spec, &work.path().join(what.replace(' ', "-")));
+        let out = work.path().join("out");
+        let err = run_err(abox().args(["export", &src, "--rootfs", "-o"]).arg(&out));
+        assert!(
+            err.contains("a GNU long name member of 1073741824 bytes"),
+            "{what}: {err}"
+        );
+        assert_nothing_left(&out, what);
+    }
+}
+
+#[test]
+fn the_outer_archives_are_guarded_too() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    // A docker-archive and an oci-archive whose first member is a 1 GiB long name.
+    for (what, scheme) in [
+        ("docker-archive", "docker-archive"),
+        ("oci-archive", "oci-archive"),
+    ] {
+        let path = work.path().join(format!("{what}.tar"));
+        std::fs::write(&path, extension_bomb(tar::EntryType::GNULongName, 1 << 30)).unwrap();
+        let out = work.path().join("out");
+        let err = run_err(
+            abox()
+                .args([
+                    "export",
+                    &format!("{scheme}:{}", path.display()),
+                    "--rootfs",
+                    "-o",
+                ])
+                .arg(&out),
+        );
+        assert!(
+            err.contains("a GNU long name member of 1073741824 bytes"),
+            "{what}: {err}"
+        );
+        assert_nothing_left(&out, what);
+    }
 }

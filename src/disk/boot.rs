@@ -253,8 +253,9 @@ pub fn check_extlinux() -> Result<()> {
     Ok(())
 }
 
-/// The files `extlinux --install` writes in the folder it is given.
-pub const EXTLINUX_WRITES: [&str; 2] = ["ldlinux.sys", "ldlinux.c32"];
+/// The files `extlinux --install` opens in the folder it is given: it writes ldlinux.sys and
+/// ldlinux.c32, and reads, chmods and unlinks a legacy extlinux.sys.
+pub const EXTLINUX_WRITES: [&str; 3] = ["ldlinux.sys", "ldlinux.c32", "extlinux.sys"];
 
 /// Install extlinux into the mounted `/boot`. The tool acts on paths inside the image, so they
 /// are checked first: `/boot` a real folder (no symlink anywhere on the way) and nothing at the

@@ -156,12 +156,21 @@ fn dead(pid: u32) -> bool {
     }
 }
 
-/// The PID at the end of an abox temporary name: `abox-mnt-PID-N` or `….tmp-PID`.
+/// The PID in an abox temporary name — `abox-mnt-PID-N` (a mount point) or `.NAME.abox-tmp-PID`
+/// (an output being written) — when it is one a process can have (≤ the kernel's pid_max).
 fn pid_of(name: &str) -> Option<u32> {
-    if let Some(rest) = name.strip_prefix("abox-mnt-") {
-        return rest.split('-').next()?.parse().ok();
-    }
-    name.rsplit_once(".tmp-")?.1.parse().ok()
+    let pid: u32 = if let Some(rest) = name.strip_prefix("abox-mnt-") {
+        rest.split('-').next()?.parse().ok()?
+    } else if name.starts_with('.') {
+        name.rsplit_once(".abox-tmp-")?.1.parse().ok()?
+    } else {
+        return None;
+    };
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or(4_194_304);
+    (pid > 0 && pid <= max).then_some(pid)
 }
 
 /// Release what an abox that died without cleaning up (SIGKILL, a crash, a power cut) left:
@@ -213,11 +222,12 @@ pub fn reap_stale(out_dir: &Path) -> Result<Vec<String>> {
                 continue;
             };
             let back = back.trim().trim_end_matches(" (deleted)");
-            let file = Path::new(back)
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("");
-            if !(file.starts_with('.') && pid_of(file).is_some_and(dead)) {
+            let back_path = Path::new(back);
+            let file = back_path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // Only over an abox temporary disk in this output folder.
+            let here = back_path.parent().and_then(|p| p.canonicalize().ok())
+                == out_dir.canonicalize().ok();
+            if !(here && pid_of(file).is_some_and(dead)) {
                 continue;
             }
             let dev = format!("/dev/{name}");
@@ -233,7 +243,8 @@ pub fn reap_stale(out_dir: &Path) -> Result<Vec<String>> {
     if let Ok(rd) = std::fs::read_dir(out_dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && pid_of(&name).is_some_and(dead) {
+            let file = e.file_type().is_ok_and(|t| t.is_file());
+            if file && name.starts_with('.') && pid_of(&name).is_some_and(dead) {
                 std::fs::remove_file(e.path()).with_context(|| {
                     format!("a dead abox left {}; remove it by hand", e.path().display())
                 })?;
@@ -416,8 +427,14 @@ mod tests {
     #[test]
     fn leftover_names_carry_their_pid() {
         assert_eq!(pid_of("abox-mnt-4242-0"), Some(4242));
-        assert_eq!(pid_of(".base.qcow2.raw.tmp-77"), Some(77));
-        assert_eq!(pid_of(".x.tmp-notapid"), None);
+        assert_eq!(pid_of(".base.qcow2.raw.abox-tmp-77"), Some(77));
+        assert_eq!(pid_of(".x.abox-tmp-notapid"), None);
+        assert_eq!(
+            pid_of(".notes.txt.tmp-77"),
+            None,
+            "another program's temporary file"
+        );
+        assert_eq!(pid_of(".x.abox-tmp-4294967295"), None, "beyond pid_max");
         assert_eq!(pid_of("base.qcow2"), None);
         assert!(!dead(std::process::id()));
     }

@@ -226,9 +226,8 @@ impl Fixup for DiskFixup {
         match path {
             // extlinux writes ldlinux.sys and ldlinux.c32 in /boot: no entry of the image may
             // stand there (a symlink would send the installer's writes onto the host).
-            ".dockerenv" | "boot/extlinux.conf" | "boot/ldlinux.sys" | "boot/ldlinux.c32" => {
-                Action::Drop
-            }
+            ".dockerenv" | "boot/extlinux.conf" | "boot/extlinux.sys" | "boot/ldlinux.sys"
+            | "boot/ldlinux.c32" => Action::Drop,
             // Rewritten when regular files; anything else there is dropped by the stream and
             // the file written afresh.
             "etc/fstab" => {

@@ -78,6 +78,22 @@ enum Matcher {
     Regex(regex::Regex),
 }
 
+/// Go's meaning of `\d \D \s \S \w \W \b \B` (ASCII), spelled for the regex crate; usable
+/// inside a class too (a nested class is a union there).
+fn go_escape(c: char) -> Option<&'static str> {
+    Some(match c {
+        'd' => "[0-9]",
+        'D' => "[^0-9]",
+        's' => "[\\t\\n\\x0C\\r ]",
+        'S' => "[^\\t\\n\\x0C\\r ]",
+        'w' => "[0-9A-Za-z_]",
+        'W' => "[^0-9A-Za-z_]",
+        'b' => "(?-u:\\b)",
+        'B' => "(?-u:\\B)",
+        _ => return None,
+    })
+}
+
 /// Go's `filepath.Clean` on a `/`-separated path.
 pub fn clean(p: &str) -> String {
     let rooted = p.starts_with('/');
@@ -118,6 +134,8 @@ impl Matcher {
         let chars: Vec<char> = pattern.chars().collect();
         let mut i = 0;
         let mut first = true;
+        // Inside a `[…]` class: the index just after its `[`.
+        let mut class_at: Option<usize> = None;
         while i < chars.len() {
             let ch = chars[i];
             i += 1;
@@ -157,12 +175,39 @@ impl Matcher {
                 '\\' => match chars.get(i) {
                     Some(next) => {
                         i += 1;
-                        re.push('\\');
-                        re.push(*next);
+                        // Go's regexp classes are ASCII; the regex crate's are Unicode.
+                        match go_escape(*next) {
+                            Some(class) => re.push_str(class),
+                            None => {
+                                re.push('\\');
+                                re.push(*next);
+                            }
+                        }
                         kind = Kind::Regex;
                     }
                     None => re.push_str("\\\\"),
                 },
+                '[' if class_at.is_none() => {
+                    re.push(ch);
+                    class_at = Some(i);
+                    kind = Kind::Regex;
+                }
+                // A `]` right after `[` or `[^` is a literal in Go.
+                ']' if class_at
+                    .is_some_and(|at| i - 1 > at + usize::from(chars.get(at) == Some(&'^'))) =>
+                {
+                    re.push(ch);
+                    class_at = None;
+                }
+                // Inside a class Go has no nested classes or set operations (`[`, `&&`, `~~`,
+                // `--` are the regex crate's): literal, or, for `--`, Go's syntax error.
+                '[' | '&' | '~' if class_at.is_some() => {
+                    re.push('\\');
+                    re.push(ch);
+                }
+                '-' if class_at.is_some() && chars.get(i) == Some(&'-') => {
+                    bail!("syntax error in pattern {pattern:?}");
+                }
                 '[' | ']' => {
                     re.push(ch);
                     kind = Kind::Regex;
@@ -1007,6 +1052,22 @@ mod tests {
             .unwrap();
         let r = buildkit_request(req);
         assert_eq!(r.uri().query(), Some("t=x&version=2&session=abox-1"));
+    }
+
+    #[test]
+    fn go_pattern_syntax() {
+        let ig = Ignore::parse("d\\d\nw\\W\nv[x&&y]z\n").unwrap();
+        assert!(ig.excluded("d7"));
+        assert!(!ig.excluded("d\u{663}"), "Go's \\d is ASCII");
+        assert!(
+            ig.excluded("w\u{e9}"),
+            "Go's \\W is every non-ASCII-word character"
+        );
+        assert!(
+            ig.excluded("v&z") && ig.excluded("vxz"),
+            "no set operations in Go classes"
+        );
+        assert!(Ignore::parse("q[a-c--b]\n").is_err(), "Go's syntax error");
     }
 
     #[test]

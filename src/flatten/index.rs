@@ -199,21 +199,22 @@ const BLOCK: usize = 512;
 
 /// Watches a tar stream's structure as it is read and fails the read that would hand the tar
 /// crate an extension member over [`MAX_EXTENSION`] (before any of it is buffered). It follows
-/// what the tar crate follows: each header's size (octal or base-256), a PAX `size` record for
-/// the next member, old-GNU sparse extension blocks, and stops watching at the first zero block
-/// (the end of the archive as the tar crate reads it).
-struct HeaderGuard<R> {
+/// the tar crate's own reading rules (tar 0.4.46 `Archive::next_entry`): a GNU long name/link or
+/// PAX header is one only with a ustar or GNU magic; pending PAX records apply their first
+/// `size` to the next member that is not an extension header, and are used up by the first
+/// member that is not a recognised long name/link (a `g` too); old-GNU sparse extension blocks
+/// follow a header whose `isextended` is exactly 1; the first zero block ends the archive.
+pub struct HeaderGuard<R> {
     inner: R,
     state: Guard,
     header: Vec<u8>,
     /// Data left in the current member (whole blocks).
     left: u64,
-    /// Old-GNU sparse extension blocks still to come.
-    sparse_ext: bool,
-    /// The current member's data when it is a PAX header (bounded by MAX_EXTENSION).
+    /// The current member's data when it is a recognised PAX header (bounded), and its size.
     pax: Option<Vec<u8>>,
-    /// `size` from the last PAX header, for the next member.
-    next_size: Option<u64>,
+    pax_len: usize,
+    /// PAX records waiting for the member they describe.
+    pending: Option<Vec<u8>>,
 }
 
 #[derive(PartialEq)]
@@ -224,99 +225,94 @@ enum Guard {
     Done,
 }
 
-fn octal_or_binary(field: &[u8]) -> Option<u64> {
-    if field.first().is_some_and(|b| b & 0x80 != 0) {
-        // base-256: big-endian, the marker bit cleared.
-        let mut v: u64 = (field[0] & 0x7f) as u64;
-        for b in &field[1..] {
-            v = v.checked_mul(256)?.checked_add(*b as u64)?;
-        }
-        return Some(v);
-    }
-    let s = std::str::from_utf8(field).ok()?;
-    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
-    if s.is_empty() {
-        return Some(0);
-    }
-    u64::from_str_radix(s, 8).ok()
-}
-
 impl<R: Read> HeaderGuard<R> {
-    fn new(inner: R) -> Self {
+    /// Guard the tar stream `inner` (layers, and the outer archives of every source).
+    pub fn new(inner: R) -> Self {
         Self {
             inner,
             state: Guard::Header,
             header: Vec::with_capacity(BLOCK),
             left: 0,
-            sparse_ext: false,
             pax: None,
-            next_size: None,
+            pax_len: 0,
+            pending: None,
         }
     }
 
-    fn into_inner(self) -> R {
+    pub fn into_inner(self) -> R {
         self.inner
     }
 
     fn header_done(&mut self) -> std::io::Result<()> {
-        let h = std::mem::take(&mut self.header);
-        if h.iter().all(|b| *b == 0) {
+        let block = std::mem::replace(&mut self.header, Vec::with_capacity(BLOCK));
+        if block.iter().all(|b| *b == 0) {
             self.state = Guard::Done;
             return Ok(());
         }
-        let ty = h[156];
-        let size = octal_or_binary(&h[124..136])
-            .ok_or_else(|| std::io::Error::other("a tar header with an unreadable size"))?;
-        let size = match ty {
-            b'x' | b'g' | b'L' | b'K' => size,
-            _ => self.next_size.take().unwrap_or(size),
-        };
-        if matches!(ty, b'x' | b'g' | b'L' | b'K') && size > MAX_EXTENSION {
-            let what = match ty {
-                b'L' => "GNU long name",
-                b'K' => "GNU long link name",
-                _ => "PAX header",
-            };
-            return Err(std::io::Error::other(format!(
-                "a {what} member of {size} bytes: more than the {MAX_EXTENSION} abox reads \
-                 (a name is at most {MAX_PATH} bytes); refusing the layer"
-            )));
+        let h = tar::Header::from_byte_slice(&block);
+        let ty = h.entry_type();
+        let recognised = h.as_gnu().is_some() || h.as_ustar().is_some();
+        let extension = ty.is_gnu_longname()
+            || ty.is_gnu_longlink()
+            || ty.is_pax_local_extensions()
+            || ty.is_pax_global_extensions();
+        // The tar crate fails on a bad size itself; follow it with 0 meanwhile.
+        let mut size = h.entry_size().unwrap_or(0);
+        let buffered = recognised
+            && (ty.is_gnu_longname() || ty.is_gnu_longlink() || ty.is_pax_local_extensions());
+        if buffered {
+            if size > MAX_EXTENSION {
+                let what = if ty.is_gnu_longname() {
+                    "GNU long name"
+                } else if ty.is_gnu_longlink() {
+                    "GNU long link name"
+                } else {
+                    "PAX header"
+                };
+                return Err(std::io::Error::other(format!(
+                    "a {what} member of {size} bytes: more than the {MAX_EXTENSION} abox reads \
+                     (a name is at most {MAX_PATH} bytes); refusing the layer"
+                )));
+            }
+        } else if let Some(pax) = self.pending.take() {
+            if !extension {
+                if let Some(v) = tar::PaxExtensions::new(&pax)
+                    .map_while(|e| e.ok())
+                    .find(|e| e.key() == Ok("size"))
+                    .and_then(|e| e.value().ok()?.parse::<u64>().ok())
+                {
+                    size = v;
+                }
+            }
         }
-        self.pax = (ty == b'x').then(Vec::new);
+        // A sparse member's claim against the bytes it really stores (its data size as the tar
+        // crate reads it: the PAX size when there is one).
+        if ty.is_gnu_sparse() {
+            if let Some(real) = h.as_gnu().and_then(|g| g.real_size().ok()) {
+                let name = String::from_utf8_lossy(&h.path_bytes()).into_owned();
+                check_sparse(&name, size, real).map_err(std::io::Error::other)?;
+            }
+        }
+        self.pax = (recognised && ty.is_pax_local_extensions()).then(Vec::new);
+        self.pax_len = size as usize;
         self.left = size.div_ceil(BLOCK as u64) * BLOCK as u64;
-        self.sparse_ext = ty == b'S' && h[482] != 0;
-        self.state = if self.sparse_ext {
+        let sparse_ext = ty.is_gnu_sparse() && h.as_gnu().is_some_and(|g| g.is_extended());
+        self.state = if sparse_ext {
             Guard::SparseExt
         } else if self.left > 0 {
             Guard::Data
         } else {
+            self.data_done();
             Guard::Header
         };
-        self.header = Vec::with_capacity(BLOCK);
         Ok(())
     }
 
     fn data_done(&mut self) {
-        if let Some(pax) = self.pax.take() {
-            // Records: "LEN key=value\n".
-            let mut rest = &pax[..];
-            while let Some(sp) = rest.iter().position(|b| *b == b' ') {
-                let Some(len) = std::str::from_utf8(&rest[..sp])
-                    .ok()
-                    .and_then(|l| l.parse::<usize>().ok())
-                else {
-                    break;
-                };
-                if len == 0 || len > rest.len() {
-                    break;
-                }
-                let rec = &rest[sp + 1..len];
-                if let Some(v) = rec.strip_prefix(b"size=") {
-                    let v = std::str::from_utf8(v).unwrap_or("").trim_end_matches('\n');
-                    self.next_size = v.parse().ok();
-                }
-                rest = &rest[len..];
-            }
+        if let Some(mut pax) = self.pax.take() {
+            // The records without the block's padding, as the tar crate reads them.
+            pax.truncate(self.pax_len);
+            self.pending = Some(pax);
         }
         self.state = Guard::Header;
     }
@@ -332,7 +328,8 @@ impl<R: Read> HeaderGuard<R> {
                     buf = &buf[n..];
                     if self.header.len() == BLOCK {
                         if self.state == Guard::SparseExt {
-                            let more = self.header[504] != 0;
+                            // GnuExtSparseHeader: `isextended` at byte 504, exactly 1.
+                            let more = self.header[504] == 1;
                             self.header.clear();
                             if !more {
                                 self.state = if self.left > 0 {
@@ -360,6 +357,33 @@ impl<R: Read> HeaderGuard<R> {
             }
         }
         Ok(())
+    }
+}
+
+/// The tar crate skips a member's data with `SeekFrom::Current` when the archive can seek: the
+/// guard follows such skips within a member's data and refuses any other seek.
+impl<R: Read + std::io::Seek> std::io::Seek for HeaderGuard<R> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        let std::io::SeekFrom::Current(d) = pos else {
+            return Err(std::io::Error::other(
+                "the tar guard follows forward skips only",
+            ));
+        };
+        let d = u64::try_from(d)
+            .map_err(|_| std::io::Error::other("a backward seek in a tar stream"))?;
+        if d > 0 {
+            if self.state != Guard::Data || d > self.left || self.pax.is_some() {
+                if self.state != Guard::Done {
+                    return Err(std::io::Error::other("a seek past the member being read"));
+                }
+            } else {
+                self.left -= d;
+                if self.left == 0 {
+                    self.data_done();
+                }
+            }
+        }
+        self.inner.seek(pos)
     }
 }
 
@@ -394,6 +418,7 @@ fn check_name(path: &str) -> Result<()> {
 /// to drain and check digests.
 pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<'_>)> {
     let mut ar = tar::Archive::new(HeaderGuard::new(reader));
+    let mut skip_buf = vec![0u8; 64 << 10];
     let mut ops = Vec::new();
     let mut captured = Vec::new();
     let entries = ar.entries().context("reading the layer as tar")?;
@@ -414,9 +439,6 @@ pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<
             Name::Path(path) => {
                 check_name(&path)?;
                 let meta = meta_of(&mut e, &path)?;
-                if ty == tar::EntryType::GNUSparse {
-                    check_sparse(&path, e.header().entry_size()?, meta.size)?;
-                }
                 if meta.kind == Kind::File {
                     if CAPTURE.contains(&path.as_str()) && meta.size <= CAPTURE_MAX {
                         let mut data = Vec::with_capacity(meta.size as usize);
@@ -430,9 +452,10 @@ pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<
                             data,
                         });
                     } else {
-                        let n = std::io::copy(&mut e, &mut std::io::sink()).with_context(|| {
-                            format!("reading {path} (the layer is truncated or corrupt)")
-                        })?;
+                        let n =
+                            skip_checking_signals(&mut e, &mut skip_buf).with_context(|| {
+                                format!("reading {path} (the layer is truncated or corrupt)")
+                            })?;
                         check_len(&path, n, meta.size)?;
                     }
                 }
@@ -445,6 +468,20 @@ pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<
         }
     }
     Ok((LayerIndex { ops, captured }, ar.into_inner().into_inner()))
+}
+
+/// Read an entry's content to its end (verifying the layer's bytes), looking for Ctrl-C
+/// between chunks; the number of bytes.
+fn skip_checking_signals(r: &mut impl Read, buf: &mut [u8]) -> Result<u64> {
+    let mut n = 0u64;
+    loop {
+        let k = r.read(buf)?;
+        if k == 0 {
+            return Ok(n);
+        }
+        n += k as u64;
+        crate::signals::check()?;
+    }
 }
 
 /// How far a sparse entry's size may exceed the bytes it stores: every target writes the holes

@@ -321,6 +321,8 @@ fn emit_layer(
             n += k as u64;
             sink.data(&buf[..k])?;
             task.inc(k as u64);
+            // A large file (or a sparse one's zeros) must not outlast a Ctrl-C.
+            crate::signals::check()?;
         }
         check_len(p, n, m.size)?;
         sink.end()?;

@@ -231,7 +231,7 @@ type Members = (HashMap<String, Member>, HashMap<String, Vec<u8>>);
 /// Read one stream: index the layers, keep the JSON.
 fn read_members(src: &dyn SaveStream, counter: Arc<AtomicU64>) -> Result<Members> {
     let what = || format!("reading the image stream from {}", src.describe());
-    let mut ar = tar::Archive::new(src.open()?);
+    let mut ar = tar::Archive::new(super::index::HeaderGuard::new(src.open()?));
     let mut members = HashMap::new();
     let mut json = HashMap::new();
     for entry in ar.entries().with_context(what)? {
@@ -303,7 +303,7 @@ pub fn emit(
         .map(|(k, _)| k)
         .collect();
     let what = || format!("reading the image stream from {} again", src.describe());
-    let mut ar = tar::Archive::new(src.open()?);
+    let mut ar = tar::Archive::new(super::index::HeaderGuard::new(src.open()?));
     let mut buf = vec![0u8; CHUNK];
     let mut seen = HashSet::new();
     for entry in ar.entries().with_context(what)? {

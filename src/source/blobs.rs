@@ -111,7 +111,7 @@ impl TarStore {
             );
         }
         (&f).seek(SeekFrom::Start(0))?;
-        let mut ar = tar::Archive::new(f);
+        let mut ar = tar::Archive::new(crate::flatten::index::HeaderGuard::new(f));
         let mut members = HashMap::new();
         let not_tar = || format!("{} is not a tar archive (or is truncated)", path.display());
         for entry in ar.entries_with_seek().with_context(not_tar)? {
