@@ -919,3 +919,48 @@ fn the_outer_archives_are_guarded_too() {
         assert_nothing_left(&out, what);
     }
 }
+
+#[test]
+fn root_password_never_lands_in_a_readable_or_shared_file() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    let pw = work.path().join("pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // A world-readable /etc/shadow owned by a user: written root's, 0640 at most.
+    let spec = ImageSpec::new(&[&format!(
+        "{KERNELED}f etc/shadow 0666 root:!:1::::::\\n\nu 1000 100\n"
+    )]);
+    let src = oci(&spec, &work.path().join("open"));
+    let disk = out.join("d.img");
+    run_ok(
+        abox()
+            .args(["disk", &src, "--root-password-file"])
+            .arg(&pw)
+            .arg("-o")
+            .arg(&disk),
+    );
+    let fs = root_fs(&disk, work.path());
+    let st = debugfs(&fs, "stat /etc/shadow");
+    assert!(st.contains("Mode:  0640"), "{st}");
+    assert!(
+        st.contains("User:     0") && st.contains("Group:     0"),
+        "{st}"
+    );
+    assert!(debugfs(&fs, "cat /etc/shadow").starts_with("root:$6$"));
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::remove_file(&fs).unwrap();
+    // /etc/shadow hard-linked to /etc/passwd: refused, nothing written.
+    let spec = ImageSpec::new(&[&format!("{KERNELED}h etc/shadow => etc/passwd\n")]);
+    let src = oci(&spec, &work.path().join("shared"));
+    let err = run_err(
+        abox()
+            .args(["disk", &src, "--root-password-file"])
+            .arg(&pw)
+            .arg("-o")
+            .arg(&disk),
+    );
+    assert!(err.contains("shares its file with other names"), "{err}");
+    assert_nothing_left(&out, "shadow hard-linked to passwd");
+}

@@ -219,6 +219,15 @@ impl Fixup for DiskFixup {
         if let Some(real) = facts.secret_files.get("etc/shadow") {
             self.shadow_at = real.clone();
         }
+        // Root's hash must not land in a file another name shares (a hard link to /etc/passwd
+        // would publish it).
+        if self.root_hash.is_some() && facts.secret_links.get("etc/shadow").is_some_and(|n| *n > 1)
+        {
+            bail!(
+                "the image's /etc/shadow shares its file with other names (hard links): refusing \
+                 to write root's password into it; make /etc/shadow a file of its own"
+            );
+        }
         Ok(())
     }
 
@@ -252,6 +261,17 @@ impl Fixup for DiskFixup {
             (p, Some(h)) if p == self.shadow_at => set_root_hash(&text, h).into_bytes(),
             _ => self.openrc.rewrite(path, &data).unwrap_or(data),
         })
+    }
+
+    fn rewritten_meta(&self, path: &str, mut meta: Meta) -> Meta {
+        // The file that now holds root's hash: root's, and not readable by others.
+        if self.root_hash.is_some() && path == self.shadow_at {
+            meta.uid = 0;
+            meta.gid = 0;
+            meta.mode &= 0o640;
+            meta.xattrs.clear();
+        }
+        meta
     }
 
     fn epilogue(&mut self, seen_dirs: &HashSet<String>) -> Result<Vec<Extra>> {

@@ -48,6 +48,8 @@ pub struct Facts {
     /// regular file it resolves to (symlinks on the way followed, a hard link's first path), so
     /// a target that must clean or rewrite it reaches the content, not only the name.
     pub secret_files: HashMap<String, String>,
+    /// For each of those: how many paths share its content (hard links), 1 when none.
+    pub secret_links: HashMap<String, usize>,
 }
 
 /// Files that hold password hashes (shadow and gshadow, and the backups `shadow-` tools leave).
@@ -189,6 +191,7 @@ pub(crate) fn plan(tree: Tree, captured: Vec<Vec<index::Captured>>, layers: usiz
     links.sort_by(|a, b| a.0.cmp(&b.0));
     // The path each secret file's content is written under (its inode's first path).
     let mut secret_files = HashMap::new();
+    let mut secret_links = HashMap::new();
     for want in SECRET_FILES {
         let Some(real) = tree.resolve(want) else {
             continue;
@@ -206,6 +209,7 @@ pub(crate) fn plan(tree: Tree, captured: Vec<Vec<index::Captured>>, layers: usiz
             let origin = &tree.inodes[ino as usize].origin;
             let primary = paths.iter().find(|p| **p == *origin).unwrap_or(&paths[0]);
             secret_files.insert(want.to_string(), primary.to_string());
+            secret_links.insert(want.to_string(), paths.len());
         }
     }
 
@@ -214,6 +218,7 @@ pub(crate) fn plan(tree: Tree, captured: Vec<Vec<index::Captured>>, layers: usiz
         paths: tree.len(),
         content_bytes,
         secret_files,
+        secret_links,
         ..Default::default()
     };
     let mut by_source = HashMap::new();

@@ -102,6 +102,10 @@ pub trait Fixup: Send {
     fn rewrite(&mut self, _path: &str, data: Vec<u8>) -> Result<Vec<u8>> {
         Ok(data)
     }
+    /// The metadata a rewritten file is written with (its own, unless the fix-up says).
+    fn rewritten_meta(&self, _path: &str, meta: Meta) -> Meta {
+        meta
+    }
     /// Entries added to the rootfs after the image's own (inside the prefix).
     fn epilogue(&mut self, _seen_dirs: &HashSet<String>) -> Result<Vec<Extra>> {
         Ok(Vec::new())
@@ -357,6 +361,7 @@ impl<F: Fixup, O: EntryOut> TarStream<F, O> {
             Current::Keep(size) => self.tar.end(size)?,
             Current::Buffer(p, m, b) => {
                 let data = self.fixup.rewrite(&p, b)?;
+                let m = self.fixup.rewritten_meta(&p, m);
                 let full = self.full(&p);
                 self.tar.entry(&full, &m, &data)?;
             }
