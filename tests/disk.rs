@@ -6,11 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::boot::{self, Bus};
+use common::boot::{self, assert_nothing_left, Bus};
 use common::{abox, files_in, require_root, require_tool, run_err, run_ok, sh, ImageSpec};
 
 /// The init of the test image: proves the root was found and mounted, shows what the disk's
@@ -466,20 +466,6 @@ fn vmdk_vdi_vhdx_check_clean_and_hold_a_valid_disk() {
     assert!(
         line.starts_with(&format!("ABOX-TEST {} ", img.marker)),
         "{line}"
-    );
-}
-
-fn assert_nothing_left(out_dir: &Path, what: &str) {
-    assert_eq!(
-        files_in(out_dir),
-        Vec::<PathBuf>::new(),
-        "{what}: files left"
-    );
-    assert!(boot::abox_mounts().is_empty(), "{what}: mounts left");
-    let loops = sh("losetup --list --noheadings --output BACK-FILE");
-    assert!(
-        !loops.contains(&out_dir.display().to_string()),
-        "{what}: loop devices left: {loops}"
     );
 }
 

@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::boot::{abox_mounts, debugfs, extract_partition};
+use common::boot::{abox_mounts, assert_nothing_left, debugfs, extract_partition};
 use common::{
     abox, files_in, require_root, require_tool, run_err, run_ok, sh, sha256_hex, ImageSpec,
 };
@@ -104,16 +104,6 @@ fn tmpfs(dir: &Path, size: &str) -> Umount {
         dir.display()
     ));
     Umount(dir.to_path_buf())
-}
-
-fn assert_nothing_left(out: &Path, what: &str) {
-    assert_eq!(files_in(out), Vec::<PathBuf>::new(), "{what}: files left");
-    assert!(abox_mounts().is_empty(), "{what}: mounts left");
-    let loops = sh("losetup --list --noheadings --output BACK-FILE");
-    assert!(
-        !loops.contains(&out.display().to_string()),
-        "{what}: loop devices left: {loops}"
-    );
 }
 
 /// The raw disk's root filesystem, extracted to a file for debugfs.

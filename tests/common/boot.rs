@@ -332,3 +332,18 @@ impl Drop for Mounted {
             .status();
     }
 }
+
+/// No file left in `out_dir`, no mount of abox's, no loop device over a file in it.
+pub fn assert_nothing_left(out_dir: &Path, what: &str) {
+    assert_eq!(
+        super::files_in(out_dir),
+        Vec::<PathBuf>::new(),
+        "{what}: files left"
+    );
+    assert!(abox_mounts().is_empty(), "{what}: mounts left");
+    let loops = sh("losetup --list --noheadings --output BACK-FILE");
+    assert!(
+        !loops.contains(&out_dir.display().to_string()),
+        "{what}: loop devices left: {loops}"
+    );
+}
