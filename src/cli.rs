@@ -475,8 +475,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 },
                 no_vm_layer: a.no_vm_layer,
             };
-            let r = crate::disk::write_disk(&opts, &progress, None)?;
-            println!("{}", r.path.display());
+            let path = crate::disk::write_disk(&opts, &progress)?;
+            println!("{}", path.display());
             Ok(())
         }
         Command::Doctor(a) => {

@@ -1,12 +1,14 @@
 //! `abox build`, `abox push` and `abox all`: the project's recipes ([`crate::project`]) built
 //! through the engine in dependency order, tagged, pushed, and turned into artifacts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
+use crate::disk::boot::NoKernel;
+use crate::disk::{vmlayer, DiskOptions, DiskTarget, Format};
 use crate::engine::build::{build, BuildSpec, Built};
 use crate::engine::session::SessionConfig;
 use crate::engine::Engine;
@@ -247,16 +249,19 @@ pub fn push_images(
     Ok(out)
 }
 
-/// `abox all`: build every recipe, then write every artifact of each into `<out>/<name>/`.
+/// `abox all`: build every recipe, then write every artifact of each into `<out>/<name>/`:
+/// each image is flattened once for all of them; when the disk needs the VM layer, the `-vm`
+/// image is flattened once for the disk, and `manifest.json` names it for that artifact.
 pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result<Vec<PathBuf>> {
     let engine = Arc::new(Engine::connect()?);
     let built = build_images(&engine, opts, progress)?;
     let mut files = Vec::new();
-    let by_name: HashMap<_, _> = built.iter().map(|b| (b.name.clone(), b)).collect();
     for b in &built {
+        let source = format!("docker:{}", b.tags[0]);
+        let out_dir = out.join(&b.name);
         let export = ExportOptions {
-            source: format!("docker:{}", by_name[&b.name].tags[0]),
-            out_dir: Some(out.join(&b.name)),
+            source: source.clone(),
+            out_dir: Some(out_dir.clone()),
             name: Some(b.name.clone()),
             targets: Targets {
                 wsl: true,
@@ -268,38 +273,56 @@ pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result
             select: SelectOptions::default(),
             ..Default::default()
         };
-        // The disk first (kept under its temporary name), so SHA256SUMS and manifest.json list
-        // it with the rest and everything appears together.
-        let mut extra = Vec::new();
-        if rustix::process::geteuid().is_root() {
-            let disk = crate::disk::DiskOptions {
-                source: export.source.clone(),
-                output: Some(out.join(&b.name).join(format!("{}.qcow2", b.name))),
-                ..Default::default()
-            };
-            match crate::disk::make_disk(&disk, progress, Some(&engine)) {
-                Ok((file, _)) => {
-                    let (sha256, size) = crate::output::hash_file(file.tmp_path())?;
-                    extra.push(crate::output::Artifact {
-                        kind: "disk",
-                        file,
-                        sha256,
-                        size,
-                    });
-                }
-                Err(e) if e.downcast_ref::<crate::disk::boot::NoKernel>().is_some() => {
-                    progress.note(&format!("{}: no disk written: {e}", b.name));
-                }
-                Err(e) => return Err(e.context(format!("writing the disk of {}", b.name))),
-            }
+        let image = crate::source::open_with(&source, &export.select, Some(&engine))?;
+        export::create_out_dir(&out_dir)?;
+        let mut targets = export::create_targets(&export, &image, &b.name, &out_dir)?;
+        let disk_opts = DiskOptions {
+            source: source.clone(),
+            ..Default::default()
+        };
+        let disk = if rustix::process::geteuid().is_root() {
+            let path = out_dir.join(format!("{}.{}", b.name, Format::Qcow2.ext()));
+            let mtime = crate::target::build_time(image.config.created().as_deref());
+            Some(DiskTarget::create(
+                &disk_opts,
+                &path,
+                Format::Qcow2,
+                mtime,
+                progress,
+            )?)
         } else {
             progress.note(&format!(
                 "{}: no disk written: making a bootable disk needs root (run `abox all` as root)",
                 b.name
             ));
+            None
+        };
+        let plan = crate::flatten::index(&image, progress)?;
+        let mut vm = None;
+        if let Some(disk) = disk {
+            match vmlayer::resolve(&disk_opts, &image, &plan, Some(&engine), progress) {
+                Ok(None) => targets.push(Box::new(disk)),
+                Ok(Some((vm_image, vm_plan))) => vm = Some((vm_image, vm_plan, disk)),
+                Err(e) if e.downcast_ref::<NoKernel>().is_some() => {
+                    progress.note(&format!("{}: no disk written: {e}", b.name));
+                }
+                Err(e) => return Err(e.context(format!("writing the disk of {}", b.name))),
+            }
         }
-        let report = export::export_with(&export, progress, Some(&engine), extra)?;
-        files.extend(report.files);
+        let mut artifacts = export::run_targets(&image, &plan, targets, progress)?;
+        if let Some((vm_image, vm_plan, disk)) = vm {
+            let mut summary = vm_image.summary();
+            summary.name = vm_image.reference.trim_start_matches("docker:").to_string();
+            for mut a in export::run_targets(&vm_image, &vm_plan, vec![Box::new(disk)], progress)
+                .with_context(|| format!("writing the disk of {}", b.name))?
+            {
+                a.image = Some(summary.clone());
+                artifacts.push(a);
+            }
+        }
+        files.extend(export::commit(
+            &out_dir, &source, &image, artifacts, progress,
+        )?);
     }
     Ok(files)
 }

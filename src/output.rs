@@ -176,6 +176,9 @@ pub struct Artifact {
     pub file: PendingFile,
     pub sha256: String,
     pub size: u64,
+    /// The image the artifact was made from, when it is not the folder's image (a disk made
+    /// from the `-vm` image of the VM layer).
+    pub image: Option<ImageSummary>,
 }
 
 #[derive(Serialize)]
@@ -184,6 +187,8 @@ struct ManifestArtifact<'a> {
     file: String,
     size: u64,
     sha256: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image: Option<&'a ImageSummary>,
 }
 
 #[derive(Serialize)]
@@ -229,6 +234,7 @@ pub fn commit_all(
             file: name,
             size: a.size,
             sha256: &a.sha256,
+            image: a.image.as_ref(),
         });
     }
     let manifest = Manifest {

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use common::engine::{
-    docker_export_tree, engine_lock, fixtures, image_exists, require_docker, rmi, standin, Registry,
+    docker_export_tree, engine_lock, fixtures, image_exists, image_id, require_docker, rmi,
+    standin, Registry,
 };
 use common::{abox, read_tar_file, run_err, run_ok, sh};
 
@@ -429,6 +430,20 @@ fn all_builds_then_writes_every_artifact_of_every_image() {
             "cd {} && sha256sum -c --quiet SHA256SUMS",
             d.display()
         ));
+        // The disk was made from the -vm image, and the manifest says so; the other artifacts
+        // come from the image the folder is named after.
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("manifest.json")).unwrap()).unwrap();
+        let vm_id = image_id(&format!("{prefix}/{n}:{VERSION}-vm"));
+        assert_ne!(m["image"]["config_digest"], vm_id.as_str(), "{m}");
+        for a in m["artifacts"].as_array().unwrap() {
+            if a["kind"] == "disk" {
+                assert_eq!(a["image"]["config_digest"], vm_id.as_str(), "{m}");
+                assert_eq!(a["image"]["name"], format!("{prefix}/{n}:{VERSION}-vm"));
+            } else {
+                assert!(a.get("image").is_none(), "{m}");
+            }
+        }
     }
     let mut all_tags = tags(prefix);
     all_tags.extend(CHAIN.iter().map(|n| format!("{prefix}/{n}:{VERSION}-vm")));

@@ -1,32 +1,33 @@
-//! `abox disk`: an image → a bootable VM disk, d2vm-fashion, from the flattened stream.
+//! `abox disk`: an image → a bootable VM disk, d2vm-fashion, as one output of the pipeline
+//! (`crate::export`): a [`DiskTarget`] receives the flattened rootfs like the WSL and LXD
+//! targets do, so `abox all` reads each image once for all of its artifacts.
 //!
-//! The steps are separate so each can later run without root: [`partition`] writes the table
-//! and boot code into a sparse file; [`fs`] makes the filesystem on a loop device over the
-//! partition and mounts it; [`populate`] writes the rootfs into it straight from the flattening
-//! (no tar file, no extraction step); [`boot`] writes `extlinux.conf` and installs extlinux;
-//! `qemu-img convert` makes the requested format. The disk appears under its final name only
-//! when all of that succeeded.
+//! The stages, each in its own module: [`partition`] (the layout: table and boot code in a
+//! sparse file), [`fs`] (the root filesystem: sizing, `mke2fs`, the loop device and mount),
+//! [`populate`] (the rootfs written into it straight from the flattening, through the
+//! [`fixup::DiskFixup`]), [`boot`] (`extlinux.conf`, extlinux), [`package`] (`qemu-img convert`
+//! to the requested format). [`vmlayer`] decides, before flattening, which image the disk is
+//! made from. The disk appears under its final name only when all of that succeeded.
 
 pub mod boot;
+pub mod fixup;
 pub mod fs;
+pub mod package;
 pub mod partition;
 pub mod populate;
 pub mod vmlayer;
 
-use std::collections::HashSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::flatten::{self};
-use crate::output::PendingFile;
+use crate::flatten::Plan;
+use crate::output::{Artifact, PendingFile};
 use crate::progress::Progress;
 use crate::source::{self, SelectOptions};
-use crate::tarfmt::{Kind, Meta};
-use crate::target::openrc::{self, OpenRc};
-use crate::target::{os_release, os_release_get, Action, Extra, Fixup, TarStream};
+use crate::tarfmt::Meta;
+use crate::target::{os_release, os_release_get, TarStream, Target};
+pub use fixup::{fstab, random_uuid, root_password_hash, set_root_hash};
 use partition::Table;
 
 /// Disk image formats.
@@ -69,7 +70,7 @@ impl Format {
         })
     }
 
-    fn qemu_name(self) -> &'static str {
+    pub fn qemu_name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
@@ -98,217 +99,12 @@ pub struct DiskOptions {
     pub no_vm_layer: bool,
 }
 
-#[derive(Debug)]
-pub struct DiskReport {
-    pub path: PathBuf,
-    pub format: Format,
-    pub disk_bytes: u64,
-    pub fs_uuid: String,
-    pub part_uuid: String,
-    pub kernel: String,
-}
-
-/// A random (version 4) UUID.
-pub fn random_uuid() -> Result<String> {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .context("reading /dev/urandom")?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
-}
-
-/// `--root-password-file`: a crypt(3) hash (`$6$…`, `$y$…`) is used as it is; anything else is
-/// the password itself (first line), hashed with SHA-512 crypt.
-pub fn root_password_hash(file: &Path) -> Result<String> {
-    use sha_crypt::password_hash::PasswordHasher;
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("reading the root password from {}", file.display()))?;
-    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
-    if line.is_empty() {
-        bail!(
-            "{} is empty: put the root password (or its crypt hash) on its first line",
-            file.display()
-        );
-    }
-    if line.starts_with('$') && line.matches('$').count() >= 3 && !line.contains(':') {
-        return Ok(line.to_string());
-    }
-    let mut salt = [0u8; 12];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut salt))
-        .context("reading /dev/urandom")?;
-    let h = sha_crypt::ShaCrypt::SHA512
-        .hash_password_with_salt(line.as_bytes(), &salt)
-        .map_err(|e| anyhow::anyhow!("hashing the root password: {e}"))?;
-    Ok(h.to_string())
-}
-
-/// Set root's password field in a shadow file (adding a root line if there is none).
-pub fn set_root_hash(shadow: &str, hash: &str) -> String {
-    let mut out = String::new();
-    let mut found = false;
-    for line in shadow.lines() {
-        let mut f: Vec<&str> = line.split(':').collect();
-        if f.first() == Some(&"root") && f.len() >= 2 {
-            f[1] = hash;
-            found = true;
-            out.push_str(&f.join(":"));
-        } else {
-            out.push_str(line);
-        }
-        out.push('\n');
-    }
-    if !found {
-        out.insert_str(0, &format!("root:{hash}:0:0:99999:7:::\n"));
-    }
-    out
-}
-
-/// `/etc/fstab` with the root filesystem by UUID; the image's other lines are kept, any other
-/// line for `/` is dropped.
-pub fn fstab(existing: &str, fs_uuid: &str) -> String {
-    let mut out = format!("UUID={fs_uuid}\t/\text4\trw,relatime\t0 1\n");
-    for line in existing.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if !line.trim_start().starts_with('#') && fields.get(1) == Some(&"/") {
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
-}
-
-/// Folders created when the image has none.
-const MOUNT_POINTS: [(&str, u32); 5] = [
-    ("dev", 0o755),
-    ("proc", 0o555),
-    ("sys", 0o555),
-    ("run", 0o755),
-    ("tmp", 0o1777),
-];
-
-/// The disk's fix-ups: `/.dockerenv` dropped, `/etc/fstab` by UUID, `/boot/extlinux.conf`,
-/// missing mount points created, root's password when asked; OpenRC images get the VM set-up
-/// ([`openrc::VM`]: serial getty, runlevels, DHCP on eth0, root grown to the disk at boot).
-struct DiskFixup {
-    fs_uuid: String,
-    extlinux_conf: String,
-    root_hash: Option<String>,
-    mtime: u64,
-    has_fstab: bool,
-    has_shadow: bool,
-    /// Where `/etc/shadow`'s content is written (itself, or the file a link of it leads to).
-    shadow_at: String,
-    openrc: OpenRc,
-}
-
-impl Fixup for DiskFixup {
-    fn start(&mut self, facts: &flatten::Facts) -> Result<()> {
-        self.openrc.start(facts);
-        if let Some(real) = facts.secret_files.get("etc/shadow") {
-            self.shadow_at = real.clone();
-        }
-        // Root's hash must not land in a file another name shares (a hard link to /etc/passwd
-        // would publish it).
-        if self.root_hash.is_some() && facts.secret_links.get("etc/shadow").is_some_and(|n| *n > 1)
-        {
-            bail!(
-                "the image's /etc/shadow shares its file with other names (hard links): refusing \
-                 to write root's password into it; make /etc/shadow a file of its own"
-            );
-        }
-        Ok(())
-    }
-
-    fn action(&mut self, path: &str, meta: &Meta) -> Action {
-        match path {
-            // extlinux writes ldlinux.sys and ldlinux.c32 in /boot: no entry of the image may
-            // stand there (a symlink would send the installer's writes onto the host).
-            ".dockerenv" | "boot/extlinux.conf" | "boot/extlinux.sys" | "boot/ldlinux.sys"
-            | "boot/ldlinux.c32" => Action::Drop,
-            // Rewritten when regular files; anything else there is dropped by the stream and
-            // the file written afresh.
-            "etc/fstab" => {
-                self.has_fstab |= meta.kind == Kind::File;
-                Action::Rewrite
-            }
-            // Root's password goes where the shadow file's content is; a link at the name that
-            // leads to it is kept; anything else there is dropped and the file written afresh.
-            p if self.root_hash.is_some() && p == self.shadow_at => {
-                self.has_shadow |= meta.kind == Kind::File;
-                Action::Rewrite
-            }
-            "etc/shadow" if self.root_hash.is_some() => Action::Keep,
-            _ => self.openrc.action(path, meta).unwrap_or(Action::Keep),
-        }
-    }
-
-    fn rewrite(&mut self, path: &str, data: Vec<u8>) -> Result<Vec<u8>> {
-        let text = String::from_utf8_lossy(&data);
-        Ok(match (path, &self.root_hash) {
-            ("etc/fstab", _) => fstab(&text, &self.fs_uuid).into_bytes(),
-            (p, Some(h)) if p == self.shadow_at => set_root_hash(&text, h).into_bytes(),
-            _ => self.openrc.rewrite(path, &data).unwrap_or(data),
-        })
-    }
-
-    fn rewritten_meta(&self, path: &str, mut meta: Meta) -> Meta {
-        // The file that now holds root's hash: root's, and not readable by others.
-        if self.root_hash.is_some() && path == self.shadow_at {
-            meta.uid = 0;
-            meta.gid = 0;
-            meta.mode &= 0o640;
-            meta.xattrs.clear();
-        }
-        meta
-    }
-
-    fn epilogue(&mut self, seen_dirs: &HashSet<String>) -> Result<Vec<Extra>> {
-        let mut v = vec![Extra::file(
-            "boot/extlinux.conf",
-            0o644,
-            self.extlinux_conf.clone().into_bytes(),
-            self.mtime,
-        )];
-        // Mount points a booting system needs and container images may lack (the engine
-        // provides them to containers): without /dev, init has no devtmpfs to mount.
-        for (dir, mode) in MOUNT_POINTS {
-            if !seen_dirs.contains(dir) {
-                let mut e = Extra::dir(dir, self.mtime);
-                e.meta.mode = mode;
-                v.push(e);
-            }
-        }
-        if !self.has_fstab {
-            v.push(Extra::file(
-                "etc/fstab",
-                0o644,
-                fstab("", &self.fs_uuid).into_bytes(),
-                self.mtime,
-            ));
-        }
-        v.extend(self.openrc.extras(self.mtime));
-        if let (Some(h), false) = (&self.root_hash, self.has_shadow) {
-            v.push(Extra::file(
-                "etc/shadow",
-                0o600,
-                set_root_hash("", h).into_bytes(),
-                self.mtime,
-            ));
-        }
-        Ok(v)
-    }
+/// Whether the image's os-release says Alpine.
+pub fn is_alpine(facts: &crate::flatten::Facts) -> bool {
+    facts
+        .text("etc/os-release")
+        .map(|t| os_release_get(&os_release(t), "ID") == Some("alpine"))
+        .unwrap_or(false)
 }
 
 /// The output file and format from `-o` / `--format`.
@@ -338,276 +134,261 @@ fn output_and_format(opts: &DiskOptions, name: &str) -> Result<(PathBuf, Format)
     }
 }
 
-fn is_alpine(facts: &flatten::Facts) -> bool {
-    facts
-        .text("etc/os-release")
-        .map(|t| os_release_get(&os_release(t), "ID") == Some("alpine"))
-        .unwrap_or(false)
+/// The disk as a target of the pipeline. [`DiskTarget::create`] checks the tools and creates the
+/// output (so an unwritable folder fails before any work); [`Target::start`] sizes, partitions
+/// and makes the filesystem from the plan; the entries go into it; [`Target::finish`] installs
+/// the boot loader, releases the filesystem and packages the disk.
+pub struct DiskTarget {
+    opts: DiskOptions,
+    out_path: PathBuf,
+    format: Format,
+    out: PendingFile,
+    boot_code: Vec<u8>,
+    root_hash: Option<String>,
+    /// Seconds since the epoch for the entries the disk adds.
+    mtime: u64,
+    progress: Progress,
+    /// Between `start` and `finish`. Fields drop in order: the stream, the mount, the loop
+    /// device, the scratch file.
+    building: Option<Building>,
 }
 
-/// The engine image to build the VM layer on, when `err` says the image has no kernel and it
-/// is an Alpine `docker:` image (the layer installs Alpine's kernel with apk).
-fn vm_layer_base(
-    opts: &DiskOptions,
-    facts: &flatten::Facts,
-    err: &anyhow::Error,
-) -> Option<String> {
-    err.downcast_ref::<boot::NoKernel>()?;
-    if opts.no_vm_layer {
-        return None;
-    }
-    match source::SourceRef::parse(&opts.source).ok()? {
-        source::SourceRef::Docker { name } if is_alpine(facts) => Some(name),
-        _ => None,
-    }
+struct Building {
+    stream: TarStream<fixup::DiskFixup, populate::DirOut>,
+    mnt: fs::Mount,
+    lo: fs::Loop,
+    scratch: Option<PendingFile>,
+    kernel: boot::Kernel,
 }
 
-/// Write the disk and move it to its name.
-pub fn write_disk(
-    opts: &DiskOptions,
-    progress: &Progress,
-    engine: Option<&std::sync::Arc<crate::engine::Engine>>,
-) -> Result<DiskReport> {
-    let (file, report) = make_disk(opts, progress, engine)?;
-    file.commit()?;
-    Ok(report)
-}
-
-/// Write the disk under its temporary name; the caller commits it (with other artifacts).
-pub fn make_disk(
-    opts: &DiskOptions,
-    progress: &Progress,
-    engine: Option<&std::sync::Arc<crate::engine::Engine>>,
-) -> Result<(PendingFile, DiskReport)> {
-    fs::require_root()?;
-    boot::check_extlinux()?;
-    let boot_code = boot::boot_code(opts.table)?;
-    let root_hash = opts
-        .root_password_file
-        .as_deref()
-        .map(root_password_hash)
-        .transpose()?;
-    if opts.compress && opts.format.is_some_and(|f| f != Format::Qcow2) {
-        bail!("--compress applies to qcow2 only");
-    }
-
-    let mut image = source::open_with(&opts.source, &opts.select, engine)?;
-    let (out_path, format) = output_and_format(opts, &image.name)?;
-    if opts.compress && format != Format::Qcow2 {
-        bail!("--compress applies to qcow2 only");
-    }
-    if let Some(dir) = out_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| {
-            format!(
-                "cannot create the output folder {} (choose another with -o)",
-                dir.display()
-            )
-        })?;
-    }
-    // What an abox that died here before (SIGKILL) left behind is released first, and said.
-    let out_dir = out_path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    for done in fs::reap_stale(out_dir)? {
-        progress.note(&done);
-    }
-    // The final file, created now so an unwritable folder fails before any work.
-    let mut out = PendingFile::create(&out_path)?;
-
-    let mut plan = flatten::index(&image, progress)?;
-    let kernel = match boot::find_kernel(plan.tree()) {
-        Ok(k) => k,
-        Err(e) => {
-            let Some(name) = vm_layer_base(opts, &plan.facts, &e) else {
-                return Err(e);
-            };
-            let engine = match engine {
-                Some(e) => e.clone(),
-                None => std::sync::Arc::new(crate::engine::Engine::connect()?),
-            };
-            let tag = vmlayer::build_on(&name, &engine, progress)?;
-            let short = image.name.clone();
-            image = source::open_with(&format!("docker:{tag}"), &opts.select, Some(&engine))?;
-            image.name = short;
-            plan = flatten::index(&image, progress)?;
-            boot::find_kernel(plan.tree())
-                .with_context(|| format!("the VM layer {tag} installed no kernel"))?
+impl DiskTarget {
+    /// Check what the disk needs (root, extlinux, syslinux's boot code, the password file),
+    /// release what a killed earlier run left in the output folder, and create the output file
+    /// `out_path` under its temporary name.
+    pub fn create(
+        opts: &DiskOptions,
+        out_path: &Path,
+        format: Format,
+        mtime: u64,
+        progress: &Progress,
+    ) -> Result<Self> {
+        fs::require_root()?;
+        boot::check_extlinux()?;
+        if opts.compress && format != Format::Qcow2 {
+            bail!("--compress applies to qcow2 only");
         }
-    };
-    let usage = fs::usage(plan.tree());
-    let min_fs = fs::min_fs_bytes(usage);
-    let fs_bytes = match opts.size {
-        None => fs::auto_fs_bytes(usage),
-        Some(disk) => {
-            let overhead = partition::ALIGN * 2;
-            let need = min_fs + overhead;
-            if disk < need {
-                bail!(
-                    "--size {} is too small: this image needs at least {} ({} of files and folders, {} inodes); use --size auto or a larger size",
-                    fs::human(disk),
-                    fs::human(need),
-                    fs::human(usage.bytes),
-                    usage.inodes
-                );
-            }
-            (disk - overhead) / partition::ALIGN * partition::ALIGN
+        let boot_code = boot::boot_code(opts.table)?;
+        let root_hash = opts
+            .root_password_file
+            .as_deref()
+            .map(root_password_hash)
+            .transpose()?;
+        let out_dir = out_dir_of(out_path);
+        // What an abox that died here before (SIGKILL) left behind is released first, and said.
+        for done in fs::reap_stale(out_dir)? {
+            progress.note(&done);
         }
-    };
-
-    let fs_uuid = random_uuid()?;
-    let part_guid = random_uuid()?;
-    let disk_guid = random_uuid()?;
-    let layout = partition::layout(opts.table, fs_bytes, &part_guid)?;
-    // The raw disk is sparse, but what the filesystem holds is written for real; a converted
-    // format needs the raw scratch and the result side by side.
-    let copies = if format == Format::Raw { 1 } else { 2 };
-    crate::output::check_room(out_dir, min_fs.saturating_mul(copies), "the disk")?;
-
-    // The raw disk: the output itself, or a scratch file next to it for qemu-img.
-    let mut scratch = match format {
-        Format::Raw => None,
-        _ => {
-            let name = out_path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            Some(PendingFile::create(
-                &out_path.with_file_name(format!("{name}.raw")),
-            )?)
-        }
-    };
-    let raw = scratch.as_mut().unwrap_or(&mut out);
-    let raw_path = raw.tmp_path().to_path_buf();
-    partition::write_table(raw.file(), &layout, &part_guid, &disk_guid, &boot_code)?;
-    raw.file().sync_all()?;
-
-    let task = progress.task("making filesystem", 0);
-    let lo = fs::Loop::attach(&raw_path, layout.part_offset, layout.part_bytes)?;
-    fs::mkfs(lo.dev(), layout.part_bytes, usage, &fs_uuid, "root")?;
-    let mnt = fs::Mount::new(lo.dev())?;
-    task.finish(&format!(
-        "ext4 {} on a {} {} disk",
-        fs::human(layout.part_bytes),
-        fs::human(layout.disk_bytes),
-        match opts.table {
-            Table::Gpt => "GPT",
-            Table::Mbr => "MBR",
-        }
-    ));
-
-    let alpine = is_alpine(&plan.facts);
-    let root = boot::root_arg(&kernel, &fs_uuid, &layout.part_uuid);
-    let created = crate::target::build_time(image.config.created().as_deref());
-    let fixup = DiskFixup {
-        fs_uuid: fs_uuid.clone(),
-        extlinux_conf: boot::extlinux_conf(&kernel, &root, alpine, opts.cmdline.as_deref()),
-        root_hash,
-        mtime: created,
-        has_fstab: false,
-        has_shadow: false,
-        shadow_at: "etc/shadow".into(),
-        openrc: OpenRc::new(&openrc::VM),
-    };
-    let mut stream = TarStream::with_out(populate::DirOut::new(mnt.path())?, "", fixup);
-    stream.start(&plan.facts)?;
-    flatten::emit(&image, &plan, &mut stream, progress)?;
-    stream.finish_entries()?.finish()?;
-    crate::signals::check()?;
-
-    let task = progress.task("installing extlinux", 0);
-    boot::install(&mnt.path().join("boot"))?;
-    mnt.unmount()?;
-    lo.detach()?;
-    task.finish(&format!("boots /{}", kernel.kernel));
-    crate::signals::check()?;
-
-    if let Some(scratch) = scratch.take() {
-        let task = progress.task(&format!("writing {}", format.qemu_name()), 0);
-        let mut cmd = Command::new("qemu-img");
-        cmd.args(["convert", "-f", "raw", "-O", format.qemu_name()]);
-        if opts.compress {
-            cmd.arg("-c");
-        }
-        match format {
-            // VirtualBox and VMware both read the growable single-file kind.
-            Format::Vmdk => {
-                cmd.args(["-o", "subformat=monolithicSparse"]);
-            }
-            Format::Vhdx => {
-                cmd.args(["-o", "subformat=dynamic"]);
-            }
-            _ => {}
-        }
-        cmd.arg(scratch.tmp_path()).arg(out.tmp_path());
-        crate::cmd::run(&mut cmd)?;
-        drop(scratch);
-        task.finish(&format!("{}", out_path.display()));
-    }
-    crate::signals::check()?;
-    out.file().sync_all().context("writing the disk")?;
-    Ok((
-        out,
-        DiskReport {
-            path: out_path,
+        let out = PendingFile::create(out_path)?;
+        Ok(DiskTarget {
+            opts: opts.clone(),
+            out_path: out_path.to_path_buf(),
             format,
-            disk_bytes: layout.disk_bytes,
-            fs_uuid,
-            part_uuid: layout.part_uuid,
-            kernel: kernel.kernel,
-        },
-    ))
+            out,
+            boot_code,
+            root_hash,
+            mtime,
+            progress: *progress,
+            building: None,
+        })
+    }
+
+    fn building(&mut self) -> &mut Building {
+        self.building.as_mut().expect("disk started before entries")
+    }
+}
+
+fn out_dir_of(p: &Path) -> &Path {
+    p.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// The root filesystem's size for the tree: `--size` less the table's overhead, else auto.
+fn fs_bytes(opts: &DiskOptions, usage: fs::Usage) -> Result<u64> {
+    let Some(disk) = opts.size else {
+        return Ok(fs::auto_fs_bytes(usage));
+    };
+    let overhead = partition::ALIGN * 2;
+    let need = fs::min_fs_bytes(usage) + overhead;
+    if disk < need {
+        bail!(
+            "--size {} is too small: this image needs at least {} ({} of files and folders, {} inodes); use --size auto or a larger size",
+            fs::human(disk),
+            fs::human(need),
+            fs::human(usage.bytes),
+            usage.inodes
+        );
+    }
+    Ok((disk - overhead) / partition::ALIGN * partition::ALIGN)
+}
+
+impl Target for DiskTarget {
+    fn start(&mut self, plan: &Plan) -> Result<()> {
+        // Layout: sizes from the tree, the table and boot code into a sparse file.
+        let kernel = boot::find_kernel(plan.tree())?;
+        let usage = fs::usage(plan.tree());
+        let fs_bytes = fs_bytes(&self.opts, usage)?;
+        let fs_uuid = random_uuid()?;
+        let part_guid = random_uuid()?;
+        let disk_guid = random_uuid()?;
+        let layout = partition::layout(self.opts.table, fs_bytes, &part_guid)?;
+        // The raw disk is sparse, but what the filesystem holds is written for real; a
+        // converted format needs the raw scratch and the result side by side.
+        let copies = if self.format == Format::Raw { 1 } else { 2 };
+        crate::output::check_room(
+            out_dir_of(&self.out_path),
+            fs::min_fs_bytes(usage).saturating_mul(copies),
+            "the disk",
+        )?;
+        // The raw disk: the output itself, or a scratch file next to it for qemu-img.
+        let mut scratch = match self.format {
+            Format::Raw => None,
+            _ => {
+                let name = self
+                    .out_path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Some(PendingFile::create(
+                    &self.out_path.with_file_name(format!("{name}.raw")),
+                )?)
+            }
+        };
+        let raw = scratch.as_mut().unwrap_or(&mut self.out);
+        let raw_path = raw.tmp_path().to_path_buf();
+        partition::write_table(raw.file(), &layout, &part_guid, &disk_guid, &self.boot_code)?;
+        raw.file().sync_all()?;
+
+        // Filesystem: ext4 on a loop device over the partition, mounted.
+        let task = self.progress.task("making filesystem", 0);
+        let lo = fs::Loop::attach(&raw_path, layout.part_offset, layout.part_bytes)?;
+        fs::mkfs(lo.dev(), layout.part_bytes, usage, &fs_uuid, "root")?;
+        let mnt = fs::Mount::new(lo.dev())?;
+        task.finish(&format!(
+            "ext4 {} on a {} {} disk",
+            fs::human(layout.part_bytes),
+            fs::human(layout.disk_bytes),
+            match self.opts.table {
+                Table::Gpt => "GPT",
+                Table::Mbr => "MBR",
+            }
+        ));
+
+        // The rootfs goes into it through the disk's fix-ups.
+        let root = boot::root_arg(&kernel, &fs_uuid, &layout.part_uuid);
+        let conf = boot::extlinux_conf(
+            &kernel,
+            &root,
+            is_alpine(&plan.facts),
+            self.opts.cmdline.as_deref(),
+        );
+        let fixup = fixup::DiskFixup::new(&fs_uuid, conf, self.root_hash.take(), self.mtime);
+        let mut stream = TarStream::with_out(populate::DirOut::new(mnt.path())?, "", fixup);
+        stream.start(&plan.facts)?;
+        self.building = Some(Building {
+            stream,
+            mnt,
+            lo,
+            scratch,
+            kernel,
+        });
+        Ok(())
+    }
+
+    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
+        self.building().stream.begin(path, meta)
+    }
+
+    fn data(&mut self, buf: &[u8]) -> Result<()> {
+        self.building().stream.data(buf)
+    }
+
+    fn end(&mut self) -> Result<()> {
+        self.building().stream.end()
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Vec<Artifact>> {
+        let b = self.building.take().expect("disk started before finish");
+        b.stream.finish_entries()?.finish()?;
+        crate::signals::check()?;
+
+        // Boot: extlinux into the mounted /boot; then the filesystem is released.
+        let task = self.progress.task("installing extlinux", 0);
+        boot::install(&b.mnt.path().join("boot"))?;
+        b.mnt.unmount()?;
+        b.lo.detach()?;
+        task.finish(&format!("boots /{}", b.kernel.kernel));
+        crate::signals::check()?;
+
+        // Package: the requested format from the raw scratch.
+        if let Some(scratch) = b.scratch {
+            let task = self
+                .progress
+                .task(&format!("writing {}", self.format.qemu_name()), 0);
+            package::convert(
+                scratch.tmp_path(),
+                self.out.tmp_path(),
+                self.format,
+                self.opts.compress,
+            )?;
+            drop(scratch);
+            task.finish(&format!("{}", self.out_path.display()));
+        }
+        crate::signals::check()?;
+        let this = *self;
+        let mut out = this.out;
+        out.file().sync_all().context("writing the disk")?;
+        let (sha256, size) = crate::output::hash_file(out.tmp_path())?;
+        Ok(vec![Artifact {
+            kind: "disk",
+            file: out,
+            sha256,
+            size,
+            image: None,
+        }])
+    }
+}
+
+/// `abox disk`: open the image, decide on the VM layer, write the disk and move it to its
+/// name; returns the disk's path.
+pub fn write_disk(opts: &DiskOptions, progress: &Progress) -> Result<PathBuf> {
+    let image = source::open_with(&opts.source, &opts.select, None)?;
+    let (out_path, format) = output_and_format(opts, &image.name)?;
+    let out_dir = out_dir_of(&out_path);
+    std::fs::create_dir_all(out_dir).with_context(|| {
+        format!(
+            "cannot create the output folder {} (choose another with -o)",
+            out_dir.display()
+        )
+    })?;
+    let mtime = crate::target::build_time(image.config.created().as_deref());
+    let target = DiskTarget::create(opts, &out_path, format, mtime, progress)?;
+    let plan = crate::flatten::index(&image, progress)?;
+    let artifacts = match vmlayer::resolve(opts, &image, &plan, None, progress)? {
+        None => crate::export::run_targets(&image, &plan, vec![Box::new(target)], progress)?,
+        Some((vm, vm_plan)) => {
+            crate::export::run_targets(&vm, &vm_plan, vec![Box::new(target)], progress)?
+        }
+    };
+    for a in artifacts {
+        a.file.commit()?;
+    }
+    Ok(out_path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fstab_puts_root_by_uuid_and_keeps_the_rest() {
-        let f = fstab(
-            "# comment\n/dev/sda1 / ext4 defaults 0 1\n/dev/cdrom /media/cdrom iso9660 noauto,ro 0 0\n",
-            "U",
-        );
-        assert_eq!(
-            f,
-            "UUID=U\t/\text4\trw,relatime\t0 1\n# comment\n/dev/cdrom /media/cdrom iso9660 noauto,ro 0 0\n"
-        );
-    }
-
-    #[test]
-    fn root_hash_replaces_only_root() {
-        let s = set_root_hash("root:!::0:::::\nalpine:!:1:0:99999:7:::\n", "$6$x$y");
-        assert_eq!(s, "root:$6$x$y::0:::::\nalpine:!:1:0:99999:7:::\n");
-        assert!(set_root_hash("", "H").starts_with("root:H:"));
-    }
-
-    #[test]
-    fn password_file_is_hashed_with_sha512_crypt() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("pw");
-        std::fs::write(&p, "s3cret\n").unwrap();
-        let h = root_password_hash(&p).unwrap();
-        assert!(h.starts_with("$6$"), "{h}");
-        assert!(!h.contains("s3cret"));
-        // Verified by an independent implementation (Python's crypt(3) binding).
-        let ok = Command::new("python3")
-            .args([
-                "-W",
-                "ignore",
-                "-c",
-                "import crypt,sys; print(crypt.crypt(sys.argv[1], sys.argv[2]) == sys.argv[2])",
-                "s3cret",
-                &h,
-            ])
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "True", "{ok:?}");
-        std::fs::write(&p, "$6$abc$def\n").unwrap();
-        assert_eq!(root_password_hash(&p).unwrap(), "$6$abc$def");
-        std::fs::write(&p, "").unwrap();
-        assert!(root_password_hash(&p).is_err());
-    }
 
     #[test]
     fn formats_from_names() {
@@ -625,13 +406,5 @@ mod tests {
             output_and_format(&o, "n").unwrap(),
             (PathBuf::from("out/n/n.qcow2"), Format::Qcow2)
         );
-    }
-
-    #[test]
-    fn uuids_are_v4() {
-        let u = random_uuid().unwrap();
-        assert_eq!(u.len(), 36);
-        assert_eq!(&u[14..15], "4");
-        assert_ne!(u, random_uuid().unwrap());
     }
 }

@@ -9,9 +9,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use super::{boot, DiskOptions};
 use crate::engine::build::{build, split_tag, BuildSpec};
 use crate::engine::Engine;
+use crate::flatten::{self, Plan};
 use crate::progress::Progress;
+use crate::source::{self, Image, SourceRef};
 
 /// mkinitfs features: the disk controllers of QEMU/libvirt/Proxmox (virtio, NVMe, SCSI, ATA),
 /// VirtualBox (ATA/AHCI), Hyper-V generation 1 (IDE/ATA), the root filesystem, USB keyboards.
@@ -68,6 +71,51 @@ pub fn build_on(name: &str, engine: &Arc<Engine>, progress: &Progress) -> Result
     })?;
     task.finish(&tag);
     Ok(tag)
+}
+
+/// The engine image to build the VM layer on, when `err` says the image has no kernel and it
+/// is an Alpine `docker:` image (the layer installs Alpine's kernel with apk).
+fn base_for(opts: &DiskOptions, plan: &Plan, err: &anyhow::Error) -> Option<String> {
+    err.downcast_ref::<boot::NoKernel>()?;
+    if opts.no_vm_layer {
+        return None;
+    }
+    match SourceRef::parse(&opts.source).ok()? {
+        SourceRef::Docker { name } if super::is_alpine(&plan.facts) => Some(name),
+        _ => None,
+    }
+}
+
+/// Which image the disk is made from, decided once, before any output is written: `None` when
+/// `image` (indexed as `plan`) carries a kernel; else, for an Alpine `docker:` image, the VM
+/// layer is built on it and the `-vm` image is opened and indexed (its output name stays
+/// `image`'s). Errors: [`boot::NoKernel`] when there is no kernel and no VM layer to add; the
+/// build's error when the layer fails.
+pub fn resolve(
+    opts: &DiskOptions,
+    image: &Image,
+    plan: &Plan,
+    engine: Option<&Arc<Engine>>,
+    progress: &Progress,
+) -> Result<Option<(Image, Plan)>> {
+    let err = match boot::find_kernel(plan.tree()) {
+        Ok(_) => return Ok(None),
+        Err(e) => e,
+    };
+    let Some(name) = base_for(opts, plan, &err) else {
+        return Err(err);
+    };
+    let engine = match engine {
+        Some(e) => e.clone(),
+        None => Arc::new(Engine::connect()?),
+    };
+    let tag = build_on(&name, &engine, progress)?;
+    let mut vm = source::open_with(&format!("docker:{tag}"), &opts.select, Some(&engine))?;
+    vm.name = image.name.clone();
+    let vm_plan = flatten::index(&vm, progress)?;
+    boot::find_kernel(vm_plan.tree())
+        .with_context(|| format!("the VM layer {tag} installed no kernel"))?;
+    Ok(Some((vm, vm_plan)))
 }
 
 #[cfg(test)]

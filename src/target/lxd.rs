@@ -239,7 +239,8 @@ impl SplitTarget {
 }
 
 impl Target for SplitTarget {
-    fn start(&mut self, facts: &Facts) -> Result<()> {
+    fn start(&mut self, plan: &crate::flatten::Plan) -> Result<()> {
+        let facts = &plan.facts;
         let mut out = Out::gzip(&mut self.meta_file)?;
         {
             let mut tar = TarWriter::new(&mut out);
@@ -281,12 +282,14 @@ impl Target for SplitTarget {
                 file: this.meta_file,
                 sha256: ms,
                 size: ml,
+                image: None,
             },
             Artifact {
                 kind: "lxd-rootfs",
                 file: this.squash_file,
                 sha256: ss,
                 size: sl,
+                image: None,
             },
         ])
     }

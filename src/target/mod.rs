@@ -17,14 +17,14 @@ use gzp::deflate::Gzip;
 use gzp::par::compress::{ParCompress, ParCompressBuilder};
 use gzp::ZWriter;
 
-use crate::flatten::{Facts, Sink};
+use crate::flatten::{Facts, Plan, Sink};
 use crate::output::{hash_file, Artifact, HashingWriter, PendingFile};
 use crate::tarfmt::{Kind, Meta, TarWriter};
 
 /// A writer of one or more artifacts.
 pub trait Target {
-    /// Called once pass 1 has learnt the image's facts, before the first entry.
-    fn start(&mut self, facts: &Facts) -> Result<()>;
+    /// Called once pass 1 has indexed the image (its tree and facts), before the first entry.
+    fn start(&mut self, plan: &Plan) -> Result<()>;
     fn begin(&mut self, path: &str, meta: &Meta) -> Result<()>;
     fn data(&mut self, buf: &[u8]) -> Result<()>;
     fn end(&mut self) -> Result<()>;
@@ -439,8 +439,8 @@ impl<F: Fixup> TarFileTarget<F> {
 }
 
 impl<F: Fixup> Target for TarFileTarget<F> {
-    fn start(&mut self, facts: &Facts) -> Result<()> {
-        self.stream.start(facts)
+    fn start(&mut self, plan: &Plan) -> Result<()> {
+        self.stream.start(&plan.facts)
     }
     fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
         self.stream.begin(path, meta)
@@ -462,6 +462,7 @@ impl<F: Fixup> Target for TarFileTarget<F> {
             file: this.file,
             sha256,
             size,
+            image: None,
         }])
     }
 }

@@ -140,6 +140,13 @@ pub fn rmi(refs: &[String]) {
         .output();
 }
 
+/// The engine's ID of an image (`sha256:…`).
+pub fn image_id(r: &str) -> String {
+    sh(&format!("docker image inspect --format '{{{{.Id}}}}' {r}"))
+        .trim()
+        .to_string()
+}
+
 pub fn image_exists(r: &str) -> bool {
     Command::new("docker")
         .args(["image", "inspect", r])

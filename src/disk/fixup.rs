@@ -1,0 +1,297 @@
+//! The disk's rootfs fix-ups ([`DiskFixup`]) and the identity it is given: filesystem and
+//! partition UUIDs, `/etc/fstab` by UUID, root's password (SHA-512 crypt).
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::flatten;
+use crate::tarfmt::{Kind, Meta};
+use crate::target::openrc::OpenRc;
+use crate::target::{Action, Extra, Fixup};
+
+/// A random (version 4) UUID.
+pub fn random_uuid() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+/// `--root-password-file`: a crypt(3) hash (`$6$…`, `$y$…`) is used as it is; anything else is
+/// the password itself (first line), hashed with SHA-512 crypt.
+pub fn root_password_hash(file: &Path) -> Result<String> {
+    use sha_crypt::password_hash::PasswordHasher;
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the root password from {}", file.display()))?;
+    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if line.is_empty() {
+        bail!(
+            "{} is empty: put the root password (or its crypt hash) on its first line",
+            file.display()
+        );
+    }
+    if line.starts_with('$') && line.matches('$').count() >= 3 && !line.contains(':') {
+        return Ok(line.to_string());
+    }
+    let mut salt = [0u8; 12];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut salt))
+        .context("reading /dev/urandom")?;
+    let h = sha_crypt::ShaCrypt::SHA512
+        .hash_password_with_salt(line.as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("hashing the root password: {e}"))?;
+    Ok(h.to_string())
+}
+
+/// Set root's password field in a shadow file (adding a root line if there is none).
+pub fn set_root_hash(shadow: &str, hash: &str) -> String {
+    let mut out = String::new();
+    let mut found = false;
+    for line in shadow.lines() {
+        let mut f: Vec<&str> = line.split(':').collect();
+        if f.first() == Some(&"root") && f.len() >= 2 {
+            f[1] = hash;
+            found = true;
+            out.push_str(&f.join(":"));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    if !found {
+        out.insert_str(0, &format!("root:{hash}:0:0:99999:7:::\n"));
+    }
+    out
+}
+
+/// `/etc/fstab` with the root filesystem by UUID; the image's other lines are kept, any other
+/// line for `/` is dropped.
+pub fn fstab(existing: &str, fs_uuid: &str) -> String {
+    let mut out = format!("UUID={fs_uuid}\t/\text4\trw,relatime\t0 1\n");
+    for line in existing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if !line.trim_start().starts_with('#') && fields.get(1) == Some(&"/") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Folders created when the image has none.
+const MOUNT_POINTS: [(&str, u32); 5] = [
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+];
+
+/// The disk's fix-ups: `/.dockerenv` dropped, `/etc/fstab` by UUID, `/boot/extlinux.conf`,
+/// missing mount points created, root's password when asked; OpenRC images get the VM set-up
+/// ([`openrc::VM`]: serial getty, runlevels, DHCP on eth0, root grown to the disk at boot).
+pub struct DiskFixup {
+    fs_uuid: String,
+    extlinux_conf: String,
+    root_hash: Option<String>,
+    mtime: u64,
+    has_fstab: bool,
+    has_shadow: bool,
+    /// Where `/etc/shadow`'s content is written (itself, or the file a link of it leads to).
+    shadow_at: String,
+    openrc: OpenRc,
+}
+
+impl DiskFixup {
+    /// The fix-ups of a disk whose root filesystem has `fs_uuid`, booted by `extlinux_conf`;
+    /// `mtime` for the entries it adds.
+    pub fn new(
+        fs_uuid: &str,
+        extlinux_conf: String,
+        root_hash: Option<String>,
+        mtime: u64,
+    ) -> Self {
+        DiskFixup {
+            fs_uuid: fs_uuid.to_string(),
+            extlinux_conf,
+            root_hash,
+            mtime,
+            has_fstab: false,
+            has_shadow: false,
+            shadow_at: "etc/shadow".into(),
+            openrc: OpenRc::new(&crate::target::openrc::VM),
+        }
+    }
+}
+
+impl Fixup for DiskFixup {
+    fn start(&mut self, facts: &flatten::Facts) -> Result<()> {
+        self.openrc.start(facts);
+        if let Some(real) = facts.secret_files.get("etc/shadow") {
+            self.shadow_at = real.clone();
+        }
+        // Root's hash must not land in a file another name shares (a hard link to /etc/passwd
+        // would publish it).
+        if self.root_hash.is_some() && facts.secret_links.get("etc/shadow").is_some_and(|n| *n > 1)
+        {
+            bail!(
+                "the image's /etc/shadow shares its file with other names (hard links): refusing \
+                 to write root's password into it; make /etc/shadow a file of its own"
+            );
+        }
+        Ok(())
+    }
+
+    fn action(&mut self, path: &str, meta: &Meta) -> Action {
+        match path {
+            // extlinux writes ldlinux.sys and ldlinux.c32 in /boot: no entry of the image may
+            // stand there (a symlink would send the installer's writes onto the host).
+            ".dockerenv" | "boot/extlinux.conf" | "boot/extlinux.sys" | "boot/ldlinux.sys"
+            | "boot/ldlinux.c32" => Action::Drop,
+            // Rewritten when regular files; anything else there is dropped by the stream and
+            // the file written afresh.
+            "etc/fstab" => {
+                self.has_fstab |= meta.kind == Kind::File;
+                Action::Rewrite
+            }
+            // Root's password goes where the shadow file's content is; a link at the name that
+            // leads to it is kept; anything else there is dropped and the file written afresh.
+            p if self.root_hash.is_some() && p == self.shadow_at => {
+                self.has_shadow |= meta.kind == Kind::File;
+                Action::Rewrite
+            }
+            "etc/shadow" if self.root_hash.is_some() => Action::Keep,
+            _ => self.openrc.action(path, meta).unwrap_or(Action::Keep),
+        }
+    }
+
+    fn rewrite(&mut self, path: &str, data: Vec<u8>) -> Result<Vec<u8>> {
+        let text = String::from_utf8_lossy(&data);
+        Ok(match (path, &self.root_hash) {
+            ("etc/fstab", _) => fstab(&text, &self.fs_uuid).into_bytes(),
+            (p, Some(h)) if p == self.shadow_at => set_root_hash(&text, h).into_bytes(),
+            _ => self.openrc.rewrite(path, &data).unwrap_or(data),
+        })
+    }
+
+    fn rewritten_meta(&self, path: &str, mut meta: Meta) -> Meta {
+        // The file that now holds root's hash: root's, and not readable by others.
+        if self.root_hash.is_some() && path == self.shadow_at {
+            meta.uid = 0;
+            meta.gid = 0;
+            meta.mode &= 0o640;
+            meta.xattrs.clear();
+        }
+        meta
+    }
+
+    fn epilogue(&mut self, seen_dirs: &HashSet<String>) -> Result<Vec<Extra>> {
+        let mut v = vec![Extra::file(
+            "boot/extlinux.conf",
+            0o644,
+            self.extlinux_conf.clone().into_bytes(),
+            self.mtime,
+        )];
+        // Mount points a booting system needs and container images may lack (the engine
+        // provides them to containers): without /dev, init has no devtmpfs to mount.
+        for (dir, mode) in MOUNT_POINTS {
+            if !seen_dirs.contains(dir) {
+                let mut e = Extra::dir(dir, self.mtime);
+                e.meta.mode = mode;
+                v.push(e);
+            }
+        }
+        if !self.has_fstab {
+            v.push(Extra::file(
+                "etc/fstab",
+                0o644,
+                fstab("", &self.fs_uuid).into_bytes(),
+                self.mtime,
+            ));
+        }
+        v.extend(self.openrc.extras(self.mtime));
+        if let (Some(h), false) = (&self.root_hash, self.has_shadow) {
+            v.push(Extra::file(
+                "etc/shadow",
+                0o600,
+                set_root_hash("", h).into_bytes(),
+                self.mtime,
+            ));
+        }
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+    #[test]
+    fn fstab_puts_root_by_uuid_and_keeps_the_rest() {
+        let f = fstab(
+            "# comment\n/dev/sda1 / ext4 defaults 0 1\n/dev/cdrom /media/cdrom iso9660 noauto,ro 0 0\n",
+            "U",
+        );
+        assert_eq!(
+            f,
+            "UUID=U\t/\text4\trw,relatime\t0 1\n# comment\n/dev/cdrom /media/cdrom iso9660 noauto,ro 0 0\n"
+        );
+    }
+
+    #[test]
+    fn root_hash_replaces_only_root() {
+        let s = set_root_hash("root:!::0:::::\nalpine:!:1:0:99999:7:::\n", "$6$x$y");
+        assert_eq!(s, "root:$6$x$y::0:::::\nalpine:!:1:0:99999:7:::\n");
+        assert!(set_root_hash("", "H").starts_with("root:H:"));
+    }
+
+    #[test]
+    fn password_file_is_hashed_with_sha512_crypt() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pw");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        let h = root_password_hash(&p).unwrap();
+        assert!(h.starts_with("$6$"), "{h}");
+        assert!(!h.contains("s3cret"));
+        // Verified by an independent implementation (Python's crypt(3) binding).
+        let ok = Command::new("python3")
+            .args([
+                "-W",
+                "ignore",
+                "-c",
+                "import crypt,sys; print(crypt.crypt(sys.argv[1], sys.argv[2]) == sys.argv[2])",
+                "s3cret",
+                &h,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "True", "{ok:?}");
+        std::fs::write(&p, "$6$abc$def\n").unwrap();
+        assert_eq!(root_password_hash(&p).unwrap(), "$6$abc$def");
+        std::fs::write(&p, "").unwrap();
+        assert!(root_password_hash(&p).is_err());
+    }
+
+    #[test]
+    fn uuids_are_v4() {
+        let u = random_uuid().unwrap();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert_ne!(u, random_uuid().unwrap());
+    }
+}
