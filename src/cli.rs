@@ -92,19 +92,22 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Push(PushArgs),
 
-    /// Write a bootable VM disk: GPT (or MBR), one ext4 root partition, extlinux.
+    /// Write a VM disk that boots on BIOS and UEFI: GPT (or MBR), an EFI System Partition
+    /// (FAT32: kernel, initramfs, SYSLINUX for BIOS, systemd-boot for UEFI) and the ext4 root.
     ///
     /// The image must carry a kernel in /boot (Alpine: linux-virt; Debian:
-    /// linux-image-cloud-amd64); extlinux.conf is generated for it, with the root by UUID
-    /// when there is an initramfs, by PARTUUID otherwise, and the console on the screen and on
-    /// ttyS0 (115200 baud). Needs root (a loop device and a mount), the extlinux and
-    /// syslinux-common packages, and qemu-utils for formats other than raw. The format follows
-    /// the file name's extension unless --format is given.
+    /// linux-image-cloud-amd64; an Alpine docker: image without one gets the VM layer). One
+    /// boot entry for both loaders: the root by UUID when there is an initramfs, by PARTUUID
+    /// otherwise, the console on the screen and on ttyS0 (115200 baud). No root, loop device
+    /// or mount needed: mke2fs (e2fsprogs >= 1.47.1) makes the root from a tar stream. Needs
+    /// syslinux + mtools (BIOS), systemd-boot-efi (UEFI; Secure Boot off), and qemu-utils for
+    /// formats other than raw. The format follows the file name's extension unless --format
+    /// is given.
     ///
     /// Examples:
     ///   abox disk docker:alpine-boxes/base                      → out/base/base.qcow2
-    ///   abox disk docker:alpine-boxes/base -o vm.vdi            VirtualBox
-    ///   abox disk oci:build/base -o base.vhdx --size 8G         Hyper-V (generation 1)
+    ///   abox disk docker:alpine-boxes/base -o vm.vdi            VirtualBox (BIOS or EFI)
+    ///   abox disk oci:build/base -o base.vhdx --size 8G         Hyper-V (generation 1 or 2)
     ///   qemu-system-x86_64 -m 1G -drive file=out/base/base.qcow2 -nographic
     #[command(verbatim_doc_comment)]
     Disk(DiskArgs),
@@ -120,7 +123,7 @@ pub enum Command {
     Check(CheckArgs),
 
     /// Check what abox needs: the engine (which one and why), BuildKit, external tools and
-    /// their versions, syslinux and OVMF files, loop devices and mounts, registry credentials.
+    /// their versions, the syslinux, systemd-boot and OVMF files, registry credentials.
     ///
     /// Prints a table (or JSON with --json); each missing part names the package to install.
     /// Exits 1 when a part `abox all` needs is missing.
@@ -135,8 +138,8 @@ pub enum Command {
     ///
     /// Artifacts: <name>.rootfs.tar.gz and <name>.wsl (WSL), <name>.lxd.tar.gz and the split
     /// <name>.lxd-meta.tar.gz + <name>.lxd-rootfs.squashfs (LXD/Incus), SHA256SUMS,
-    /// manifest.json, and the bootable disk <name>.qcow2 (for images that carry a kernel; needs
-    /// root).
+    /// manifest.json, and the BIOS+UEFI disk <name>.qcow2 (for images that carry a kernel, or
+    /// Alpine images given one by the VM layer).
     #[command(verbatim_doc_comment)]
     All(AllArgs),
 }
@@ -364,9 +367,14 @@ pub struct DiskArgs {
     #[arg(long, default_value = "auto", value_name = "auto|SIZE")]
     pub size: String,
 
-    /// Partition table.
+    /// Partition table. MBR: the ESP as type 0xEF, active; at most 2 TiB.
     #[arg(long, value_enum, default_value_t = crate::disk::partition::Table::Gpt)]
     pub table: crate::disk::partition::Table,
+
+    /// Firmware the disk boots on: BIOS (SYSLINUX), UEFI (systemd-boot; Secure Boot off), or
+    /// both from the same disk.
+    #[arg(long, value_enum, default_value_t = crate::disk::boot::Firmware::Hybrid)]
+    pub firmware: crate::disk::boot::Firmware,
 
     /// Extra kernel command line, appended after root=, console= and rootfstype=.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
@@ -467,6 +475,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 format: a.format,
                 size: crate::disk::fs::parse_size(&a.size)?,
                 table: a.table,
+                firmware: a.firmware,
                 cmdline: a.cmdline,
                 root_password_file: a.root_password_file,
                 compress: a.compress,

@@ -88,7 +88,6 @@ pub fn run() -> Report {
             c.required = true;
         }
     }
-    privilege_checks(&mut checks);
     credential_checks(&mut checks);
     Report {
         ok: checks.iter().all(|c| c.ok || !c.required),
@@ -200,11 +199,19 @@ const TOOLS: &[Tool] = &[
         min: Some((1, 47, 1)),
     },
     Tool {
-        name: "extlinux",
+        name: "syslinux",
         version_args: &["--version"],
-        package: "extlinux",
+        package: "syslinux (the mtools installer)",
         required: true,
-        needed_by: "disk, all",
+        needed_by: "disk, all (BIOS boot; not --firmware uefi)",
+        min: None,
+    },
+    Tool {
+        name: "mmd",
+        version_args: &["--version"],
+        package: "mtools",
+        required: true,
+        needed_by: "disk, all (the ESP's folders, SYSLINUX's installer)",
         min: None,
     },
     Tool {
@@ -221,22 +228,6 @@ const TOOLS: &[Tool] = &[
         package: "squashfs-tools-ng",
         required: true,
         needed_by: "export --lxd-split, all",
-        min: None,
-    },
-    Tool {
-        name: "losetup",
-        version_args: &["--version"],
-        package: "mount (util-linux)",
-        required: true,
-        needed_by: "disk, all",
-        min: None,
-    },
-    Tool {
-        name: "mount",
-        version_args: &["--version"],
-        package: "mount (util-linux)",
-        required: true,
-        needed_by: "disk, all",
         min: None,
     },
     Tool {
@@ -347,6 +338,22 @@ fn tool_checks(checks: &mut Vec<Check>) {
         checks.push(c);
     }
     let mut c = check(
+        "systemd-boot",
+        true,
+        "disk, all (UEFI boot; not --firmware bios)",
+    );
+    match crate::disk::boot::efi_loader() {
+        Ok(p) => {
+            c.ok = true;
+            c.detail = p.display().to_string();
+        }
+        Err(e) => {
+            c.detail = format!("{e:#}");
+            c.fix = Some("install systemd-boot-efi (or set ABOX_SYSTEMD_BOOT_EFI)".into());
+        }
+    }
+    checks.push(c);
+    let mut c = check(
         "OVMF",
         false,
         "booting disks under UEFI in QEMU (tests, by hand)",
@@ -369,71 +376,6 @@ fn tool_checks(checks: &mut Vec<Check>) {
         }
     }
     checks.push(c);
-}
-
-const PRIVILEGED: &str = "disk, all (the disk)";
-
-fn privilege_checks(checks: &mut Vec<Check>) {
-    let root = rustix::process::geteuid().is_root();
-    let mut c = check("loop devices", true, PRIVILEGED);
-    if !root {
-        c.detail = "not root: loop devices cannot be set up".into();
-        c.fix = Some("run abox disk / abox all as root (sudo)".into());
-    } else {
-        match crate::cmd::run(Command::new("losetup").arg("--find")) {
-            Ok(out) => {
-                c.ok = true;
-                c.detail = format!(
-                    "usable (next free: {})",
-                    String::from_utf8_lossy(&out).trim()
-                );
-            }
-            Err(e) => {
-                c.detail = format!("{e:#}");
-                c.fix = Some(
-                    "load the loop module (modprobe loop), or give the container --privileged"
-                        .into(),
-                );
-            }
-        }
-    }
-    checks.push(c);
-
-    let mut c = check("mounting", true, PRIVILEGED);
-    if !root {
-        c.detail = "not root: filesystems cannot be mounted".into();
-        c.fix = Some("run abox disk / abox all as root (sudo)".into());
-    } else {
-        match mount_probe() {
-            Ok(()) => {
-                c.ok = true;
-                c.detail = "usable (a tmpfs was mounted and unmounted)".into();
-            }
-            Err(e) => {
-                c.detail = format!("{e:#}");
-                c.fix = Some("allow mounts (CAP_SYS_ADMIN; a container needs --privileged)".into());
-            }
-        }
-    }
-    checks.push(c);
-}
-
-/// Mount a tmpfs on a private temporary folder and unmount it.
-fn mount_probe() -> anyhow::Result<()> {
-    let d = tempfile::Builder::new().prefix("abox-doctor-").tempdir()?;
-    crate::cmd::run(
-        Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                "size=1m,nodev,nosuid,noexec",
-                "abox-doctor",
-            ])
-            .arg(d.path()),
-    )?;
-    crate::cmd::run(Command::new("umount").arg(d.path()))?;
-    Ok(())
 }
 
 /// The registries the docker CLI's config names (`auths`, `credHelpers`) and the kind of

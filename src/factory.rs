@@ -280,23 +280,16 @@ pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result
             source: source.clone(),
             ..Default::default()
         };
-        let disk = if rustix::process::geteuid().is_root() {
-            let path = out_dir.join(format!("{}.{}", b.name, Format::Qcow2.ext()));
-            let mtime = crate::target::build_time(image.config.created().as_deref());
-            Some(DiskTarget::create(
-                &disk_opts,
-                &path,
-                Format::Qcow2,
-                mtime,
-                progress,
-            )?)
-        } else {
-            progress.note(&format!(
-                "{}: no disk written: making a bootable disk needs root (run `abox all` as root)",
-                b.name
-            ));
-            None
-        };
+        let path = out_dir.join(format!("{}.{}", b.name, Format::Qcow2.ext()));
+        let mtime = crate::target::build_time(image.config.created().as_deref());
+        let disk = Some(DiskTarget::create(
+            &disk_opts,
+            &path,
+            Format::Qcow2,
+            &image.architecture(),
+            mtime,
+            progress,
+        )?);
         let plan = crate::flatten::index(&image, progress)?;
         let mut vm = None;
         if let Some(disk) = disk {

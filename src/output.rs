@@ -46,6 +46,7 @@ impl PendingFile {
         ));
         let open = || {
             OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create_new(true)
                 .mode(mode)
@@ -66,6 +67,7 @@ impl PendingFile {
                     dir.display()
                 )
             })?;
+        crate::signals::track(&tmp);
         Ok(Self {
             tmp,
             dest: dest.to_path_buf(),
@@ -96,6 +98,7 @@ impl PendingFile {
         std::fs::rename(&self.tmp, &self.dest).with_context(|| {
             format!("renaming {} to {}", self.tmp.display(), self.dest.display())
         })?;
+        crate::signals::untrack(&self.tmp);
         self.committed = true;
         Ok(())
     }
@@ -106,6 +109,7 @@ impl Drop for PendingFile {
         if !self.committed {
             drop(self.file.take());
             let _ = std::fs::remove_file(&self.tmp);
+            crate::signals::untrack(&self.tmp);
         }
     }
 }

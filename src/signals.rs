@@ -1,18 +1,34 @@
 //! Ctrl-C and SIGTERM. The first signal sets a flag that every long loop checks, so the error
-//! unwinds through the guards (temporary files, child processes, loop devices and mounts) and
-//! they clean up. A further signal ends the process at once — unless a loop device or mount is
-//! held ([`hold`]): then it is ignored (with a word on stderr), since dying there would leave
-//! them attached to the host; the guards release them and abox exits by itself.
+//! unwinds through the guards (temporary files, child processes) and they clean up. A further
+//! signal ends the process at once, after removing the temporary files still registered
+//! ([`track`]); what a SIGKILL leaves (files named after the PID) the next run in that folder
+//! removes.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
 static INTERRUPTED: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
 
-/// Loop devices and mounts held right now.
-static HELD: AtomicUsize = AtomicUsize::new(0);
+/// Temporary files being written right now.
+static TEMPORARY: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Register a temporary file: a second signal removes it before abox exits.
+pub fn track(p: &std::path::Path) {
+    TEMPORARY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(p.to_path_buf());
+}
+
+/// The file was renamed into place or removed.
+pub fn untrack(p: &std::path::Path) {
+    TEMPORARY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|t| t != p);
+}
 
 /// Install the handlers (a thread that receives SIGINT and SIGTERM). Called once from `main`.
 pub fn install() -> Result<()> {
@@ -30,11 +46,8 @@ pub fn install() -> Result<()> {
                 if !flag.swap(true, Ordering::SeqCst) {
                     continue;
                 }
-                if HELD.load(Ordering::SeqCst) > 0 {
-                    eprintln!(
-                        "abox: releasing its loop device and mount first; it stops right after"
-                    );
-                    continue;
+                for p in TEMPORARY.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    let _ = std::fs::remove_file(p);
                 }
                 std::process::exit(130);
             }
@@ -48,19 +61,4 @@ pub fn check() -> Result<()> {
         bail!("interrupted");
     }
     Ok(())
-}
-
-/// Marks a host resource (a loop device, a mount) as held until the value is dropped: a
-/// second Ctrl-C then waits for its release instead of ending abox.
-pub struct Held(());
-
-pub fn hold() -> Held {
-    HELD.fetch_add(1, Ordering::SeqCst);
-    Held(())
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        HELD.fetch_sub(1, Ordering::SeqCst);
-    }
 }

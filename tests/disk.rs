@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::boot::{self, assert_nothing_left, Bus};
+use common::boot::{self, assert_nothing_left, Bus, Fw};
 use common::{abox, files_in, require_root, require_tool, run_err, run_ok, sh, ImageSpec};
 
 /// The init of the test image: proves the root was found and mounted, shows what the disk's
@@ -61,7 +61,7 @@ fn test_image(with_initrd: bool) -> TestImage {
          f etc/fstab 0644 /dev/sda1 / ext4 defaults 0 1\\n/dev/cdrom /media/cdrom iso9660 noauto,ro 0 0\\n\n\
          f etc/shadow 0640 root:*:19000:0:::::\\nalpine:!:19000:0:99999:7:::\\n\n\
          f etc/hardlink-source 0644 same-inode\nh etc/hardlink => etc/hardlink-source\n\
-         f usr-suid 4755 setuid\nu 1000 1000\nx user.abox hello\n\
+         f usr-suid 4755 setuid\nu 1000 1000\nx security.capability 0x0100000200200000000000000000000000000000\n\
          f .dockerenv 0644 \nd dev 0755\nd proc 0555\nd sys 0555\nd tmp 1777\n\
          c dev/null 0666 1 3\np run-fifo 0600\nl bin/sh -> busybox\n",
         bb = busybox.trim(),
@@ -106,7 +106,9 @@ fn needs() -> std::sync::MutexGuard<'static, ()> {
     let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     require_root();
     for t in [
-        "extlinux",
+        "syslinux",
+        "mtype",
+        "fsck.fat",
         "qemu-img",
         "qemu-system-x86_64",
         "sgdisk",
@@ -123,27 +125,68 @@ fn oci_source(img: &TestImage, dir: &Path) -> String {
     format!("oci:{}:boot", dir.display())
 }
 
-/// Checks every disk gets: sgdisk -v clean, the partition's table entry, e2fsck clean, no holes
-/// in /boot, extlinux.conf's root matches the table or the filesystem, fstab by UUID.
-fn check_raw(raw: &Path, gpt: bool, initrd: bool) -> String {
+/// Which loaders a disk was made with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Made {
+    Bios,
+    Uefi,
+    Hybrid,
+}
+
+impl Made {
+    fn bios(self) -> bool {
+        self != Made::Uefi
+    }
+    fn uefi(self) -> bool {
+        self != Made::Bios
+    }
+}
+
+/// `mtype` of a file on a FAT image.
+fn fat_cat(esp: &Path, path: &str) -> Vec<u8> {
+    let o = Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(esp)
+        .arg(format!("::{path}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mtype {path}: {o:?}");
+    o.stdout
+}
+
+/// Checks every disk gets, with independent tools: the table (sgdisk -v / sfdisk), the ESP
+/// first and marked for BIOS when BIOS boots it, the MBR boot code; the ESP clean for
+/// `fsck.fat` and holding /boot's files and the loaders (the same boot entry for both); the
+/// root clean for `e2fsck`, labelled, with an empty /boot and an fstab naming both by UUID.
+/// Returns the root filesystem's UUID.
+fn check_raw(raw: &Path, gpt: bool, initrd: bool, made: Made) -> String {
     let work = tempfile::tempdir().unwrap();
     if gpt {
         let v = sh(&format!("sgdisk -v {}", raw.display()));
         assert!(v.contains("No problems found"), "{v}");
-        let info = sh(&format!("sgdisk -i 1 {}", raw.display()));
-        assert!(info.contains("Linux filesystem"), "{info}");
-        assert!(info.contains("First sector: 2048 "), "{info}");
+        let esp = sh(&format!("sgdisk -i 1 {}", raw.display()));
+        assert!(esp.contains("EFI system partition"), "{esp}");
+        assert!(esp.contains("First sector: 2048 "), "{esp}");
         // LegacyBIOSBootable is attribute bit 2.
-        assert!(info.contains("Attribute flags: 0000000000000004"), "{info}");
+        let attr = if made.bios() {
+            "0000000000000004"
+        } else {
+            "0000000000000000"
+        };
+        assert!(esp.contains(&format!("Attribute flags: {attr}")), "{esp}");
+        let root = sh(&format!("sgdisk -i 2 {}", raw.display()));
+        assert!(root.contains("Linux filesystem"), "{root}");
     } else {
         let d = sh(&format!("sfdisk -d {}", raw.display()));
         assert!(d.contains("label: dos"), "{d}");
         assert!(
-            d.contains("start=        2048") && d.contains("type=83, bootable"),
+            d.contains("start=        2048") && d.contains("type=ef, bootable"),
             "{d}"
         );
+        assert!(d.contains("type=83\n"), "{d}");
     }
-    // The boot code: syslinux's gptmbr.bin / mbr.bin in the first 440 bytes.
+    // The boot code: syslinux's gptmbr.bin / mbr.bin in the first 440 bytes (BIOS only).
     let mut code = [0u8; 440];
     {
         use std::io::Read;
@@ -154,7 +197,11 @@ fn check_raw(raw: &Path, gpt: bool, initrd: bool) -> String {
     }
     let bin = if gpt { "gptmbr.bin" } else { "mbr.bin" };
     let want = std::fs::read(Path::new("/usr/lib/syslinux/mbr").join(bin)).unwrap();
-    assert_eq!(&code[..want.len()], &want[..], "{bin} not in the MBR");
+    assert_eq!(
+        code[..want.len()] == want[..],
+        made.bios(),
+        "{bin} in the MBR iff BIOS boots it"
+    );
 
     let part = work.path().join("root.ext4");
     boot::extract_partition(raw, &part);
@@ -172,46 +219,33 @@ fn check_raw(raw: &Path, gpt: bool, initrd: bool) -> String {
         .trim()
         .to_string();
     assert!(head.contains("Filesystem volume name:   root"), "{head}");
-    for bad in ["64bit", "metadata_csum_seed", "orphan_file"] {
-        let features = head
-            .lines()
-            .find(|l| l.starts_with("Filesystem features:"))
-            .unwrap();
-        assert!(
-            !features.split_whitespace().any(|f| f == bad),
-            "{bad} is on: {features}"
-        );
-    }
+    // /boot on the root is the ESP's empty mount point.
+    let ls = boot::debugfs(&part, "ls -p /boot");
+    assert_eq!(ls.lines().filter(|l| !l.is_empty()).count(), 2, "{ls}");
+
+    let esp = work.path().join("esp.fat");
+    boot::extract_esp(raw, &esp);
+    let fsck = Command::new("fsck.fat")
+        .arg("-n")
+        .arg(&esp)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "fsck.fat -n: {fsck:?}");
+    let esp_uuid = sh(&format!("blkid -p -o value -s UUID {}", esp.display()));
+    let esp_uuid = esp_uuid.trim();
+    assert_eq!(esp_uuid.len(), 9, "{esp_uuid}");
     let v = &boot::kernel().1;
-    let mut boot_files = vec![
-        format!("/boot/vmlinuz-{v}"),
-        "/boot/zeros.bin".to_string(),
-        "/boot/ldlinux.sys".into(),
-        "/boot/ldlinux.c32".into(),
-        "/boot/extlinux.conf".into(),
-    ];
-    if initrd {
-        boot_files.push(format!("/boot/initrd.img-{v}"));
-    }
-    for f in &boot_files {
-        boot::assert_no_holes(&part, f);
-    }
-    let conf = boot::debugfs(&part, "cat /boot/extlinux.conf");
-    assert!(conf.contains("PROMPT 0"), "{conf}");
-    assert!(
-        conf.contains(&format!("LINUX /boot/vmlinuz-{v}\n")),
-        "{conf}"
+    assert_eq!(
+        fat_cat(&esp, &format!("vmlinuz-{v}")),
+        std::fs::read(boot::kernel_file()).unwrap()
     );
-    assert!(conf.contains("console=ttyS0,115200n8"), "{conf}");
-    if initrd {
-        assert!(conf.contains(&format!("root=UUID={uuid} ")), "{conf}");
-        assert!(
-            conf.contains(&format!("INITRD /boot/initrd.img-{v}\n")),
-            "{conf}"
-        );
+    let zeros = fat_cat(&esp, "zeros.bin");
+    assert!(zeros.ends_with(b"end of zeros\n") && zeros.len() == (256 << 10) + 13);
+    let root_arg = if initrd {
+        format!("root=UUID={uuid} ")
     } else {
         let partuuid = if gpt {
-            let info = sh(&format!("sgdisk -i 1 {}", raw.display()));
+            let info = sh(&format!("sgdisk -i 2 {}", raw.display()));
             info.lines()
                 .find_map(|l| l.strip_prefix("Partition unique GUID: "))
                 .unwrap()
@@ -219,16 +253,63 @@ fn check_raw(raw: &Path, gpt: bool, initrd: bool) -> String {
                 .to_ascii_lowercase()
         } else {
             let id = sh(&format!("sfdisk --disk-id {}", raw.display()));
-            format!("{}-01", id.trim().trim_start_matches("0x"))
+            format!("{}-02", id.trim().trim_start_matches("0x"))
         };
-        assert!(
-            conf.contains(&format!("root=PARTUUID={partuuid} ")),
+        format!("root=PARTUUID={partuuid} ")
+    };
+    let mut options = Vec::new();
+    if made.bios() {
+        let conf = String::from_utf8(fat_cat(&esp, "syslinux/syslinux.cfg")).unwrap();
+        assert!(conf.contains("PROMPT 0"), "{conf}");
+        assert!(conf.contains(&format!("LINUX /vmlinuz-{v}\n")), "{conf}");
+        assert!(conf.contains("console=ttyS0,115200n8"), "{conf}");
+        assert!(conf.contains(&root_arg), "{conf}");
+        assert_eq!(
+            conf.contains(&format!("INITRD /initrd.img-{v}\n")),
+            initrd,
             "{conf}"
         );
+        assert!(!fat_cat(&esp, "syslinux/ldlinux.sys").is_empty());
+        assert!(!fat_cat(&esp, "syslinux/ldlinux.c32").is_empty());
+        let append = conf.lines().find_map(|l| l.trim().strip_prefix("APPEND "));
+        options.push(append.unwrap().to_string());
     }
+    if made.uefi() {
+        assert_eq!(
+            fat_cat(&esp, "EFI/BOOT/BOOTX64.EFI"),
+            std::fs::read("/usr/lib/systemd/boot/efi/systemd-bootx64.efi").unwrap()
+        );
+        let loader = String::from_utf8(fat_cat(&esp, "loader/loader.conf")).unwrap();
+        assert!(loader.contains("default abox.conf"), "{loader}");
+        let entry = String::from_utf8(fat_cat(&esp, "loader/entries/abox.conf")).unwrap();
+        assert!(entry.contains(&format!("linux /vmlinuz-{v}\n")), "{entry}");
+        assert_eq!(
+            entry.contains(&format!("initrd /initrd.img-{v}\n")),
+            initrd,
+            "{entry}"
+        );
+        let opts = entry.lines().find_map(|l| l.strip_prefix("options "));
+        assert!(opts.unwrap().contains(&root_arg), "{entry}");
+        options.push(opts.unwrap().to_string());
+    }
+    // One entry for both loaders.
+    options.dedup();
+    assert_eq!(options.len(), 1, "{options:?}");
+
     let fstab = boot::debugfs(&part, "cat /etc/fstab");
+    let mut lines = fstab.lines();
     assert!(
-        fstab.starts_with(&format!("UUID={uuid}\t/\text4\t")),
+        lines
+            .next()
+            .unwrap()
+            .starts_with(&format!("UUID={uuid}\t/\text4\t")),
+        "{fstab}"
+    );
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with(&format!("UUID={esp_uuid}\t/boot\tvfat\t")),
         "{fstab}"
     );
     assert!(!fstab.contains("/dev/sda1"), "{fstab}");
@@ -245,30 +326,97 @@ fn check_line(line: &str, img: &TestImage, uuid: &str, extra: bool, pw: &str) {
     assert_eq!(line, want);
 }
 
+/// The partition table of a disk as sgdisk prints it, without what is random (GUIDs).
+fn table_shape(raw: &Path) -> String {
+    sh(&format!("sgdisk -p {}", raw.display()))
+        .lines()
+        .filter(|l| !l.contains("GUID") && !l.starts_with("Disk "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `mdir -/ -b` of a FAT image: every path on it.
+fn fat_paths(esp: &Path) -> Vec<String> {
+    let o = Command::new("mdir")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-/", "-b", "-i"])
+        .arg(esp)
+        .arg("::")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let mut v: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
-fn gpt_raw_from_oci_boots_over_nvme_and_holds_the_image() {
+fn gpt_raw_built_without_privilege_boots_on_bios_and_uefi_and_holds_the_image() {
     let _disk = needs();
     let img = test_image(false);
-    let work = tempfile::tempdir().unwrap();
+    // A folder uid 65534 can read (the OCI layout) and write (the output).
+    let work = tempfile::Builder::new()
+        .prefix("abox-unpriv-")
+        .tempdir()
+        .unwrap();
+    sh(&format!("chmod 755 {}", work.path().display()));
     let src = oci_source(&img, &work.path().join("oci"));
-    let disk = work.path().join("out/boot.img");
-    let o = run_ok(abox().args(["disk", &src, "-o"]).arg(&disk));
+    sh(&format!(
+        "chmod -R a+rX {}",
+        work.path().join("oci").display()
+    ));
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    sh(&format!("chown 65534:65534 {}", out.display()));
+    let disk = out.join("boot.img");
+    // As nobody: no root, no loop device (/dev/loop-control is root's), no mount.
+    require_tool("setpriv");
+    let o = run_ok(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_abox"))
+            .args(["--progress", "plain", "disk", &src, "-o"])
+            .arg(&disk),
+    );
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
         disk.display().to_string()
     );
-    // Raw stays sparse: far fewer bytes allocated than its length.
-    let meta = std::fs::metadata(&disk).unwrap();
     use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&disk).unwrap();
+    assert_eq!(meta.uid(), 65534);
+    // Raw stays sparse: far fewer bytes allocated than its length.
     assert!(
         meta.blocks() * 512 < meta.len() / 2,
         "{} of {}",
         meta.blocks() * 512,
         meta.len()
     );
-    let uuid = check_raw(&disk, true, false);
+    let uuid = check_raw(&disk, true, false, Made::Hybrid);
 
-    // The filesystem holds exactly the image (as `--rootfs` flattens it) plus the fix-ups.
+    // Built as root: the same table and the same files in both filesystems.
+    let as_root = work.path().join("root.img");
+    run_ok(abox().args(["disk", &src, "-o"]).arg(&as_root));
+    assert_eq!(table_shape(&disk), table_shape(&as_root));
+    let (esp_a, esp_b) = (work.path().join("a.fat"), work.path().join("b.fat"));
+    boot::extract_esp(&disk, &esp_a);
+    boot::extract_esp(&as_root, &esp_b);
+    assert_eq!(fat_paths(&esp_a), fat_paths(&esp_b));
+    let (root_a, root_b) = (work.path().join("a.ext4"), work.path().join("b.ext4"));
+    boot::extract_partition(&disk, &root_a);
+    boot::extract_partition(&as_root, &root_b);
+    let mut tree_b = {
+        let m = boot::Mounted::new(&root_b);
+        common::read_dir_tree(m.path())
+    };
+    // (fstab differs: it names each disk's own UUIDs.)
+    tree_b.remove("etc/fstab").unwrap();
+
+    // The root holds exactly the image (as `--rootfs` flattens it) less /boot's content (on
+    // the ESP), plus the fix-ups.
     let rootfs_dir = work.path().join("rootfs");
     run_ok(
         abox()
@@ -280,40 +428,29 @@ fn gpt_raw_from_oci_boots_over_nvme_and_holds_the_image() {
         .find(|f| f.to_string_lossy().ends_with(".rootfs.tar"))
         .unwrap();
     let mut want = common::read_tar_file(&tar);
-    let part = work.path().join("root.ext4");
-    boot::extract_partition(&disk, &part);
     {
-        let m = boot::Mounted::new(&part);
+        let m = boot::Mounted::new(&root_a);
         let mut got = common::read_dir_tree(m.path());
-        for added in [
-            "lost+found",
-            "boot/extlinux.conf",
-            "boot/ldlinux.sys",
-            "boot/ldlinux.c32",
-            "etc/fstab",
-            "run", // a mount point the image lacks
-        ] {
+        got.remove("etc/fstab").unwrap();
+        common::assert_same_tree(&got, &tree_b, "unprivileged vs root build");
+        for added in ["lost+found", "run"] {
             assert!(got.remove(added).is_some(), "{added} missing on the disk");
         }
         want.remove(".dockerenv").expect("the image has .dockerenv");
         want.remove("etc/fstab");
+        want.retain(|p, _| !p.starts_with("boot/"));
         common::assert_same_tree(&got, &common::without_xattrs(&want), "disk vs --rootfs");
-        // (read_dir_tree reads no xattrs; this one is checked on its own.)
-        assert_eq!(
-            want["usr-suid"].xattrs,
-            vec![("user.abox".to_string(), b"hello".to_vec())]
-        );
-        let x = sh(&format!(
-            "python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], \"user.abox\").decode())' {}",
-            m.path().join("usr-suid").display()
-        ));
-        assert_eq!(x.trim(), "hello");
     }
+    // mke2fs keeps security.capability (and only that attribute).
+    let caps = boot::debugfs(&root_a, "ea_get -x /usr-suid security.capability");
+    assert!(caps.contains("01 00 00 02 00 20 00 00"), "{caps}");
 
-    let line = boot::boot(&disk, "raw", Bus::Nvme);
-    check_line(&line, &img, &uuid, false, "*");
-    assert!(boot::loops_of(&disk).is_empty());
-    assert!(boot::abox_mounts().is_empty());
+    // The same file boots on both firmwares.
+    for fw in [Fw::Bios, Fw::Uefi] {
+        let line = boot::boot_fw(&disk, "raw", Bus::Nvme, fw);
+        check_line(&line, &img, &uuid, false, "*");
+    }
+    assert_eq!(files_in(&out), vec![disk.clone()]);
 }
 
 #[test]
@@ -360,15 +497,15 @@ fn gpt_qcow2_from_the_engine_boots_and_checks_clean() {
         size < held,
         "qcow2 of {size} bytes holds {held} bytes of data"
     );
-    let uuid = check_raw(&raw, true, false);
-    let line = boot::boot(&disk, "qcow2", Bus::Nvme);
+    let uuid = check_raw(&raw, true, false, Made::Hybrid);
+    let line = boot::boot_fw(&disk, "qcow2", Bus::Nvme, Fw::Uefi);
     check_line(&line, &img, &uuid, false, "*");
     // Nothing but the disk was left in the output folder.
     assert_eq!(files_in(&out), vec![disk.clone()]);
 }
 
 #[test]
-fn mbr_raw_boots() {
+fn mbr_raw_boots_on_bios_and_uefi() {
     let _disk = needs();
     let img = test_image(false);
     let work = tempfile::tempdir().unwrap();
@@ -379,9 +516,11 @@ fn mbr_raw_boots() {
             .args(["disk", &src, "--table", "mbr", "-o"])
             .arg(&disk),
     );
-    let uuid = check_raw(&disk, false, false);
-    let line = boot::boot(&disk, "raw", Bus::Nvme);
-    check_line(&line, &img, &uuid, false, "*");
+    let uuid = check_raw(&disk, false, false, Made::Hybrid);
+    for fw in [Fw::Bios, Fw::Uefi] {
+        let line = boot::boot_fw(&disk, "raw", Bus::Nvme, fw);
+        check_line(&line, &img, &uuid, false, "*");
+    }
 }
 
 #[test]
@@ -418,7 +557,7 @@ fn virtio_with_initramfs_boots_by_uuid_with_cmdline_and_password() {
         disk.display(),
         raw.display()
     ));
-    let uuid = check_raw(&raw, true, true);
+    let uuid = check_raw(&raw, true, true, Made::Hybrid);
     let part = work.path().join("p.ext4");
     boot::extract_partition(&raw, &part);
     let shadow = boot::debugfs(&part, "cat /etc/shadow");
@@ -435,19 +574,30 @@ fn virtio_with_initramfs_boots_by_uuid_with_cmdline_and_password() {
     ));
     assert_eq!(verify.trim(), "True", "{shadow}");
     assert!(shadow.contains("\nalpine:!:19000:0:99999:7:::"), "{shadow}");
-    let line = boot::boot(&disk, "qcow2", Bus::Virtio);
-    check_line(&line, &img, &uuid, true, "$6$");
+    for fw in [Fw::Bios, Fw::Uefi] {
+        let line = boot::boot_fw(&disk, "qcow2", Bus::Virtio, fw);
+        check_line(&line, &img, &uuid, true, "$6$");
+    }
 }
 
 #[test]
-fn vmdk_vdi_vhdx_check_clean_and_hold_a_valid_disk() {
+fn vmdk_vdi_vhdx_check_clean_and_vhdx_boots_on_uefi_scsi_like_hyper_v_gen2() {
     let _disk = needs();
-    let img = test_image(false);
+    let img = test_image(true);
     let work = tempfile::tempdir().unwrap();
     let src = oci_source(&img, &work.path().join("oci"));
-    for (ext, name) in [("vmdk", "vmdk"), ("vdi", "vdi"), ("vhdx", "vhdx")] {
+    for (ext, name, made) in [
+        ("vmdk", "vmdk", Made::Bios),
+        ("vdi", "vdi", Made::Hybrid),
+        ("vhdx", "vhdx", Made::Uefi),
+    ] {
         let disk = work.path().join(format!("d.{ext}"));
-        run_ok(abox().args(["disk", &src, "-o"]).arg(&disk));
+        let fw = format!("{made:?}").to_ascii_lowercase();
+        run_ok(
+            abox()
+                .args(["disk", &src, "--firmware", &fw, "-o"])
+                .arg(&disk),
+        );
         let info = sh(&format!("qemu-img info --output json {}", disk.display()));
         let info: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(info["format"], name, "{info}");
@@ -459,10 +609,10 @@ fn vmdk_vdi_vhdx_check_clean_and_hold_a_valid_disk() {
             disk.display(),
             raw.display()
         ));
-        check_raw(&raw, true, false);
+        check_raw(&raw, true, true, made);
     }
-    // One of them booted too: Hyper-V's format.
-    let line = boot::boot(&work.path().join("d.vhdx"), "vhdx", Bus::Nvme);
+    // Hyper-V generation 2: UEFI, the disk on a SCSI controller.
+    let line = boot::boot_fw(&work.path().join("d.vhdx"), "vhdx", Bus::Scsi, Fw::Uefi);
     assert!(
         line.starts_with(&format!("ABOX-TEST {} ", img.marker)),
         "{line}"
@@ -523,14 +673,44 @@ fn refusals_leave_nothing_behind() {
     assert!(err.contains("cannot write in the output folder"), "{err}");
     assert_nothing_left(&ro, "read-only folder");
 
-    // Missing syslinux parts name the package to install.
+    // Missing loader parts name the package to install.
     let err = run_err(
         abox()
             .env("PATH", "/nonexistent")
             .args(["disk", &src, "-o"])
             .arg(out.join("p.qcow2")),
     );
-    assert!(err.contains("install the `extlinux` package"), "{err}");
+    assert!(err.contains("install the `syslinux` package"), "{err}");
+    let err = run_err(
+        abox()
+            .env("ABOX_SYSTEMD_BOOT_EFI", "/nonexistent/systemd-bootx64.efi")
+            .args(["disk", &src, "--firmware", "uefi", "-o"])
+            .arg(out.join("p.qcow2")),
+    );
+    assert!(err.contains("/nonexistent/systemd-bootx64.efi"), "{err}");
+    assert_nothing_left(&out, "missing systemd-boot");
+
+    // A kernel without the EFI stub: no UEFI loader can start it; BIOS alone can.
+    let spec = ImageSpec::new(&[
+        "d bin 0755\nf bin/true 0755 x\nd boot 0755\nf boot/vmlinuz-1 0644 not-a-pe-kernel\n",
+    ]);
+    spec.write_oci(&work.path().join("nostub"), "x");
+    let nostub = format!("oci:{}:x", work.path().join("nostub").display());
+    let err = run_err(
+        abox()
+            .args(["disk", &nostub, "-o"])
+            .arg(out.join("s.qcow2")),
+    );
+    assert!(err.contains("no EFI stub"), "{err}");
+    assert!(err.contains("--firmware bios"), "{err}");
+    assert_nothing_left(&out, "no EFI stub");
+    run_ok(
+        abox()
+            .args(["disk", &nostub, "--firmware", "bios", "-o"])
+            .arg(out.join("s.img")),
+    );
+    std::fs::remove_file(out.join("s.img")).unwrap();
+
     let empty = work.path().join("no-syslinux");
     std::fs::create_dir_all(&empty).unwrap();
     let err = run_err(
@@ -557,7 +737,7 @@ fn refusals_leave_nothing_behind() {
 }
 
 #[test]
-fn sigint_during_the_copy_leaves_no_loop_mount_or_file() {
+fn sigint_during_the_copy_leaves_no_file() {
     let _disk = needs();
     let work = tempfile::tempdir().unwrap();
     // Enough content that the copy lasts a while: 160 files of 2 MiB.
@@ -604,22 +784,20 @@ fn sigint_during_the_copy_leaves_no_loop_mount_or_file() {
         None => {}
         Some(all) => panic!("abox ended before the copy: {all}"),
     }
-    // Mid-copy: a loop device and a mount exist now.
-    let mounted = boot::abox_mounts();
-    assert_eq!(mounted.len(), 1, "{mounted:?}");
+    // Mid-copy: mke2fs reads the rootfs from abox.
+    let kids = sh(&format!("ps -o comm= --ppid {} || true", child.id()));
+    assert!(kids.contains("mke2fs"), "{kids}");
     sh(&format!("kill -INT {}", child.id()));
     let status = child.wait().unwrap();
     let all = rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
     assert_eq!(status.code(), Some(130), "{all}");
     assert!(all.contains("interrupted"), "{all}");
     assert!(
-        !all.contains("installing extlinux"),
+        !all.contains("; boots /"),
         "the copy finished before the signal ({:?}); make the image bigger: {all}",
         started.elapsed()
     );
     assert_nothing_left(&out, "SIGINT");
-    let loops = sh("losetup --list --noheadings");
-    assert!(!loops.contains(".big.qcow2"), "{loops}");
 }
 
 #[test]
@@ -763,8 +941,10 @@ fn vm_layer_gives_the_base_recipe_a_kernel_and_its_openrc_setup_boots() {
         for f in ["etc/init.d/abox-growroot", "usr/lib/alpine-boxes/growroot"] {
             assert_eq!(tree[f].mode, 0o755, "{f}");
         }
-        assert!(tree.contains_key("boot/vmlinuz-virt"));
     }
+    let esp = work.path().join("esp.fat");
+    boot::extract_esp(&raw, &esp);
+    assert!(!fat_cat(&esp, "vmlinuz-virt").is_empty());
     drop(raw);
 
     // Booted: busybox init runs the VM inittab.

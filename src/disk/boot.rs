@@ -1,5 +1,14 @@
-//! The boot loader step: which kernel and initramfs the image carries, the `extlinux.conf` that
-//! boots them, and the host's syslinux files (`extlinux`, `gptmbr.bin` / `mbr.bin`).
+//! The boot stage: which kernel and initramfs the image carries, one boot entry made from them,
+//! and the two loaders that read it from the ESP — SYSLINUX for BIOS (`syslinux.cfg`; the mtools
+//! installer writes `ldlinux.sys` into the unmounted FAT and patches its boot sector; the MBR
+//! holds `gptmbr.bin` / `mbr.bin`) and systemd-boot for UEFI (`\EFI\BOOT\BOOTX64.EFI`, the
+//! removable-media path every firmware tries; `loader/loader.conf` and a Boot Loader
+//! Specification type 1 entry). Secure Boot is not supported: Debian's systemd-boot is unsigned.
+//!
+//! Why systemd-boot and not SYSLINUX's own `syslinux.efi`: SYSLINUX's EFI port (6.04, last
+//! changed in 2019) hangs or fails on current OVMF and many real firmwares, while systemd-boot is
+//! maintained, small, starts any EFI-stub kernel, and reads the standard entry format other
+//! tools (and a later `kernel-install`) write.
 
 use std::path::{Path, PathBuf};
 
@@ -171,27 +180,114 @@ pub fn root_arg(k: &Kernel, fs_uuid: &str, part_uuid: &str) -> String {
     }
 }
 
-/// `/boot/extlinux.conf`.
-pub fn extlinux_conf(k: &Kernel, root: &str, alpine: bool, extra: Option<&str>) -> String {
-    let mut append = vec![root.to_string(), "rootfstype=ext4".to_string()];
+/// How the disk boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Firmware {
+    /// Legacy BIOS only (SYSLINUX).
+    Bios,
+    /// UEFI only (systemd-boot).
+    Uefi,
+    /// Both, from the same disk (default).
+    #[default]
+    Hybrid,
+}
+
+impl Firmware {
+    pub fn bios(self) -> bool {
+        matches!(self, Firmware::Bios | Firmware::Hybrid)
+    }
+    pub fn uefi(self) -> bool {
+        matches!(self, Firmware::Uefi | Firmware::Hybrid)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Bios => "BIOS",
+            Firmware::Uefi => "UEFI",
+            Firmware::Hybrid => "BIOS+UEFI",
+        }
+    }
+}
+
+/// The one boot entry both loaders are configured from. Paths are on the ESP (its root is the
+/// booted system's `/boot`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootEntry {
+    pub title: String,
+    /// `vmlinuz-virt`.
+    pub kernel: String,
+    pub initrd: Option<String>,
+    /// The kernel command line.
+    pub options: String,
+}
+
+/// The entry for kernel `k` with root `root` (see [`root_arg`]); Alpine's initramfs gets the
+/// `modules=` its `update-extlinux` passes; consoles on the screen and the first serial port;
+/// `extra` (the user's `--cmdline`) last.
+pub fn entry(k: &Kernel, root: &str, alpine: bool, extra: Option<&str>, title: &str) -> BootEntry {
+    let mut options = vec![root.to_string(), "rootfstype=ext4".to_string()];
     if alpine && k.initrd.is_some() {
-        // What Alpine's update-extlinux passes: the initramfs loads these before the root.
-        append.push("modules=sd-mod,usb-storage,ext4".into());
+        options.push("modules=sd-mod,usb-storage,ext4".into());
     }
-    append.push("console=tty0".into());
-    append.push("console=ttyS0,115200n8".into());
+    options.push("console=tty0".into());
+    options.push("console=ttyS0,115200n8".into());
     if let Some(e) = extra.map(str::trim).filter(|e| !e.is_empty()) {
-        append.push(e.to_string());
+        options.push(e.to_string());
     }
+    let on_esp = |p: &str| p.strip_prefix("boot/").unwrap_or(p).to_string();
+    BootEntry {
+        title: title.to_string(),
+        kernel: on_esp(&k.kernel),
+        initrd: k.initrd.as_deref().map(on_esp),
+        options: options.join(" "),
+    }
+}
+
+/// Where abox writes on the ESP (the image's files of these names are left out).
+pub const SYSLINUX_DIR: &str = "syslinux";
+pub const SYSLINUX_CFG: &str = "syslinux/syslinux.cfg";
+pub const EFI_LOADER: &str = "EFI/BOOT/BOOTX64.EFI";
+pub const LOADER_CONF: &str = "loader/loader.conf";
+pub const BLS_ENTRY: &str = "loader/entries/abox.conf";
+/// Folders on the ESP abox writes into.
+pub const ESP_DIRS: [&str; 5] = ["EFI", "EFI/BOOT", "loader", "loader/entries", SYSLINUX_DIR];
+/// Names on the ESP that abox or the SYSLINUX installer write (compared without case, as FAT
+/// does).
+pub const ESP_OWNED: [&str; 6] = [
+    SYSLINUX_CFG,
+    "syslinux/ldlinux.sys",
+    "syslinux/ldlinux.c32",
+    EFI_LOADER,
+    LOADER_CONF,
+    BLS_ENTRY,
+];
+
+/// SYSLINUX's `syslinux.cfg`: no menu, serial console on ttyS0 at 115200 baud.
+pub fn syslinux_cfg(e: &BootEntry) -> String {
     let mut s = String::from(
         "# Written by abox. Serial console on ttyS0 at 115200 baud and on the screen.\n\
          SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 10\n\nLABEL linux\n",
     );
-    s.push_str(&format!("  LINUX /{}\n", k.kernel));
-    if let Some(i) = &k.initrd {
+    s.push_str(&format!("  MENU LABEL {}\n", e.title));
+    s.push_str(&format!("  LINUX /{}\n", e.kernel));
+    if let Some(i) = &e.initrd {
         s.push_str(&format!("  INITRD /{i}\n"));
     }
-    s.push_str(&format!("  APPEND {}\n", append.join(" ")));
+    s.push_str(&format!("  APPEND {}\n", e.options));
+    s
+}
+
+/// systemd-boot's `loader/loader.conf`: the entry at once, no editor.
+pub fn loader_conf() -> String {
+    "# Written by abox.\ndefault abox.conf\ntimeout 0\nconsole-mode keep\neditor no\n".into()
+}
+
+/// The Boot Loader Specification type 1 entry (`loader/entries/abox.conf`).
+pub fn bls_entry(e: &BootEntry) -> String {
+    let mut s = format!("title {}\nlinux /{}\n", e.title, e.kernel);
+    if let Some(i) = &e.initrd {
+        s.push_str(&format!("initrd /{i}\n"));
+    }
+    s.push_str(&format!("options {}\n", e.options));
     s
 }
 
@@ -243,40 +339,52 @@ pub fn boot_code_path(table: Table) -> Result<PathBuf> {
     )
 }
 
-/// Fails early, with the package to install, when `extlinux` is missing.
-pub fn check_extlinux() -> Result<()> {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("extlinux").is_file()));
-    if !found {
-        bail!("`extlinux` is not installed: install the `extlinux` package (Debian, Ubuntu) or `syslinux` (Alpine, Fedora)");
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+/// Fails early, with the package to install, when the BIOS loader's installer is missing: the
+/// mtools flavour of `syslinux` and mtools itself.
+pub fn check_syslinux() -> Result<()> {
+    if !on_path("syslinux") {
+        bail!("`syslinux` (the mtools installer) is not installed: install the `syslinux` package (Debian, Ubuntu, Alpine), or make a UEFI-only disk with --firmware uefi");
+    }
+    for t in ["mmd", "mcopy"] {
+        if !on_path(t) {
+            bail!("`{t}` is not installed: install the `mtools` package");
+        }
     }
     Ok(())
 }
 
-/// The files `extlinux --install` opens in the folder it is given: it writes ldlinux.sys and
-/// ldlinux.c32, and reads, chmods and unlinks a legacy extlinux.sys.
-pub const EXTLINUX_WRITES: [&str; 3] = ["ldlinux.sys", "ldlinux.c32", "extlinux.sys"];
-
-/// Install extlinux into the mounted `/boot`. The tool acts on paths inside the image, so they
-/// are checked first: `/boot` a real folder (no symlink anywhere on the way) and nothing at the
-/// names extlinux writes (the disk's fix-ups drop the image's entries there). Nothing else
-/// writes in the mount meanwhile, so the check holds when the tool runs.
-pub fn install(boot_dir: &Path) -> Result<()> {
-    let md = std::fs::symlink_metadata(boot_dir)
-        .with_context(|| format!("{} is missing", boot_dir.display()))?;
-    if !md.is_dir() {
-        bail!("the image's /boot is not a folder (a symlink?): refusing to install the boot loader through it");
+/// systemd-boot's x64 loader on this machine: `ABOX_SYSTEMD_BOOT_EFI`, else Debian's and
+/// Fedora's place. Missing: an error naming the package.
+pub fn efi_loader() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ABOX_SYSTEMD_BOOT_EFI") {
+        return Ok(PathBuf::from(p));
     }
-    for f in EXTLINUX_WRITES {
-        match std::fs::symlink_metadata(boot_dir.join(f)) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            _ => bail!("/boot/{f} is in the image: refusing to let extlinux write over it"),
+    for p in [
+        "/usr/lib/systemd/boot/efi/systemd-bootx64.efi",
+        "/lib/systemd/boot/efi/systemd-bootx64.efi",
+    ] {
+        if Path::new(p).is_file() {
+            return Ok(PathBuf::from(p));
         }
     }
+    bail!("systemd-boot's systemd-bootx64.efi is not installed: install the `systemd-boot-efi` package (Debian, Ubuntu), or make a BIOS-only disk with --firmware bios")
+}
+
+/// Install SYSLINUX into the FAT ESP at byte `offset` of the unmounted disk file `disk`: the
+/// mtools installer writes `/syslinux/ldlinux.sys` and `ldlinux.c32` and patches the FAT boot
+/// sector to load them. It acts only on the disk file abox made.
+pub fn install_syslinux(disk: &Path, offset: u64) -> Result<()> {
     crate::cmd::run(
-        std::process::Command::new("extlinux")
-            .arg("--install")
-            .arg(boot_dir),
+        std::process::Command::new("syslinux")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["--install", "--offset", &offset.to_string()])
+            .args(["--directory", &format!("/{SYSLINUX_DIR}")])
+            .arg(disk),
     )
     .map(|_| ())
 }
@@ -338,17 +446,32 @@ mod tests {
         };
         assert_eq!(root_arg(&with, "F", "P"), "root=UUID=F");
         assert_eq!(root_arg(&without, "F", "P"), "root=PARTUUID=P");
-        let conf = extlinux_conf(&with, "root=UUID=F", true, Some(" quiet "));
+        let e = entry(
+            &with,
+            "root=UUID=F",
+            true,
+            Some(" quiet "),
+            "Alpine Linux v3.23",
+        );
+        let conf = syslinux_cfg(&e);
         assert!(conf.contains("PROMPT 0\n"), "{conf}");
-        assert!(conf.contains("  LINUX /boot/vmlinuz-virt\n  INITRD /boot/initramfs-virt\n"));
+        assert!(conf.contains("  LINUX /vmlinuz-virt\n  INITRD /initramfs-virt\n"));
         assert!(conf.contains(
             "APPEND root=UUID=F rootfstype=ext4 modules=sd-mod,usb-storage,ext4 console=tty0 console=ttyS0,115200n8 quiet\n"
         ), "{conf}");
-        let conf = extlinux_conf(&without, "root=PARTUUID=P", false, None);
+        // The same data for systemd-boot.
+        assert_eq!(
+            bls_entry(&e),
+            "title Alpine Linux v3.23\nlinux /vmlinuz-virt\ninitrd /initramfs-virt\noptions root=UUID=F rootfstype=ext4 modules=sd-mod,usb-storage,ext4 console=tty0 console=ttyS0,115200n8 quiet\n"
+        );
+        let e = entry(&without, "root=PARTUUID=P", false, None, "Linux");
+        let conf = syslinux_cfg(&e);
         assert!(!conf.contains("INITRD"));
         assert!(conf.contains(
             "APPEND root=PARTUUID=P rootfstype=ext4 console=tty0 console=ttyS0,115200n8\n"
         ));
+        assert!(!bls_entry(&e).contains("initrd"));
+        assert!(loader_conf().contains("default abox.conf\n"));
     }
 
     #[test]

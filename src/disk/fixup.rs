@@ -78,13 +78,20 @@ pub fn set_root_hash(shadow: &str, hash: &str) -> String {
     out
 }
 
-/// `/etc/fstab` with the root filesystem by UUID; the image's other lines are kept, any other
-/// line for `/` is dropped.
-pub fn fstab(existing: &str, fs_uuid: &str) -> String {
-    let mut out = format!("UUID={fs_uuid}\t/\text4\trw,relatime\t0 1\n");
+/// `/etc/fstab` with the root filesystem and the ESP (at `/boot`, files 0644, never checked at
+/// boot: Alpine has no `fsck.vfat` by default) by UUID; the image's other lines are kept, any
+/// other line for `/` or `/boot` is dropped.
+pub fn fstab(existing: &str, fs_uuid: &str, esp_uuid: &str) -> String {
+    let mut out = format!(
+        "UUID={fs_uuid}\t/\text4\trw,relatime\t0 1\n\
+         UUID={esp_uuid}\t/boot\tvfat\trw,relatime,fmask=0133,dmask=0022,errors=remount-ro\t0 0\n"
+    );
     for line in existing.lines() {
+        let line = line.trim_end_matches('\r');
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if !line.trim_start().starts_with('#') && fields.get(1) == Some(&"/") {
+        if !line.trim_start().starts_with('#')
+            && matches!(fields.get(1), Some(&"/") | Some(&"/boot"))
+        {
             continue;
         }
         out.push_str(line);
@@ -94,7 +101,8 @@ pub fn fstab(existing: &str, fs_uuid: &str) -> String {
 }
 
 /// Folders created when the image has none.
-const MOUNT_POINTS: [(&str, u32); 5] = [
+const MOUNT_POINTS: [(&str, u32); 6] = [
+    ("boot", 0o755),
     ("dev", 0o755),
     ("proc", 0o555),
     ("sys", 0o555),
@@ -102,12 +110,13 @@ const MOUNT_POINTS: [(&str, u32); 5] = [
     ("tmp", 0o1777),
 ];
 
-/// The disk's fix-ups: `/.dockerenv` dropped, `/etc/fstab` by UUID, `/boot/extlinux.conf`,
-/// missing mount points created, root's password when asked; OpenRC images get the VM set-up
+/// The disk's fix-ups: `/.dockerenv` dropped, `/etc/fstab` by UUID (root and the ESP at
+/// `/boot`; anything but a folder at `/boot` dropped), missing mount points created, root's password when asked; OpenRC images get the VM set-up
 /// ([`openrc::VM`]: serial getty, runlevels, DHCP on eth0, root grown to the disk at boot).
 pub struct DiskFixup {
     fs_uuid: String,
-    extlinux_conf: String,
+    /// The ESP's FAT serial (`XXXX-XXXX`), mounted at `/boot`.
+    esp_uuid: String,
     root_hash: Option<String>,
     mtime: u64,
     has_fstab: bool,
@@ -118,17 +127,12 @@ pub struct DiskFixup {
 }
 
 impl DiskFixup {
-    /// The fix-ups of a disk whose root filesystem has `fs_uuid`, booted by `extlinux_conf`;
-    /// `mtime` for the entries it adds.
-    pub fn new(
-        fs_uuid: &str,
-        extlinux_conf: String,
-        root_hash: Option<String>,
-        mtime: u64,
-    ) -> Self {
+    /// The fix-ups of a disk whose root filesystem has `fs_uuid` and whose ESP (mounted at
+    /// `/boot`) has the FAT serial `esp_uuid`; `mtime` for the entries it adds.
+    pub fn new(fs_uuid: &str, esp_uuid: String, root_hash: Option<String>, mtime: u64) -> Self {
         DiskFixup {
             fs_uuid: fs_uuid.to_string(),
-            extlinux_conf,
+            esp_uuid,
             root_hash,
             mtime,
             has_fstab: false,
@@ -159,10 +163,9 @@ impl Fixup for DiskFixup {
 
     fn action(&mut self, path: &str, meta: &Meta) -> Action {
         match path {
-            // extlinux writes ldlinux.sys and ldlinux.c32 in /boot: no entry of the image may
-            // stand there (a symlink would send the installer's writes onto the host).
-            ".dockerenv" | "boot/extlinux.conf" | "boot/extlinux.sys" | "boot/ldlinux.sys"
-            | "boot/ldlinux.c32" => Action::Drop,
+            ".dockerenv" => Action::Drop,
+            // The ESP's mount point: a folder, or written afresh as one.
+            "boot" if meta.kind != Kind::Dir => Action::Drop,
             // Rewritten when regular files; anything else there is dropped by the stream and
             // the file written afresh.
             "etc/fstab" => {
@@ -183,7 +186,7 @@ impl Fixup for DiskFixup {
     fn rewrite(&mut self, path: &str, data: Vec<u8>) -> Result<Vec<u8>> {
         let text = String::from_utf8_lossy(&data);
         Ok(match (path, &self.root_hash) {
-            ("etc/fstab", _) => fstab(&text, &self.fs_uuid).into_bytes(),
+            ("etc/fstab", _) => fstab(&text, &self.fs_uuid, &self.esp_uuid).into_bytes(),
             (p, Some(h)) if p == self.shadow_at => set_root_hash(&text, h).into_bytes(),
             _ => self.openrc.rewrite(path, &data).unwrap_or(data),
         })
@@ -201,12 +204,7 @@ impl Fixup for DiskFixup {
     }
 
     fn epilogue(&mut self, seen_dirs: &HashSet<String>) -> Result<Vec<Extra>> {
-        let mut v = vec![Extra::file(
-            "boot/extlinux.conf",
-            0o644,
-            self.extlinux_conf.clone().into_bytes(),
-            self.mtime,
-        )];
+        let mut v = Vec::new();
         // Mount points a booting system needs and container images may lack (the engine
         // provides them to containers): without /dev, init has no devtmpfs to mount.
         for (dir, mode) in MOUNT_POINTS {
@@ -220,7 +218,7 @@ impl Fixup for DiskFixup {
             v.push(Extra::file(
                 "etc/fstab",
                 0o644,
-                fstab("", &self.fs_uuid).into_bytes(),
+                fstab("", &self.fs_uuid, &self.esp_uuid).into_bytes(),
                 self.mtime,
             ));
         }
@@ -244,12 +242,15 @@ mod tests {
     #[test]
     fn fstab_puts_root_by_uuid_and_keeps_the_rest() {
         let f = fstab(
-            "# comment\n/dev/sda1 / ext4 defaults 0 1\n/dev/cdrom /media/cdrom iso9660 noauto,ro 0 0\n",
+            "# comment\r\n/dev/sda1 / ext4 defaults 0 1\n/dev/sda2 /boot vfat defaults 0 2\n/dev/cdrom /media/cdrom iso9660 noauto,ro 0 0",
             "U",
+            "AB12-CD34",
         );
         assert_eq!(
             f,
-            "UUID=U\t/\text4\trw,relatime\t0 1\n# comment\n/dev/cdrom /media/cdrom iso9660 noauto,ro 0 0\n"
+            "UUID=U\t/\text4\trw,relatime\t0 1\n\
+             UUID=AB12-CD34\t/boot\tvfat\trw,relatime,fmask=0133,dmask=0022,errors=remount-ro\t0 0\n\
+             # comment\n/dev/cdrom /media/cdrom iso9660 noauto,ro 0 0\n"
         );
     }
 

@@ -1,11 +1,12 @@
-//! The filesystem step: how big the root filesystem must be, `mke2fs` with options syslinux can
-//! read, and the loop device and mount the copy goes through — each a guard that is released on
-//! success, on error and after Ctrl-C.
+//! The root filesystem stage: how big the ext4 root must be, and `mke2fs -d -` making it inside
+//! the disk file at the root partition's offset from the fixed-up rootfs tar stream (e2fsprogs
+//! 1.47.1 reads a tarball; as any user it keeps owners, modes, device nodes, hard links and the
+//! `security.capability` attribute). No loop device, no mount, no root.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::cmd;
 use crate::flatten::tree::{Node, Tree};
@@ -156,12 +157,9 @@ fn dead(pid: u32) -> bool {
     }
 }
 
-/// The PID in an abox temporary name — `abox-mnt-PID-N` (a mount point) or `.NAME.abox-tmp-PID`
-/// (an output being written) — when it is one a process can have (≤ the kernel's pid_max).
+/// The PID in an abox temporary name — `.NAME.abox-tmp-PID` (an output being written) — when it is one a process can have (≤ the kernel's pid_max).
 fn pid_of(name: &str) -> Option<u32> {
-    let pid: u32 = if let Some(rest) = name.strip_prefix("abox-mnt-") {
-        rest.split('-').next()?.parse().ok()?
-    } else if name.starts_with('.') {
+    let pid: u32 = if name.starts_with('.') {
         name.rsplit_once(".abox-tmp-")?.1.parse().ok()?
     } else {
         return None;
@@ -173,73 +171,11 @@ fn pid_of(name: &str) -> Option<u32> {
     (pid > 0 && pid <= max).then_some(pid)
 }
 
-/// Release what an abox that died without cleaning up (SIGKILL, a crash, a power cut) left:
-/// its mounts under the temporary folder, loop devices over its temporary disks, and its
-/// temporary files in `out_dir`. Only abox's own names with the PID of a process that no longer
-/// exists are touched. Returns one line per thing released; a thing that cannot be released is
-/// an error saying exactly what it is and how to remove it.
+/// Remove what an abox that died without cleaning up (SIGKILL, a crash, a power cut) left in
+/// `out_dir`: its temporary files (`.NAME.abox-tmp-PID` of a process that no longer exists).
+/// Returns one line per file removed; one that cannot be removed is an error saying which.
 pub fn reap_stale(out_dir: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
-    let tmp = std::env::temp_dir();
-    // Mounts first (a mount holds its loop device).
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for line in mountinfo.lines() {
-        let Some(target) = line.split(' ').nth(4) else {
-            continue;
-        };
-        let target = PathBuf::from(target);
-        let Some(name) = target.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if target.parent() != Some(tmp.as_path()) || !name.starts_with("abox-mnt-") {
-            continue;
-        }
-        if !pid_of(name).is_some_and(dead) {
-            continue;
-        }
-        if cmd::run(Command::new("umount").arg(&target)).is_err() {
-            cmd::run(Command::new("umount").arg("--lazy").arg(&target)).with_context(|| {
-                format!(
-                    "a dead abox left {} mounted; remove it with `umount {0}`",
-                    target.display()
-                )
-            })?;
-        }
-        let _ = std::fs::remove_dir(&target);
-        done.push(format!(
-            "unmounted {} (left by an abox that died)",
-            target.display()
-        ));
-    }
-    // Loop devices over a dead abox's temporary disk files.
-    if let Ok(rd) = std::fs::read_dir("/sys/block") {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with("loop") {
-                continue;
-            }
-            let Ok(back) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
-                continue;
-            };
-            let back = back.trim().trim_end_matches(" (deleted)");
-            let back_path = Path::new(back);
-            let file = back_path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            // Only over an abox temporary disk in this output folder.
-            let here = back_path.parent().and_then(|p| p.canonicalize().ok())
-                == out_dir.canonicalize().ok();
-            if !(here && pid_of(file).is_some_and(dead)) {
-                continue;
-            }
-            let dev = format!("/dev/{name}");
-            cmd::run(Command::new("losetup").args(["--detach", &dev])).with_context(|| {
-                format!("a dead abox left {dev} attached to {back}; remove it with `losetup --detach {dev}`")
-            })?;
-            done.push(format!(
-                "detached {dev} from {back} (left by an abox that died)"
-            ));
-        }
-    }
-    // Its temporary files in the output folder.
     if let Ok(rd) = std::fs::read_dir(out_dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -258,166 +194,36 @@ pub fn reap_stale(out_dir: &Path) -> Result<Vec<String>> {
     Ok(done)
 }
 
-/// Loop devices and mounts need root (a later version will not).
-pub fn require_root() -> Result<()> {
-    if !rustix::process::geteuid().is_root() {
-        bail!("writing a disk needs root for now (a loop device and a mount): run abox as root, e.g. with sudo");
-    }
-    Ok(())
-}
-
-/// `mke2fs` with features syslinux 6.04's ext4 reader understands: no `64bit`,
-/// `metadata_csum_seed` or `orphan_file` (newer e2fsprogs turn some of them on by default).
-/// Inode tables and the journal are left for the kernel to initialise lazily, so the copy only
-/// writes what the rootfs needs.
-pub fn mkfs(dev: &str, fs_bytes: u64, u: Usage, uuid: &str, label: &str) -> Result<()> {
+/// Start `mke2fs` making an ext4 of `fs_bytes` at byte `offset` of the disk file `disk`
+/// (which exists, sized), filled from the tar stream written to the child's stdin. The root
+/// folder is root's; inode tables and the journal are left for the kernel to initialise
+/// lazily (the file reads as zeros there), so only what the rootfs needs is written.
+/// `orphan_file` and `metadata_csum_seed` stay off so kernels before 5.15 mount it.
+pub fn mkfs_from_tar(
+    disk: &Path,
+    offset: u64,
+    fs_bytes: u64,
+    u: Usage,
+    uuid: &str,
+    label: &str,
+) -> Result<cmd::PipedChild> {
     let journal_mib = journal_bytes(u.bytes) / MIB;
-    cmd::run(
+    cmd::PipedChild::spawn(
         Command::new("mke2fs")
-            .args([
-                "-q",
-                "-F",
-                "-t",
-                "ext4",
-                "-b",
-                &BLOCK.to_string(),
-                "-m",
-                "1",
-            ])
+            .args(["-q", "-F", "-t", "ext4"])
+            .args(["-b", &BLOCK.to_string(), "-m", "1"])
             .args(["-N", &inode_count(u, fs_bytes).to_string()])
             .args(["-J", &format!("size={journal_mib}")])
             .args(["-U", uuid, "-L", label])
-            .args(["-O", "^64bit,^metadata_csum_seed,^orphan_file"])
-            .args([
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
-            ])
-            .arg(dev),
+            .args(["-O", "^orphan_file,^metadata_csum_seed"])
+            .arg("-E")
+            .arg(format!(
+                "offset={offset},lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0"
+            ))
+            .args(["-d", "-"])
+            .arg(disk)
+            .arg(format!("{}k", fs_bytes / 1024)),
     )
-    .map(|_| ())
-}
-
-/// A loop device over a byte range of a file (one per partition: `losetup -P` creates no
-/// partition nodes on some machines). Detached when dropped.
-pub struct Loop {
-    dev: String,
-    attached: bool,
-    /// Dropped after the detach: a second Ctrl-C waits for it.
-    _held: crate::signals::Held,
-}
-
-impl Loop {
-    pub fn attach(file: &Path, offset: u64, size: u64) -> Result<Self> {
-        let held = crate::signals::hold();
-        let out = cmd::run(
-            Command::new("losetup")
-                .args(["--find", "--show"])
-                .args(["--offset", &offset.to_string()])
-                .args(["--sizelimit", &size.to_string()])
-                .arg(file),
-        )
-        .context("attaching a loop device (is the `loop` module loaded?)")?;
-        let dev = String::from_utf8_lossy(&out).trim().to_string();
-        if !dev.starts_with("/dev/") {
-            bail!("losetup printed {dev:?} instead of a device");
-        }
-        log::debug!("attached {dev} to {}", file.display());
-        Ok(Self {
-            dev,
-            attached: true,
-            _held: held,
-        })
-    }
-
-    pub fn dev(&self) -> &str {
-        &self.dev
-    }
-
-    pub fn detach(mut self) -> Result<()> {
-        self.attached = false;
-        cmd::run(Command::new("losetup").args(["--detach", &self.dev])).map(|_| ())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        if self.attached {
-            if let Err(e) = cmd::run(Command::new("losetup").args(["--detach", &self.dev])) {
-                log::warn!("could not detach {}: {e:#}", self.dev);
-            }
-        }
-    }
-}
-
-/// A mount on a private temporary folder. Unmounted (lazily if busy) and the folder removed
-/// when dropped.
-pub struct Mount {
-    dir: PathBuf,
-    mounted: bool,
-    /// Dropped after the unmount: a second Ctrl-C waits for it.
-    _held: crate::signals::Held,
-}
-
-impl Mount {
-    pub fn new(dev: &str) -> Result<Self> {
-        let base = std::env::temp_dir();
-        let mut n = 0;
-        let dir = loop {
-            let d = base.join(format!("abox-mnt-{}-{n}", std::process::id()));
-            match std::fs::create_dir(&d) {
-                Ok(()) => break d,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => n += 1,
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("creating a mount point in {}", base.display()))
-                }
-            }
-        };
-        let mut m = Self {
-            dir,
-            mounted: false,
-            _held: crate::signals::hold(),
-        };
-        // noinit_itable: no background zeroing of inode tables while we copy. nodev, nosuid,
-        // noexec: a device node, set-id file or program of the image is inert on this host
-        // while abox works in it (opening an image's /dev/sda node would reach the host's).
-        cmd::run(
-            Command::new("mount")
-                .args([
-                    "-t",
-                    "ext4",
-                    "-o",
-                    "noatime,noinit_itable,nodev,nosuid,noexec",
-                    dev,
-                ])
-                .arg(&m.dir),
-        )?;
-        m.mounted = true;
-        Ok(m)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Unmount (flushing everything to the device) and report any error.
-    pub fn unmount(mut self) -> Result<()> {
-        self.mounted = false;
-        cmd::run(Command::new("umount").arg(&self.dir))?;
-        let _ = std::fs::remove_dir(&self.dir);
-        Ok(())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if self.mounted && cmd::run(Command::new("umount").arg(&self.dir)).is_err() {
-            if let Err(e) = cmd::run(Command::new("umount").arg("--lazy").arg(&self.dir)) {
-                log::warn!("could not unmount {}: {e:#}", self.dir.display());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
 }
 
 #[cfg(test)]
@@ -426,7 +232,7 @@ mod tests {
 
     #[test]
     fn leftover_names_carry_their_pid() {
-        assert_eq!(pid_of("abox-mnt-4242-0"), Some(4242));
+        assert_eq!(pid_of("abox-mnt-4242-0"), None);
         assert_eq!(pid_of(".base.qcow2.raw.abox-tmp-77"), Some(77));
         assert_eq!(pid_of(".x.abox-tmp-notapid"), None);
         assert_eq!(

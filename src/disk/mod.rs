@@ -1,20 +1,21 @@
-//! `abox disk`: an image → a bootable VM disk, d2vm-fashion, as one output of the pipeline
+//! `abox disk`: an image → a VM disk that boots on BIOS and UEFI, as one output of the pipeline
 //! (`crate::export`): a [`DiskTarget`] receives the flattened rootfs like the WSL and LXD
-//! targets do, so `abox all` reads each image once for all of its artifacts.
+//! targets do, so `abox all` reads each image once for all of its artifacts. Nothing in it needs
+//! root, a loop device or a mount.
 //!
-//! The stages, each in its own module: [`partition`] (the layout: table and boot code in a
-//! sparse file), [`fs`] (the root filesystem: sizing, `mke2fs`, the loop device and mount),
-//! [`populate`] (the rootfs written into it straight from the flattening, through the
-//! [`fixup::DiskFixup`]), [`boot`] (`extlinux.conf`, extlinux), [`package`] (`qemu-img convert`
-//! to the requested format). [`vmlayer`] decides, before flattening, which image the disk is
-//! made from. The disk appears under its final name only when all of that succeeded.
+//! The stages, each in its own module: [`partition`] (the layout: GPT or MBR with the ESP and the
+//! root, MBR boot code), [`esp`] and [`fs`] (the filesystems: FAT32 written in-process, ext4 by
+//! `mke2fs -d -` from the fixed-up tar stream), [`boot`] (one boot entry → SYSLINUX for BIOS,
+//! systemd-boot for UEFI), [`package`] (`qemu-img convert`). [`vmlayer`] decides, before
+//! flattening, which image the disk is made from; [`fixup`] holds the disk's rootfs fix-ups.
+//! The disk appears under its final name only when all of that succeeded.
 
 pub mod boot;
+pub mod esp;
 pub mod fixup;
 pub mod fs;
 pub mod package;
 pub mod partition;
-pub mod populate;
 pub mod vmlayer;
 
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ use crate::flatten::Plan;
 use crate::output::{Artifact, PendingFile};
 use crate::progress::Progress;
 use crate::source::{self, SelectOptions};
-use crate::tarfmt::Meta;
+use crate::tarfmt::{Meta, TarWriter};
 use crate::target::{os_release, os_release_get, TarStream, Target};
 pub use fixup::{fstab, random_uuid, root_password_hash, set_root_hash};
 use partition::Table;
@@ -90,6 +91,8 @@ pub struct DiskOptions {
     /// Bytes of the whole disk; `None` = auto.
     pub size: Option<u64>,
     pub table: Table,
+    /// Which firmware boots the disk.
+    pub firmware: boot::Firmware,
     pub cmdline: Option<String>,
     pub root_password_file: Option<PathBuf>,
     /// qcow2 only: compressed clusters.
@@ -135,57 +138,77 @@ fn output_and_format(opts: &DiskOptions, name: &str) -> Result<(PathBuf, Format)
 }
 
 /// The disk as a target of the pipeline. [`DiskTarget::create`] checks the tools and creates the
-/// output (so an unwritable folder fails before any work); [`Target::start`] sizes, partitions
-/// and makes the filesystem from the plan; the entries go into it; [`Target::finish`] installs
-/// the boot loader, releases the filesystem and packages the disk.
+/// output (so an unwritable folder or a missing loader fails before any work); [`Target::start`]
+/// lays out the disk from the plan and starts the two filesystems; the entries flow into them
+/// ([`DiskOut`]); [`Target::finish`] writes the loaders' files, installs SYSLINUX and packages
+/// the disk. No step needs root, a loop device or a mount.
 pub struct DiskTarget {
     opts: DiskOptions,
     out_path: PathBuf,
     format: Format,
     out: PendingFile,
-    boot_code: Vec<u8>,
+    /// BIOS: syslinux's MBR code for the table.
+    boot_code: Option<Vec<u8>>,
+    /// UEFI: systemd-boot's loader.
+    efi_loader: Option<Vec<u8>>,
     root_hash: Option<String>,
     /// Seconds since the epoch for the entries the disk adds.
     mtime: u64,
     progress: Progress,
-    /// Between `start` and `finish`. Fields drop in order: the stream, the mount, the loop
-    /// device, the scratch file.
+    /// Between `start` and `finish`.
     building: Option<Building>,
 }
 
 struct Building {
-    stream: TarStream<fixup::DiskFixup, populate::DirOut>,
-    mnt: fs::Mount,
-    lo: fs::Loop,
+    stream: TarStream<fixup::DiskFixup, DiskOut>,
+    /// The raw disk when the output is another format (dropped last: it is removed).
     scratch: Option<PendingFile>,
-    kernel: boot::Kernel,
+    raw_path: PathBuf,
+    layout: partition::Layout,
+    entry: boot::BootEntry,
 }
 
 impl DiskTarget {
-    /// Check what the disk needs (root, extlinux, syslinux's boot code, the password file),
-    /// release what a killed earlier run left in the output folder, and create the output file
-    /// `out_path` under its temporary name.
+    /// Check what the disk needs (the loaders for `opts.firmware`, the password file), refuse
+    /// what cannot boot (another architecture than amd64: both loaders are x86-64), release
+    /// what a killed earlier run left in the output folder, and create the output file
+    /// `out_path` under its temporary name. `architecture` is the image's (OCI name).
     pub fn create(
         opts: &DiskOptions,
         out_path: &Path,
         format: Format,
+        architecture: &str,
         mtime: u64,
         progress: &Progress,
     ) -> Result<Self> {
-        fs::require_root()?;
-        boot::check_extlinux()?;
+        if architecture != "amd64" {
+            bail!(
+                "the image is for {architecture}: abox writes x86-64 disks (SYSLINUX for BIOS, \
+                 systemd-boot x64 for UEFI); choose the amd64 image with --platform linux/amd64"
+            );
+        }
         if opts.compress && format != Format::Qcow2 {
             bail!("--compress applies to qcow2 only");
         }
-        let boot_code = boot::boot_code(opts.table)?;
+        let boot_code = if opts.firmware.bios() {
+            boot::check_syslinux()?;
+            Some(boot::boot_code(opts.table)?)
+        } else {
+            None
+        };
+        let efi_loader = if opts.firmware.uefi() {
+            let p = boot::efi_loader()?;
+            Some(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)
+        } else {
+            None
+        };
         let root_hash = opts
             .root_password_file
             .as_deref()
             .map(root_password_hash)
             .transpose()?;
-        let out_dir = out_dir_of(out_path);
-        // What an abox that died here before (SIGKILL) left behind is released first, and said.
-        for done in fs::reap_stale(out_dir)? {
+        // What an abox that died here before (SIGKILL) left behind is removed first, and said.
+        for done in fs::reap_stale(out_dir_of(out_path))? {
             progress.note(&done);
         }
         let out = PendingFile::create(out_path)?;
@@ -195,6 +218,7 @@ impl DiskTarget {
             format,
             out,
             boot_code,
+            efi_loader,
             root_hash,
             mtime,
             progress: *progress,
@@ -213,41 +237,79 @@ fn out_dir_of(p: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// The root filesystem's size for the tree: `--size` less the table's overhead, else auto.
-fn fs_bytes(opts: &DiskOptions, usage: fs::Usage) -> Result<u64> {
+/// The root filesystem's size: `--size` less the table and the ESP, else auto.
+fn fs_bytes(opts: &DiskOptions, usage: fs::Usage, esp_bytes: u64) -> Result<u64> {
     let Some(disk) = opts.size else {
         return Ok(fs::auto_fs_bytes(usage));
     };
-    let overhead = partition::ALIGN * 2;
+    let overhead = partition::ALIGN * 2 + esp_bytes;
     let need = fs::min_fs_bytes(usage) + overhead;
     if disk < need {
         bail!(
-            "--size {} is too small: this image needs at least {} ({} of files and folders, {} inodes); use --size auto or a larger size",
+            "--size {} is too small: this image needs at least {} ({} of files and folders, {} inodes, and a {} ESP); use --size auto or a larger size",
             fs::human(disk),
             fs::human(need),
             fs::human(usage.bytes),
-            usage.inodes
+            usage.inodes,
+            fs::human(esp_bytes)
         );
     }
     Ok((disk - overhead) / partition::ALIGN * partition::ALIGN)
 }
 
+/// Bytes of regular files under `/boot` (what goes on the ESP), and its folders (parents first).
+fn boot_tree(tree: &crate::flatten::tree::Tree) -> (u64, Vec<String>) {
+    use crate::flatten::tree::Node;
+    let mut bytes = 0;
+    let mut dirs = Vec::new();
+    for (p, e) in tree.entries.range("boot/".to_string().."boot0".to_string()) {
+        let Some(rel) = p.strip_prefix("boot/") else {
+            continue;
+        };
+        match &e.node {
+            Node::Dir(_) => dirs.push(rel.to_string()),
+            Node::Inode(_) => {
+                if let Some(i) = tree.inode_at(p) {
+                    if i.meta.kind == crate::tarfmt::Kind::File {
+                        bytes += i.meta.size;
+                    }
+                }
+            }
+        }
+    }
+    (bytes, dirs)
+}
+
+/// The folders to create on the ESP: the image's under `/boot` and abox's own, parents first,
+/// one per name regardless of case (FAT ignores it).
+fn esp_dirs(image_dirs: Vec<String>) -> Vec<String> {
+    let mut all: Vec<String> = image_dirs;
+    all.extend(boot::ESP_DIRS.iter().map(|d| d.to_string()));
+    all.sort_by_key(|d| d.to_ascii_lowercase());
+    let mut seen = std::collections::HashSet::new();
+    all.retain(|d| seen.insert(d.to_ascii_lowercase()));
+    all
+}
+
 impl Target for DiskTarget {
     fn start(&mut self, plan: &Plan) -> Result<()> {
-        // Layout: sizes from the tree, the table and boot code into a sparse file.
+        // Layout: sizes from the tree; the table and boot code into a sparse file.
         let kernel = boot::find_kernel(plan.tree())?;
         let usage = fs::usage(plan.tree());
-        let fs_bytes = fs_bytes(&self.opts, usage)?;
+        let (boot_bytes, image_dirs) = boot_tree(plan.tree());
+        let esp_bytes = esp::size_for(boot_bytes);
+        let fs_bytes = fs_bytes(&self.opts, usage, esp_bytes)?;
         let fs_uuid = random_uuid()?;
-        let part_guid = random_uuid()?;
+        let root_guid = random_uuid()?;
+        let esp_guid = random_uuid()?;
         let disk_guid = random_uuid()?;
-        let layout = partition::layout(self.opts.table, fs_bytes, &part_guid)?;
-        // The raw disk is sparse, but what the filesystem holds is written for real; a
+        let layout = partition::layout(self.opts.table, esp_bytes, fs_bytes, &root_guid)?;
+        // The raw disk is sparse, but what the filesystems hold is written for real; a
         // converted format needs the raw scratch and the result side by side.
         let copies = if self.format == Format::Raw { 1 } else { 2 };
         crate::output::check_room(
             out_dir_of(&self.out_path),
-            fs::min_fs_bytes(usage).saturating_mul(copies),
+            (fs::min_fs_bytes(usage) + boot_bytes).saturating_mul(copies),
             "the disk",
         )?;
         // The raw disk: the output itself, or a scratch file next to it for qemu-img.
@@ -266,41 +328,60 @@ impl Target for DiskTarget {
         };
         let raw = scratch.as_mut().unwrap_or(&mut self.out);
         let raw_path = raw.tmp_path().to_path_buf();
-        partition::write_table(raw.file(), &layout, &part_guid, &disk_guid, &self.boot_code)?;
-        raw.file().sync_all()?;
+        let ids = partition::Guids {
+            disk: &disk_guid,
+            esp: &esp_guid,
+            root: &root_guid,
+        };
+        partition::write_table(raw.file(), &layout, &ids, self.boot_code.as_deref())?;
 
-        // Filesystem: ext4 on a loop device over the partition, mounted.
-        let task = self.progress.task("making filesystem", 0);
-        let lo = fs::Loop::attach(&raw_path, layout.part_offset, layout.part_bytes)?;
-        fs::mkfs(lo.dev(), layout.part_bytes, usage, &fs_uuid, "root")?;
-        let mnt = fs::Mount::new(lo.dev())?;
-        task.finish(&format!(
-            "ext4 {} on a {} {} disk",
-            fs::human(layout.part_bytes),
-            fs::human(layout.disk_bytes),
-            match self.opts.table {
-                Table::Gpt => "GPT",
-                Table::Mbr => "MBR",
-            }
-        ));
-
-        // The rootfs goes into it through the disk's fix-ups.
+        // Filesystems: FAT32 on the ESP (in-process), ext4 from the tar stream (mke2fs).
+        let serial = u32::from_str_radix(&fs_uuid[..8], 16).unwrap_or(0x414258);
+        let esp = esp::Esp::create(
+            raw.file(),
+            &raw_path,
+            layout.esp.offset,
+            layout.esp.bytes,
+            serial,
+            self.mtime,
+            &esp_dirs(image_dirs),
+        )?;
+        let mkfs = fs::mkfs_from_tar(
+            &raw_path,
+            layout.root.offset,
+            layout.root.bytes,
+            usage,
+            &fs_uuid,
+            "root",
+        )?;
+        let title = plan
+            .facts
+            .text("etc/os-release")
+            .and_then(|t| os_release_get(&os_release(t), "PRETTY_NAME").map(str::to_string))
+            .unwrap_or_else(|| "Linux".into());
         let root = boot::root_arg(&kernel, &fs_uuid, &layout.part_uuid);
-        let conf = boot::extlinux_conf(
+        let entry = boot::entry(
             &kernel,
             &root,
             is_alpine(&plan.facts),
             self.opts.cmdline.as_deref(),
+            &title,
         );
-        let fixup = fixup::DiskFixup::new(&fs_uuid, conf, self.root_hash.take(), self.mtime);
-        let mut stream = TarStream::with_out(populate::DirOut::new(mnt.path())?, "", fixup);
+        let fixup = fixup::DiskFixup::new(
+            &fs_uuid,
+            esp.volume_id.clone(),
+            self.root_hash.take(),
+            self.mtime,
+        );
+        let out = DiskOut::new(mkfs, esp)?;
+        let mut stream = TarStream::with_out(out, "", fixup);
         stream.start(&plan.facts)?;
         self.building = Some(Building {
             stream,
-            mnt,
-            lo,
             scratch,
-            kernel,
+            raw_path,
+            layout,
+            entry,
         });
         Ok(())
     }
@@ -319,15 +400,47 @@ impl Target for DiskTarget {
 
     fn finish(mut self: Box<Self>) -> Result<Vec<Artifact>> {
         let b = self.building.take().expect("disk started before finish");
-        b.stream.finish_entries()?.finish()?;
+        let task = self.progress.task("finishing the filesystems", 0);
+        let (mut esp, left_out, xattrs_dropped) = b.stream.finish_entries()?.finish()?;
         crate::signals::check()?;
-
-        // Boot: extlinux into the mounted /boot; then the filesystem is released.
-        let task = self.progress.task("installing extlinux", 0);
-        boot::install(&b.mnt.path().join("boot"))?;
-        b.mnt.unmount()?;
-        b.lo.detach()?;
-        task.finish(&format!("boots /{}", b.kernel.kernel));
+        // Boot: both loaders' files from the one entry, then SYSLINUX into the FAT.
+        let firmware = self.opts.firmware;
+        if let Some(loader) = self.efi_loader.take() {
+            esp.require_pe(&b.entry.kernel)?;
+            esp.file(boot::EFI_LOADER, loader)?;
+            esp.file(boot::LOADER_CONF, boot::loader_conf().into_bytes())?;
+            esp.file(boot::BLS_ENTRY, boot::bls_entry(&b.entry).into_bytes())?;
+        }
+        if firmware.bios() {
+            esp.file(
+                boot::SYSLINUX_CFG,
+                boot::syslinux_cfg(&b.entry).into_bytes(),
+            )?;
+        }
+        esp.finish()?;
+        if firmware.bios() {
+            boot::install_syslinux(&b.raw_path, b.layout.esp.offset)?;
+        }
+        task.finish(&format!(
+            "{} {} disk: ext4 root {}, ESP {}; boots /{}",
+            firmware.name(),
+            b.layout.table.name(),
+            fs::human(b.layout.root.bytes),
+            fs::human(b.layout.esp.bytes),
+            b.entry.kernel
+        ));
+        if !left_out.is_empty() {
+            self.progress.note(&format!(
+                "FAT holds no links or device nodes: left out of /boot: {}",
+                left_out.join(", ")
+            ));
+        }
+        if xattrs_dropped > 0 {
+            self.progress.note(&format!(
+                "{xattrs_dropped} files have extended attributes mke2fs does not copy (it keeps \
+                 security.capability only): they are on the disk without them"
+            ));
+        }
         crate::signals::check()?;
 
         // Package: the requested format from the raw scratch.
@@ -359,6 +472,150 @@ impl Target for DiskTarget {
     }
 }
 
+/// Where the disk's entries go: `/boot`'s content to the FAT ESP (regular files; a hard link
+/// as a copy; symlinks, devices and FIFOs left out, as FAT has none), everything else into the
+/// tar stream `mke2fs` reads. A write into the pipe that fails reports `mke2fs`'s own error.
+pub struct DiskOut {
+    tar: TarWriter<std::io::BufWriter<std::process::ChildStdin>>,
+    mkfs: Option<crate::cmd::PipedChild>,
+    esp: esp::Esp,
+    to: To,
+    /// Files written to the ESP (relative to it), for hard links to them.
+    on_esp: std::collections::HashSet<String>,
+    left_out: Vec<String>,
+    /// Entries with extended attributes mke2fs does not copy (all but `security.capability`).
+    xattrs_dropped: usize,
+}
+
+enum To {
+    Root,
+    Esp,
+    Nowhere,
+}
+
+impl DiskOut {
+    fn new(mut mkfs: crate::cmd::PipedChild, esp: esp::Esp) -> Result<Self> {
+        let stdin = mkfs.take_stdin().context("mke2fs has no input")?;
+        Ok(DiskOut {
+            tar: TarWriter::new(std::io::BufWriter::with_capacity(1 << 20, stdin)),
+            mkfs: Some(mkfs),
+            esp,
+            to: To::Nowhere,
+            on_esp: Default::default(),
+            left_out: Vec::new(),
+            xattrs_dropped: 0,
+        })
+    }
+
+    /// A write into mke2fs's input failed: mke2fs's stderr says why.
+    fn piped<T>(&mut self, r: std::io::Result<T>) -> Result<T> {
+        r.map_err(|e| match self.mkfs.take() {
+            Some(c) => c.broken(e),
+            None => e.into(),
+        })
+    }
+
+    /// End the tar stream and wait for mke2fs; hand back the ESP (still open for the loaders'
+    /// files) and what the disk could not hold: the `/boot` entries FAT has no room for (links,
+    /// devices) and the number of entries whose extended attributes mke2fs dropped.
+    fn finish(self) -> Result<(esp::Esp, Vec<String>, usize)> {
+        let DiskOut {
+            tar,
+            mkfs,
+            esp,
+            left_out,
+            xattrs_dropped,
+            ..
+        } = self;
+        let mkfs = mkfs.context("mke2fs already failed")?;
+        match tar
+            .finish()
+            .and_then(|mut w| std::io::Write::flush(&mut w).map(|_| w))
+        {
+            Ok(w) => drop(w),
+            Err(e) => return Err(mkfs.broken(e)),
+        }
+        mkfs.wait().context("making the root filesystem")?;
+        Ok((esp, left_out, xattrs_dropped))
+    }
+}
+
+fn esp_owned(rel: &str) -> bool {
+    boot::ESP_OWNED.iter().any(|o| o.eq_ignore_ascii_case(rel))
+}
+
+impl crate::tarfmt::EntryOut for DiskOut {
+    fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
+        use crate::tarfmt::Kind;
+        self.to = match path.strip_prefix("boot/") {
+            Some(rel) => match &meta.kind {
+                // Created with the ESP.
+                Kind::Dir => To::Nowhere,
+                Kind::File if esp_owned(rel) => To::Nowhere,
+                Kind::File => {
+                    esp::check_name(rel)?;
+                    self.esp.begin(rel, meta.size)?;
+                    self.on_esp.insert(rel.to_string());
+                    To::Esp
+                }
+                Kind::Hardlink(t) => {
+                    match t.strip_prefix("boot/") {
+                        Some(from) if self.on_esp.contains(from) && !esp_owned(rel) => {
+                            esp::check_name(rel)?;
+                            self.esp.copy(from, rel)?;
+                            self.on_esp.insert(rel.to_string());
+                        }
+                        _ => self.left_out.push(format!("/{path}")),
+                    }
+                    To::Nowhere
+                }
+                _ => {
+                    self.left_out.push(format!("/{path}"));
+                    To::Nowhere
+                }
+            },
+            None => match &meta.kind {
+                // A hard link outside /boot to a file on the ESP: FAT is another filesystem.
+                Kind::Hardlink(t) if t.starts_with("boot/") => {
+                    self.left_out.push(format!("/{path}"));
+                    To::Nowhere
+                }
+                _ => {
+                    if meta.xattrs.iter().any(|(k, _)| k != "security.capability") {
+                        self.xattrs_dropped += 1;
+                    }
+                    let r = self.tar.begin(path, meta);
+                    self.piped(r)?;
+                    To::Root
+                }
+            },
+        };
+        Ok(())
+    }
+
+    fn data(&mut self, buf: &[u8]) -> Result<()> {
+        match self.to {
+            To::Root => {
+                let r = self.tar.data(buf);
+                self.piped(r)
+            }
+            To::Esp => self.esp.data(buf),
+            To::Nowhere => Ok(()),
+        }
+    }
+
+    fn end(&mut self, size: u64) -> Result<()> {
+        match std::mem::replace(&mut self.to, To::Nowhere) {
+            To::Root => {
+                let r = self.tar.end(size);
+                self.piped(r)
+            }
+            To::Esp => self.esp.end(),
+            To::Nowhere => Ok(()),
+        }
+    }
+}
+
 /// `abox disk`: open the image, decide on the VM layer, write the disk and move it to its
 /// name; returns the disk's path.
 pub fn write_disk(opts: &DiskOptions, progress: &Progress) -> Result<PathBuf> {
@@ -372,7 +629,14 @@ pub fn write_disk(opts: &DiskOptions, progress: &Progress) -> Result<PathBuf> {
         )
     })?;
     let mtime = crate::target::build_time(image.config.created().as_deref());
-    let target = DiskTarget::create(opts, &out_path, format, mtime, progress)?;
+    let target = DiskTarget::create(
+        opts,
+        &out_path,
+        format,
+        &image.architecture(),
+        mtime,
+        progress,
+    )?;
     let plan = crate::flatten::index(&image, progress)?;
     let artifacts = match vmlayer::resolve(opts, &image, &plan, None, progress)? {
         None => crate::export::run_targets(&image, &plan, vec![Box::new(target)], progress)?,

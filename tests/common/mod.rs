@@ -17,7 +17,7 @@
 //! Then, on the line after an entry, modifiers:
 //!   u UID GID                   owner
 //!   t MTIME                     modification time
-//!   x KEY VALUE                 extended attribute (PAX SCHILY.xattr.KEY)
+//!   x KEY VALUE                 extended attribute (PAX SCHILY.xattr.KEY); VALUE 0xHEX: bytes
 //!   P KEY VALUE                 any PAX record (hostile input: `P uid 4294967296`)
 #![allow(dead_code)]
 
@@ -152,7 +152,13 @@ pub fn layer(desc: &str) -> Vec<u8> {
                     }
                     "t" => p.header.set_mtime(w[0].parse().unwrap()),
                     "P" => p.pax.push((w[0].to_string(), w[1].as_bytes().to_vec())),
-                    _ => p.xattrs.push((w[0].to_string(), w[1].as_bytes().to_vec())),
+                    _ => p.xattrs.push((
+                        w[0].to_string(),
+                        match w[1].strip_prefix("0x") {
+                            Some(h) => hex::decode(h).expect("hex xattr value"),
+                            None => w[1].as_bytes().to_vec(),
+                        },
+                    )),
                 }
                 continue;
             }
