@@ -1,6 +1,8 @@
-//! The one runner for external tools (`tar2sqfs` today; `mke2fs`, `extlinux`, `losetup`,
-//! `qemu-img` later). Every command is logged at debug level with its full command line, and a
-//! failure comes back as an error that carries the command line and the tail of its stderr.
+//! The one runner for external tools (`mke2fs`, `mmd`, `syslinux`, `qemu-img`, `tar2sqfs`, …).
+//! Every command is logged at debug level with its full command line, and a failure comes back
+//! as an error that carries the command line and the tail of its stderr. A child is stopped
+//! when Ctrl-C or SIGTERM arrives ([`crate::signals`]): the first signal kills it and the run
+//! unwinds; a further one kills every child still registered before abox exits.
 
 use std::ffi::OsStr;
 use std::io::Read;
@@ -54,25 +56,73 @@ fn not_found_hint(cmd: &Command, e: std::io::Error) -> anyhow::Error {
 /// command line and the tail of stderr.
 pub fn run(cmd: &mut Command) -> Result<Vec<u8>> {
     log::debug!("running: {}", display(cmd));
-    let out = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| not_found_hint(cmd, e))?;
-    if !out.status.success() {
+    let _tracked = crate::signals::track_child(child.id());
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let status = loop {
+        if let Some(s) = child.try_wait().context("waiting for a child")? {
+            break s;
+        }
+        if let Err(e) = crate::signals::check() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = stdout.join().unwrap_or_default();
+    let err = stderr.join().unwrap_or_default();
+    if !status.success() {
         return Err(anyhow!(
             "`{}` failed ({}): {}",
             display(cmd),
-            out.status,
-            tail(&out.stderr)
+            exit_text(status),
+            tail(&err)
         ));
     }
-    Ok(out.stdout)
+    Ok(out)
+}
+
+/// `exit 3`, `killed by signal 9`.
+fn exit_text(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => s.to_string(),
+    }
 }
 
 /// A child process fed through its stdin (for example `tar2sqfs` reading a tar stream).
 /// Dropping it without [`PipedChild::wait`] kills the child.
 pub struct PipedChild {
     line: String,
+    _tracked: crate::signals::Tracked,
     child: Option<Child>,
     stdin: Option<ChildStdin>,
     stderr: Option<JoinHandle<Vec<u8>>>,
@@ -89,6 +139,7 @@ impl PipedChild {
             .spawn()
             .map_err(|e| not_found_hint(cmd, e))?;
         let stdin = child.stdin.take();
+        let tracked = crate::signals::track_child(child.id());
         let mut err = child.stderr.take().context("child stderr")?;
         let stderr = std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -97,6 +148,7 @@ impl PipedChild {
         });
         Ok(Self {
             line,
+            _tracked: tracked,
             child: Some(child),
             stdin,
             stderr: Some(stderr),
@@ -119,9 +171,9 @@ impl PipedChild {
             .and_then(|h| h.join().ok())
             .unwrap_or_default();
         anyhow!(
-            "`{}` stopped reading its input ({e}; exit {}): {}",
+            "`{}` stopped reading its input ({e}; {}): {}",
             self.line,
-            status.map(|s| s.to_string()).unwrap_or_default(),
+            status.map(exit_text).unwrap_or_default(),
             tail(&err)
         )
     }
@@ -141,7 +193,12 @@ impl PipedChild {
             .and_then(|h| h.join().ok())
             .unwrap_or_default();
         if !status.success() {
-            return Err(anyhow!("`{}` failed ({status}): {}", self.line, tail(&err)));
+            return Err(anyhow!(
+                "`{}` failed ({}): {}",
+                self.line,
+                exit_text(status),
+                tail(&err)
+            ));
         }
         Ok(())
     }

@@ -1,7 +1,6 @@
 //! `abox doctor`: what abox needs on this machine, checked for real — the engine (which one,
 //! why, its API version), BuildKit (a tiny build), each external tool with its version, the
-//! syslinux and OVMF files, loop devices and mounts (tried: a loop device asked for, a tmpfs
-//! mounted and unmounted), and the credentials the docker CLI's config holds (their kind only,
+//! syslinux, systemd-boot and OVMF files, and the credentials the docker CLI's config holds (their kind only,
 //! never a secret). Each missing part says which package brings it. The library returns a
 //! [`Report`]; the command line prints it as a table or JSON and sets the exit code.
 

@@ -282,14 +282,26 @@ pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result
         };
         let path = out_dir.join(format!("{}.{}", b.name, Format::Qcow2.ext()));
         let mtime = crate::target::build_time(image.config.created().as_deref());
-        let disk = Some(DiskTarget::create(
-            &disk_opts,
-            &path,
-            Format::Qcow2,
-            &image.architecture(),
-            mtime,
-            progress,
-        )?);
+        let disk = if image.architecture() == "amd64" {
+            Some(
+                DiskTarget::create(
+                    &disk_opts,
+                    &path,
+                    Format::Qcow2,
+                    &image.architecture(),
+                    mtime,
+                    progress,
+                )?
+                .listed(),
+            )
+        } else {
+            progress.note(&format!(
+                "{}: no disk written: the image is for {}, abox writes x86-64 disks",
+                b.name,
+                image.architecture()
+            ));
+            None
+        };
         let plan = crate::flatten::index(&image, progress)?;
         let mut vm = None;
         if let Some(disk) = disk {

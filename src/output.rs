@@ -67,6 +67,10 @@ impl PendingFile {
                     dir.display()
                 )
             })?;
+        // Held until the file is closed: `reap_stale` of another abox (in another PID
+        // namespace, where this PID means nothing) sees the file is alive.
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .with_context(|| format!("locking {}", tmp.display()))?;
         crate::signals::track(&tmp);
         Ok(Self {
             tmp,

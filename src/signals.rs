@@ -1,7 +1,7 @@
 //! Ctrl-C and SIGTERM. The first signal sets a flag that every long loop checks, so the error
 //! unwinds through the guards (temporary files, child processes) and they clean up. A further
-//! signal ends the process at once, after removing the temporary files still registered
-//! ([`track`]); what a SIGKILL leaves (files named after the PID) the next run in that folder
+//! signal ends the process at once, after killing the child processes ([`track_child`]) and
+//! removing the temporary files ([`track`]) still registered; what a SIGKILL leaves (files named after the PID) the next run in that folder
 //! removes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +20,26 @@ pub fn track(p: &std::path::Path) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(p.to_path_buf());
+}
+
+/// Child processes running right now.
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// A child registered until this is dropped: a second signal kills it before abox exits.
+pub struct Tracked(u32);
+
+pub fn track_child(pid: u32) -> Tracked {
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+    Tracked(pid)
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| *p != self.0);
+    }
 }
 
 /// The file was renamed into place or removed.
@@ -45,6 +65,11 @@ pub fn install() -> Result<()> {
             for _ in signals.forever() {
                 if !flag.swap(true, Ordering::SeqCst) {
                     continue;
+                }
+                for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    if let Some(p) = rustix::process::Pid::from_raw(*pid as i32) {
+                        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                    }
                 }
                 for p in TEMPORARY.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                     let _ = std::fs::remove_file(p);

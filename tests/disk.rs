@@ -586,12 +586,16 @@ fn vmdk_vdi_vhdx_check_clean_and_vhdx_boots_on_uefi_scsi_like_hyper_v_gen2() {
     let img = test_image(true);
     let work = tempfile::tempdir().unwrap();
     let src = oci_source(&img, &work.path().join("oci"));
+    let odd = work.path().join("odd@@0:name");
+    std::fs::create_dir_all(&odd).unwrap();
     for (ext, name, made) in [
         ("vmdk", "vmdk", Made::Bios),
         ("vdi", "vdi", Made::Hybrid),
         ("vhdx", "vhdx", Made::Uefi),
     ] {
-        let disk = work.path().join(format!("d.{ext}"));
+        // A folder name the tools would misread (mtools splits at `@@`, qemu-img takes `x:`
+        // for a protocol): abox hands them only its own links.
+        let disk = odd.join(format!("d.{ext}"));
         let fw = format!("{made:?}").to_ascii_lowercase();
         run_ok(
             abox()
@@ -612,7 +616,7 @@ fn vmdk_vdi_vhdx_check_clean_and_vhdx_boots_on_uefi_scsi_like_hyper_v_gen2() {
         check_raw(&raw, true, true, made);
     }
     // Hyper-V generation 2: UEFI, the disk on a SCSI controller.
-    let line = boot::boot_fw(&work.path().join("d.vhdx"), "vhdx", Bus::Scsi, Fw::Uefi);
+    let line = boot::boot_fw(&odd.join("d.vhdx"), "vhdx", Bus::Scsi, Fw::Uefi);
     assert!(
         line.starts_with(&format!("ABOX-TEST {} ", img.marker)),
         "{line}"
@@ -673,14 +677,43 @@ fn refusals_leave_nothing_behind() {
     assert!(err.contains("cannot write in the output folder"), "{err}");
     assert_nothing_left(&ro, "read-only folder");
 
-    // Missing loader parts name the package to install.
+    // Missing tools and loader parts name the package to install.
     let err = run_err(
         abox()
             .env("PATH", "/nonexistent")
             .args(["disk", &src, "-o"])
             .arg(out.join("p.qcow2")),
     );
+    assert!(err.contains("install the `mtools` package"), "{err}");
+    let bin = work.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for t in ["mmd", "mcopy", "mke2fs", "qemu-img"] {
+        let p = sh(&format!("command -v {t}"));
+        std::os::unix::fs::symlink(p.trim(), bin.join(t)).unwrap();
+    }
+    let err = run_err(
+        abox()
+            .env("PATH", &bin)
+            .args(["disk", &src, "-o"])
+            .arg(out.join("p.qcow2")),
+    );
     assert!(err.contains("install the `syslinux` package"), "{err}");
+    std::fs::remove_file(bin.join("mke2fs")).unwrap();
+    std::fs::write(
+        bin.join("mke2fs"),
+        "#!/bin/sh\necho 'mke2fs 1.47.0 (5-Feb-2023)' >&2\n",
+    )
+    .unwrap();
+    sh(&format!("chmod 755 {}", bin.join("mke2fs").display()));
+    let err = run_err(
+        abox()
+            .env("PATH", &bin)
+            .args(["disk", &src, "--firmware", "uefi", "-o"])
+            .arg(out.join("p.qcow2")),
+    );
+    assert!(err.contains("mke2fs is 1.47.0"), "{err}");
+    assert!(err.contains("bookworm-backports"), "{err}");
+    assert_nothing_left(&out, "missing tools");
     let err = run_err(
         abox()
             .env("ABOX_SYSTEMD_BOOT_EFI", "/nonexistent/systemd-bootx64.efi")

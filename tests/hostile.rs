@@ -275,10 +275,7 @@ fn the_esp_never_takes_the_images_links_or_its_loader_files() {
     let o = run_ok(abox().args(["disk", &src, "-o"]).arg(&disk));
     decoy.assert_untouched("links at the ESP's files");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("left out of /boot: /boot/efi/boot/bootx64.efi"),
-        "{err}"
-    );
+    assert!(err.contains("/boot/efi/boot/bootx64.efi"), "{err}");
     let esp = work.path().join("esp.fat");
     common::boot::extract_esp(&disk, &esp);
     let cat = |p: &str| {
@@ -326,6 +323,69 @@ fn the_esp_never_takes_the_images_links_or_its_loader_files() {
     );
     decoy.assert_untouched("/boot as a link");
     assert_nothing_left(&out, "/boot as a link");
+}
+
+/// `/boot` is FAT on a disk: no hard links, no case. An inode with paths on both sides of
+/// /boot is written whole on both (the kernel may be a link to a file outside /boot); a second
+/// name differing only in case and a folder at a name abox writes are left out, said; a /boot
+/// of more entries than abox puts on the ESP is refused.
+#[test]
+fn boot_entries_fat_cannot_hold_are_copied_whole_or_left_out() {
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let stub = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+    let spec = ImageSpec::new(&[&format!(
+        "d bin 0755\nf bin/sh 0755 x\nd etc 0755\nd usr 0755\nd usr/lib 0755\n\
+         H usr/lib/vmlinuz 0644 {stub}\nd boot 0755\nh boot/vmlinuz-virt => usr/lib/vmlinuz\n\
+         f boot/config 0644 cfg-content\nh etc/config-copy => boot/config\n\
+         h boot/CONFIG => boot/config\nd boot/syslinux 0755\nd boot/syslinux/ldlinux.sys 0755\n"
+    )]);
+    let src = oci(&spec, &work.path().join("img"));
+    let disk = out.join("d.img");
+    let o = run_ok(abox().args(["disk", &src, "-o"]).arg(&disk));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("/boot/CONFIG"), "{err}");
+    assert!(err.contains("/boot/syslinux/ldlinux.sys"), "{err}");
+    let esp = work.path().join("esp.fat");
+    common::boot::extract_esp(&disk, &esp);
+    let mtype = |p: &str| {
+        let o = Command::new("mtype")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&esp)
+            .arg(format!("::{p}"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{p}: {o:?}");
+        o.stdout
+    };
+    assert_eq!(mtype("vmlinuz-virt"), std::fs::read(stub).unwrap());
+    assert_eq!(mtype("config"), b"cfg-content");
+    assert!(
+        mtype("syslinux/ldlinux.sys").len() > 10_000,
+        "SYSLINUX's own file"
+    );
+    let fs = root_fs(&disk, work.path());
+    assert_eq!(
+        debugfs(&fs, "cat /etc/config-copy").as_bytes(),
+        b"cfg-content"
+    );
+    assert!(debugfs(&fs, "stat /usr/lib/vmlinuz").contains("Type: regular"));
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::remove_file(&fs).unwrap();
+    assert_nothing_left(&out, "cross links");
+
+    let mut many = String::from(KERNELED);
+    for i in 0..1100 {
+        many.push_str(&format!("f boot/f{i} 0644 x\n"));
+    }
+    let src = oci(&ImageSpec::new(&[&many]), &work.path().join("many"));
+    let err = run_err(abox().args(["disk", &src, "-o"]).arg(&disk));
+    assert!(err.contains("/boot holds 1101 entries"), "{err}");
+    assert!(err.contains("at most 1024 entries"), "{err}");
+    assert_nothing_left(&out, "a huge /boot");
 }
 
 #[test]
@@ -479,6 +539,26 @@ fn root_password_goes_where_the_shadow_link_leads() {
         "root's password set where the link leads: {real}"
     );
     assert!(real.contains("alpine:*:"), "other accounts kept: {real}");
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::remove_file(&fs).unwrap();
+
+    // /etc/shadow leading into /boot: that is the FAT ESP on a disk (no permissions), so the
+    // hashes would be world-readable in the VM: refused, with or without a password to set.
+    let spec = ImageSpec::new(&[&format!(
+        "{KERNELED}f boot/shadow 0600 root:$6$salt$hash:1::::::\\n\nl etc/shadow -> ../boot/shadow\n"
+    )]);
+    let src = oci(&spec, &work.path().join("esp-shadow"));
+    for extra in [
+        &["--root-password-file", &pw.display().to_string()][..],
+        &[][..],
+    ] {
+        let err = run_err(abox().args(["disk", &src]).args(extra).arg("-o").arg(&disk));
+        assert!(
+            err.contains("keeps /etc/shadow's content in /boot/shadow"),
+            "{err}"
+        );
+        assert_nothing_left(&out, "shadow on the ESP");
+    }
 }
 
 #[test]

@@ -344,18 +344,42 @@ fn on_path(tool: &str) -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
-/// Fails early, with the package to install, when the BIOS loader's installer is missing: the
-/// mtools flavour of `syslinux` and mtools itself.
+/// Fails early, with the package to install, when the BIOS loader's installer is missing (the
+/// mtools flavour of `syslinux`).
 pub fn check_syslinux() -> Result<()> {
     if !on_path("syslinux") {
         bail!("`syslinux` (the mtools installer) is not installed: install the `syslinux` package (Debian, Ubuntu, Alpine), or make a UEFI-only disk with --firmware uefi");
     }
+    Ok(())
+}
+
+/// Fails early, with the package to install, when a tool every disk needs is missing: mtools
+/// (the ESP's folders, SYSLINUX's installer), `mke2fs` ≥ 1.47.1 (it reads a tar), and
+/// `qemu-img` when the format is not raw.
+pub fn check_tools(qemu_img: bool) -> Result<()> {
     for t in ["mmd", "mcopy"] {
         if !on_path(t) {
             bail!("`{t}` is not installed: install the `mtools` package");
         }
     }
-    Ok(())
+    if qemu_img && !on_path("qemu-img") {
+        bail!("`qemu-img` is not installed: install the `qemu-utils` package, or write a raw disk (-o NAME.img)");
+    }
+    let o = std::process::Command::new("mke2fs")
+        .arg("-V")
+        .output()
+        .map_err(|_| anyhow::anyhow!("`mke2fs` is not installed: install e2fsprogs ≥ 1.47.1"))?;
+    let text =
+        String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
+    match crate::doctor::parse_version(text.lines().next().unwrap_or("")) {
+        Some(v) if v >= (1, 47, 1) => Ok(()),
+        v => bail!(
+            "mke2fs is {}; abox needs e2fsprogs ≥ 1.47.1 (it makes the root filesystem from a tar \
+             stream): on Debian 12, apt-get install -t bookworm-backports e2fsprogs",
+            v.map(|(a, b, c)| format!("{a}.{b}.{c}"))
+                .unwrap_or_else(|| "of an unknown version".into())
+        ),
+    }
 }
 
 /// systemd-boot's x64 loader on this machine: `ABOX_SYSTEMD_BOOT_EFI`, else Debian's and

@@ -19,14 +19,20 @@ use anyhow::{anyhow, bail, Context, Result};
 /// files next to the old ones), the loaders, and FAT32's minimum cluster count at 2 KiB clusters.
 pub const DEFAULT_BYTES: u64 = 256 << 20;
 /// FAT32 cluster size: 2 KiB keeps a 256 MiB volume well above FAT32's 65525 clusters.
-const CLUSTER: u32 = 2048;
+pub const CLUSTER: u32 = 2048;
+/// Most entries (and folders) abox puts under `/boot` on the ESP: FAT looks names up one by one
+/// and makes short names by trying `~1`, `~2`…, so a huge folder of similar names costs minutes.
+/// A real `/boot` (Debian's with GRUB's modules) holds a few hundred.
+pub const ENTRIES_MAX: usize = 1024;
+pub const DIRS_MAX: usize = 128;
 /// FAT32's largest file.
 const FILE_MAX: u64 = u32::MAX as u64;
 /// Entries in flight between the flattening and the FAT writer.
 const QUEUE: usize = 8;
 
-/// The size of an ESP for `boot_bytes` of `/boot` content: twice that (old and new kernel side
-/// by side) plus 32 MiB for loaders and slack, at least [`DEFAULT_BYTES`], MiB-aligned.
+/// The size of an ESP for `boot_bytes` of `/boot` content (in whole clusters): twice that (old
+/// and new kernel side by side) plus 32 MiB for loaders and slack, at least [`DEFAULT_BYTES`],
+/// MiB-aligned.
 pub fn size_for(boot_bytes: u64) -> u64 {
     let want = boot_bytes.saturating_mul(2).saturating_add(32 << 20);
     want.max(DEFAULT_BYTES).div_ceil(1 << 20) << 20
@@ -374,23 +380,34 @@ pub fn is_pe(head: &[u8]) -> bool {
 }
 
 /// A path abox can name on FAT and hand to mtools: no character FAT forbids, no control
-/// characters, no empty or `.`/`..` component.
+/// characters, nothing beyond the Basic Multilingual Plane (mtools mangles it), no empty or
+/// `.`/`..` component, none ending in a dot or a space (FAT strips them).
 pub fn check_name(path: &str) -> Result<()> {
     let bad = path.split('/').any(|c| {
         c.is_empty()
             || c == "."
             || c == ".."
+            || c.ends_with('.')
+            || c.ends_with(' ')
             || c.chars()
-                .any(|ch| ch.is_control() || "\"*:<>?\\|".contains(ch))
+                .any(|ch| ch.is_control() || "\"*:<>?\\|".contains(ch) || u32::from(ch) > 0xffff)
     });
     if bad {
-        bail!("/boot/{path}: a name FAT cannot hold (\" * : < > ? \\ | or control characters)");
+        bail!(
+            "/boot/{path}: a name FAT cannot hold (\" * : < > ? \\ |, control characters, \
+             characters beyond U+FFFF, or a trailing dot or space); rename it in the image"
+        );
     }
     Ok(())
 }
 
+/// A name as FAT compares it: without case (fatfs folds with `char::to_uppercase`).
+pub fn fold(path: &str) -> String {
+    path.chars().flat_map(char::to_uppercase).collect()
+}
+
 fn fat_err(e: io::Error, what: &str, path: &str) -> anyhow::Error {
-    anyhow!("{what} /boot/{path} on the FAT ESP: {e} (FAT names cannot hold \" * / : < > ? \\ | or control characters, and ignore case)")
+    anyhow!("{what} /boot/{path} on the FAT ESP: {e}")
 }
 
 #[cfg(test)]
@@ -408,9 +425,23 @@ mod tests {
     fn fat_names() {
         assert!(check_name("EFI/BOOT").is_ok());
         assert!(check_name("grub/x86_64-efi").is_ok());
-        for bad in ["a:b", "a/../b", "x*", "q?", "", "a//b", "t\tab", "n\n"] {
+        for bad in [
+            "a:b",
+            "a/../b",
+            "x*",
+            "q?",
+            "",
+            "a//b",
+            "t\tab",
+            "n\n",
+            "dot.",
+            "sp ",
+            "\u{1F600}",
+        ] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
+        assert_eq!(fold("EFI/boot/ſyslinux"), "EFI/BOOT/SYSLINUX");
+        assert_eq!(fold("straße"), "STRASSE");
     }
 
     #[test]

@@ -149,6 +149,17 @@ impl Fixup for DiskFixup {
         if let Some(real) = facts.secret_files.get("etc/shadow") {
             self.shadow_at = real.clone();
         }
+        // /boot is the FAT ESP on a disk: no owners, no modes, every file readable. A password
+        // file whose content lives there would be readable by every user of the VM.
+        for (name, real) in &facts.secret_files {
+            if real == "boot" || real.starts_with("boot/") {
+                bail!(
+                    "the image keeps /{name}'s content in /{real}: on a disk /boot is the FAT \
+                     EFI System Partition, which has no permissions, so the password hashes \
+                     would be readable by every user; keep /{name} out of /boot"
+                );
+            }
+        }
         // Root's hash must not land in a file another name shares (a hard link to /etc/passwd
         // would publish it).
         if self.root_hash.is_some() && facts.secret_links.get("etc/shadow").is_some_and(|n| *n > 1)

@@ -24,7 +24,7 @@ const INODE_RATIO: u64 = 16384;
 const FAST_SYMLINK_MAX: usize = 59;
 /// Bytes a folder entry takes, on average (8 bytes of header + the name, rounded).
 const DIRENT: u64 = 32;
-/// Room for what the tool adds: extlinux's `ldlinux.sys` and `ldlinux.c32`, its config, fstab.
+/// Room for what abox adds to the root (fstab, the VM set-up's files).
 const BOOT_FILES: u64 = MIB;
 
 /// What the rootfs needs from a filesystem.
@@ -172,15 +172,21 @@ fn pid_of(name: &str) -> Option<u32> {
 }
 
 /// Remove what an abox that died without cleaning up (SIGKILL, a crash, a power cut) left in
-/// `out_dir`: its temporary files (`.NAME.abox-tmp-PID` of a process that no longer exists).
-/// Returns one line per file removed; one that cannot be removed is an error saying which.
+/// `out_dir`: its temporary files (`.NAME.abox-tmp-PID` of a process that no longer exists and
+/// that nobody holds locked — a live abox locks its files, so one in another PID namespace is
+/// left alone). Returns one line per file removed; one that cannot be removed is an error
+/// saying which.
 pub fn reap_stale(out_dir: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
     if let Ok(rd) = std::fs::read_dir(out_dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let file = e.file_type().is_ok_and(|t| t.is_file());
-            if file && name.starts_with('.') && pid_of(&name).is_some_and(dead) {
+            if file
+                && name.starts_with('.')
+                && pid_of(&name).is_some_and(dead)
+                && !locked(&e.path())
+            {
                 std::fs::remove_file(e.path()).with_context(|| {
                     format!("a dead abox left {}; remove it by hand", e.path().display())
                 })?;
@@ -192,6 +198,14 @@ pub fn reap_stale(out_dir: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(done)
+}
+
+/// Whether some process holds a lock on the file (it is being written), or it cannot be told.
+fn locked(p: &Path) -> bool {
+    let Ok(f) = std::fs::File::open(p) else {
+        return true;
+    };
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
 }
 
 /// Start `mke2fs` making an ext4 of `fs_bytes` at byte `offset` of the disk file `disk`
@@ -229,6 +243,25 @@ pub fn mkfs_from_tar(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_locked_leftover_is_alive_whatever_its_pid_says() {
+        let d = tempfile::tempdir().unwrap();
+        // A PID that has ended.
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        let p = d.path().join(format!(".x.qcow2.abox-tmp-{pid}"));
+        std::fs::write(&p, b"half").unwrap();
+        let holder = std::fs::File::open(&p).unwrap();
+        rustix::fs::flock(&holder, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        assert!(reap_stale(d.path()).unwrap().is_empty());
+        assert!(p.exists());
+        drop(holder);
+        let done = reap_stale(d.path()).unwrap();
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert!(!p.exists());
+    }
 
     #[test]
     fn leftover_names_carry_their_pid() {

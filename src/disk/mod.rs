@@ -155,6 +155,8 @@ pub struct DiskTarget {
     /// Seconds since the epoch for the entries the disk adds.
     mtime: u64,
     progress: Progress,
+    /// Whether `finish` hashes the disk (for `SHA256SUMS`): [`DiskTarget::listed`].
+    hashed: bool,
     /// Between `start` and `finish`.
     building: Option<Building>,
 }
@@ -163,7 +165,13 @@ struct Building {
     stream: TarStream<fixup::DiskFixup, DiskOut>,
     /// The raw disk when the output is another format (dropped last: it is removed).
     scratch: Option<PendingFile>,
+    /// The raw disk as the external tools are given it (a link in `_tool_dir`).
     raw_path: PathBuf,
+    /// The output file as `qemu-img` is given it.
+    out_link: PathBuf,
+    /// A private folder of links to the disk files: tools parse their path arguments (mtools
+    /// splits at `@@`, qemu-img reads `NAME:` as a protocol), so they never see the user's.
+    _tool_dir: tempfile::TempDir,
     layout: partition::Layout,
     entry: boot::BootEntry,
 }
@@ -190,6 +198,7 @@ impl DiskTarget {
         if opts.compress && format != Format::Qcow2 {
             bail!("--compress applies to qcow2 only");
         }
+        boot::check_tools(format != Format::Raw)?;
         let boot_code = if opts.firmware.bios() {
             boot::check_syslinux()?;
             Some(boot::boot_code(opts.table)?)
@@ -222,13 +231,30 @@ impl DiskTarget {
             root_hash,
             mtime,
             progress: *progress,
+            hashed: false,
             building: None,
         })
+    }
+
+    /// The disk will be listed in `SHA256SUMS` and `manifest.json`: `finish` hashes it.
+    pub fn listed(mut self) -> Self {
+        self.hashed = true;
+        self
     }
 
     fn building(&mut self) -> &mut Building {
         self.building.as_mut().expect("disk started before entries")
     }
+}
+
+/// A link named `name` in `dir` to `target` (made absolute).
+fn tool_link(dir: &tempfile::TempDir, name: &str, target: &Path) -> Result<PathBuf> {
+    let abs =
+        std::path::absolute(target).with_context(|| format!("resolving {}", target.display()))?;
+    let link = dir.path().join(name);
+    std::os::unix::fs::symlink(&abs, &link)
+        .with_context(|| format!("linking {}", link.display()))?;
+    Ok(link)
 }
 
 fn out_dir_of(p: &Path) -> &Path {
@@ -257,38 +283,72 @@ fn fs_bytes(opts: &DiskOptions, usage: fs::Usage, esp_bytes: u64) -> Result<u64>
     Ok((disk - overhead) / partition::ALIGN * partition::ALIGN)
 }
 
-/// Bytes of regular files under `/boot` (what goes on the ESP), and its folders (parents first).
-fn boot_tree(tree: &crate::flatten::tree::Tree) -> (u64, Vec<String>) {
+/// What `/boot` puts on the ESP: bytes in whole clusters (files and folders), and its folders
+/// (parents first). More than [`esp::ENTRIES_MAX`] entries or [`esp::DIRS_MAX`] folders is an
+/// error.
+fn boot_tree(tree: &crate::flatten::tree::Tree) -> Result<(u64, Vec<String>)> {
     use crate::flatten::tree::Node;
-    let mut bytes = 0;
+    let cluster = u64::from(esp::CLUSTER);
+    let mut bytes = 0u64;
     let mut dirs = Vec::new();
+    let mut entries = 0usize;
     for (p, e) in tree.entries.range("boot/".to_string().."boot0".to_string()) {
         let Some(rel) = p.strip_prefix("boot/") else {
             continue;
         };
+        entries += 1;
         match &e.node {
-            Node::Dir(_) => dirs.push(rel.to_string()),
+            Node::Dir(_) => {
+                dirs.push(rel.to_string());
+                bytes += cluster;
+            }
             Node::Inode(_) => {
                 if let Some(i) = tree.inode_at(p) {
                     if i.meta.kind == crate::tarfmt::Kind::File {
-                        bytes += i.meta.size;
+                        bytes = bytes.saturating_add(i.meta.size.div_ceil(cluster) * cluster);
                     }
                 }
             }
         }
     }
-    (bytes, dirs)
+    if entries > esp::ENTRIES_MAX || dirs.len() > esp::DIRS_MAX {
+        bail!(
+            "the image's /boot holds {entries} entries ({} folders): on a disk /boot is the FAT \
+             EFI System Partition, and abox puts at most {} entries and {} folders there",
+            dirs.len(),
+            esp::ENTRIES_MAX,
+            esp::DIRS_MAX
+        );
+    }
+    Ok((bytes, dirs))
+}
+
+/// Whether `rel` (folded) is one of the ESP files abox or SYSLINUX's installer write, or lies
+/// under one (an image folder at such a name).
+fn under_owned(folded: &str) -> bool {
+    boot::ESP_OWNED.iter().any(|o| {
+        let o = esp::fold(o);
+        folded == o || folded.starts_with(&format!("{o}/"))
+    })
 }
 
 /// The folders to create on the ESP: the image's under `/boot` and abox's own, parents first,
-/// one per name regardless of case (FAT ignores it).
-fn esp_dirs(image_dirs: Vec<String>) -> Vec<String> {
-    let mut all: Vec<String> = image_dirs;
-    all.extend(boot::ESP_DIRS.iter().map(|d| d.to_string()));
-    all.sort_by_key(|d| d.to_ascii_lowercase());
+/// one per name as FAT compares them; none at or under a name abox writes a file at. Returns
+/// them with the image folders left out.
+fn esp_dirs(image_dirs: Vec<String>) -> (Vec<String>, Vec<String>) {
+    let mut all: Vec<String> = boot::ESP_DIRS.iter().map(|d| d.to_string()).collect();
+    let mut left_out = Vec::new();
+    for d in image_dirs {
+        if under_owned(&esp::fold(&d)) {
+            left_out.push(format!("/boot/{d}"));
+        } else {
+            all.push(d);
+        }
+    }
+    all.sort_by_key(|d| esp::fold(d));
     let mut seen = std::collections::HashSet::new();
-    all.retain(|d| seen.insert(d.to_ascii_lowercase()));
-    all
+    all.retain(|d| seen.insert(esp::fold(d)));
+    (all, left_out)
 }
 
 impl Target for DiskTarget {
@@ -296,7 +356,7 @@ impl Target for DiskTarget {
         // Layout: sizes from the tree; the table and boot code into a sparse file.
         let kernel = boot::find_kernel(plan.tree())?;
         let usage = fs::usage(plan.tree());
-        let (boot_bytes, image_dirs) = boot_tree(plan.tree());
+        let (boot_bytes, image_dirs) = boot_tree(plan.tree())?;
         let esp_bytes = esp::size_for(boot_bytes);
         let fs_bytes = fs_bytes(&self.opts, usage, esp_bytes)?;
         let fs_uuid = random_uuid()?;
@@ -326,8 +386,13 @@ impl Target for DiskTarget {
                 )?)
             }
         };
+        let tool_dir = tempfile::Builder::new()
+            .prefix("abox-disk-")
+            .tempdir()
+            .context("creating a temporary folder")?;
+        let out_link = tool_link(&tool_dir, "out", self.out.tmp_path())?;
         let raw = scratch.as_mut().unwrap_or(&mut self.out);
-        let raw_path = raw.tmp_path().to_path_buf();
+        let raw_path = tool_link(&tool_dir, "disk.raw", raw.tmp_path())?;
         let ids = partition::Guids {
             disk: &disk_guid,
             esp: &esp_guid,
@@ -336,6 +401,7 @@ impl Target for DiskTarget {
         partition::write_table(raw.file(), &layout, &ids, self.boot_code.as_deref())?;
 
         // Filesystems: FAT32 on the ESP (in-process), ext4 from the tar stream (mke2fs).
+        let (dirs, dirs_left_out) = esp_dirs(image_dirs);
         let serial = u32::from_str_radix(&fs_uuid[..8], 16).unwrap_or(0x414258);
         let esp = esp::Esp::create(
             raw.file(),
@@ -344,7 +410,7 @@ impl Target for DiskTarget {
             layout.esp.bytes,
             serial,
             self.mtime,
-            &esp_dirs(image_dirs),
+            &dirs,
         )?;
         let mkfs = fs::mkfs_from_tar(
             &raw_path,
@@ -373,13 +439,25 @@ impl Target for DiskTarget {
             self.root_hash.take(),
             self.mtime,
         );
-        let out = DiskOut::new(mkfs, esp)?;
+        // Inodes with paths on both sides of /boot (FAT has no hard links): the content goes to
+        // the first path on the other side too.
+        let mut cross = std::collections::HashMap::new();
+        for (path, primary) in plan.hard_links() {
+            if on_esp(path) != on_esp(primary) {
+                cross
+                    .entry(primary.to_string())
+                    .or_insert_with(|| path.to_string());
+            }
+        }
+        let out = DiskOut::new(mkfs, esp, &dirs, cross, dirs_left_out)?;
         let mut stream = TarStream::with_out(out, "", fixup);
         stream.start(&plan.facts)?;
         self.building = Some(Building {
             stream,
             scratch,
             raw_path,
+            out_link,
+            _tool_dir: tool_dir,
             layout,
             entry,
         });
@@ -431,7 +509,8 @@ impl Target for DiskTarget {
         ));
         if !left_out.is_empty() {
             self.progress.note(&format!(
-                "FAT holds no links or device nodes: left out of /boot: {}",
+                "left out of /boot (the FAT ESP holds no symlinks or device nodes, no name twice \
+                 in different case, nothing at the names abox writes): {}",
                 left_out.join(", ")
             ));
         }
@@ -448,12 +527,7 @@ impl Target for DiskTarget {
             let task = self
                 .progress
                 .task(&format!("writing {}", self.format.qemu_name()), 0);
-            package::convert(
-                scratch.tmp_path(),
-                self.out.tmp_path(),
-                self.format,
-                self.opts.compress,
-            )?;
+            package::convert(&b.raw_path, &b.out_link, self.format, self.opts.compress)?;
             drop(scratch);
             task.finish(&format!("{}", self.out_path.display()));
         }
@@ -461,7 +535,12 @@ impl Target for DiskTarget {
         let this = *self;
         let mut out = this.out;
         out.file().sync_all().context("writing the disk")?;
-        let (sha256, size) = crate::output::hash_file(out.tmp_path())?;
+        // Hashed only when a SHA256SUMS lists it (re-reading a large disk costs seconds).
+        let (sha256, size) = if this.hashed {
+            crate::output::hash_file(out.tmp_path())?
+        } else {
+            (String::new(), out.file().metadata()?.len())
+        };
         Ok(vec![Artifact {
             kind: "disk",
             file: out,
@@ -472,37 +551,59 @@ impl Target for DiskTarget {
     }
 }
 
-/// Where the disk's entries go: `/boot`'s content to the FAT ESP (regular files; a hard link
-/// as a copy; symlinks, devices and FIFOs left out, as FAT has none), everything else into the
-/// tar stream `mke2fs` reads. A write into the pipe that fails reports `mke2fs`'s own error.
+fn on_esp(path: &str) -> bool {
+    path.starts_with("boot/")
+}
+
+/// Where the disk's entries go: `/boot`'s content to the FAT ESP (regular files; a hard link as
+/// a copy; symlinks, devices and FIFOs left out, as FAT has none), everything else into the tar
+/// stream `mke2fs` reads. An inode with paths on both sides is written on both. Names FAT
+/// folds together (case) are written once; what is left out is said. A write into the pipe
+/// that fails reports `mke2fs`'s own error.
 pub struct DiskOut {
     tar: TarWriter<std::io::BufWriter<std::process::ChildStdin>>,
     mkfs: Option<crate::cmd::PipedChild>,
     esp: esp::Esp,
     to: To,
-    /// Files written to the ESP (relative to it), for hard links to them.
-    on_esp: std::collections::HashSet<String>,
+    /// Folded names of the ESP's folders and of the files written on it.
+    esp_dirs: std::collections::HashSet<String>,
+    esp_files: std::collections::HashSet<String>,
+    /// Content path → its first path on the other side of /boot.
+    cross: std::collections::HashMap<String, String>,
+    /// Such other-side paths written with the content (their hard-link entries are skipped).
+    twins: std::collections::HashSet<String>,
     left_out: Vec<String>,
     /// Entries with extended attributes mke2fs does not copy (all but `security.capability`).
     xattrs_dropped: usize,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum To {
     Root,
     Esp,
+    Both,
     Nowhere,
 }
 
 impl DiskOut {
-    fn new(mut mkfs: crate::cmd::PipedChild, esp: esp::Esp) -> Result<Self> {
+    fn new(
+        mut mkfs: crate::cmd::PipedChild,
+        esp: esp::Esp,
+        dirs: &[String],
+        cross: std::collections::HashMap<String, String>,
+        left_out: Vec<String>,
+    ) -> Result<Self> {
         let stdin = mkfs.take_stdin().context("mke2fs has no input")?;
         Ok(DiskOut {
             tar: TarWriter::new(std::io::BufWriter::with_capacity(1 << 20, stdin)),
             mkfs: Some(mkfs),
             esp,
             to: To::Nowhere,
-            on_esp: Default::default(),
-            left_out: Vec::new(),
+            esp_dirs: dirs.iter().map(|d| esp::fold(d)).collect(),
+            esp_files: Default::default(),
+            cross,
+            twins: Default::default(),
+            left_out,
             xattrs_dropped: 0,
         })
     }
@@ -516,8 +617,8 @@ impl DiskOut {
     }
 
     /// End the tar stream and wait for mke2fs; hand back the ESP (still open for the loaders'
-    /// files) and what the disk could not hold: the `/boot` entries FAT has no room for (links,
-    /// devices) and the number of entries whose extended attributes mke2fs dropped.
+    /// files) and what the disk could not hold: the `/boot` entries left out and the number of
+    /// entries whose extended attributes mke2fs dropped.
     fn finish(self) -> Result<(esp::Esp, Vec<String>, usize)> {
         let DiskOut {
             tar,
@@ -538,81 +639,135 @@ impl DiskOut {
         mkfs.wait().context("making the root filesystem")?;
         Ok((esp, left_out, xattrs_dropped))
     }
-}
 
-fn esp_owned(rel: &str) -> bool {
-    boot::ESP_OWNED.iter().any(|o| o.eq_ignore_ascii_case(rel))
+    /// Whether the file `rel` (relative to the ESP) may be written there: not a name abox
+    /// writes (silently: abox's own file replaces it), not at or under another file or folder
+    /// of the same name as FAT compares them (left out, said). Errors for names FAT cannot hold.
+    fn esp_file(&mut self, rel: &str) -> Result<bool> {
+        esp::check_name(rel)?;
+        let f = esp::fold(rel);
+        if boot::ESP_OWNED.iter().any(|o| esp::fold(o) == f) {
+            return Ok(false);
+        }
+        let clash = self.esp_dirs.contains(&f)
+            || self.esp_files.contains(&f)
+            || under_owned(&f)
+            || f.match_indices('/')
+                .any(|(i, _)| self.esp_files.contains(&f[..i]));
+        if clash {
+            self.left_out.push(format!("/boot/{rel}"));
+            return Ok(false);
+        }
+        self.esp_files.insert(f);
+        Ok(true)
+    }
+
+    fn tar_begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
+        if meta.xattrs.iter().any(|(k, _)| k != "security.capability") {
+            self.xattrs_dropped += 1;
+        }
+        let r = self.tar.begin(path, meta);
+        self.piped(r)
+    }
 }
 
 impl crate::tarfmt::EntryOut for DiskOut {
     fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
         use crate::tarfmt::Kind;
-        self.to = match path.strip_prefix("boot/") {
-            Some(rel) => match &meta.kind {
-                // Created with the ESP.
-                Kind::Dir => To::Nowhere,
-                Kind::File if esp_owned(rel) => To::Nowhere,
-                Kind::File => {
-                    esp::check_name(rel)?;
-                    self.esp.begin(rel, meta.size)?;
-                    self.on_esp.insert(rel.to_string());
-                    To::Esp
+        self.to = To::Nowhere;
+        if self.twins.contains(path) {
+            // Already written with its content, on this side of /boot.
+            return Ok(());
+        }
+        match &meta.kind {
+            Kind::Dir if on_esp(path) => {} // created with the ESP
+            Kind::File => {
+                let twin = self.cross.get(path).cloned();
+                // Where the content goes: its own side, and the twin's.
+                let mut esp_at = None;
+                let mut root_at = None;
+                for p in std::iter::once(path.to_string()).chain(twin.clone()) {
+                    match p.strip_prefix("boot/") {
+                        Some(rel) => esp_at = Some(rel.to_string()),
+                        None => root_at = Some(p),
+                    }
                 }
-                Kind::Hardlink(t) => {
-                    match t.strip_prefix("boot/") {
-                        Some(from) if self.on_esp.contains(from) && !esp_owned(rel) => {
-                            esp::check_name(rel)?;
-                            self.esp.copy(from, rel)?;
-                            self.on_esp.insert(rel.to_string());
+                if let Some(t) = twin {
+                    self.twins.insert(t);
+                }
+                if let Some(rel) = esp_at {
+                    if self.esp_file(&rel)? {
+                        self.esp.begin(&rel, meta.size)?;
+                        self.to = To::Esp;
+                    }
+                }
+                if let Some(p) = root_at {
+                    self.tar_begin(&p, meta)?;
+                    self.to = if self.to == To::Esp {
+                        To::Both
+                    } else {
+                        To::Root
+                    };
+                }
+            }
+            Kind::Hardlink(t) => {
+                // The path holding the content on this link's side of /boot.
+                let src = if on_esp(t) == on_esp(path) {
+                    Some(t.clone())
+                } else {
+                    self.cross
+                        .get(t)
+                        .filter(|c| self.twins.contains(*c))
+                        .cloned()
+                };
+                match (src, path.strip_prefix("boot/")) {
+                    (Some(src), Some(rel)) => {
+                        let from = src.strip_prefix("boot/").unwrap_or(&src).to_string();
+                        if self.esp_files.contains(&esp::fold(&from)) && self.esp_file(rel)? {
+                            self.esp.copy(&from, rel)?;
+                        } else {
+                            self.left_out.push(format!("/{path}"));
                         }
-                        _ => self.left_out.push(format!("/{path}")),
                     }
-                    To::Nowhere
-                }
-                _ => {
-                    self.left_out.push(format!("/{path}"));
-                    To::Nowhere
-                }
-            },
-            None => match &meta.kind {
-                // A hard link outside /boot to a file on the ESP: FAT is another filesystem.
-                Kind::Hardlink(t) if t.starts_with("boot/") => {
-                    self.left_out.push(format!("/{path}"));
-                    To::Nowhere
-                }
-                _ => {
-                    if meta.xattrs.iter().any(|(k, _)| k != "security.capability") {
-                        self.xattrs_dropped += 1;
+                    (Some(src), None) => {
+                        let mut m = meta.clone();
+                        m.kind = Kind::Hardlink(src);
+                        self.tar_begin(path, &m)?;
+                        self.to = To::Root;
                     }
-                    let r = self.tar.begin(path, meta);
-                    self.piped(r)?;
-                    To::Root
+                    (None, _) => self.left_out.push(format!("/{path}")),
                 }
-            },
-        };
+            }
+            _ if on_esp(path) => self.left_out.push(format!("/{path}")),
+            _ => {
+                self.tar_begin(path, meta)?;
+                self.to = To::Root;
+            }
+        }
         Ok(())
     }
 
     fn data(&mut self, buf: &[u8]) -> Result<()> {
-        match self.to {
-            To::Root => {
-                let r = self.tar.data(buf);
-                self.piped(r)
-            }
-            To::Esp => self.esp.data(buf),
-            To::Nowhere => Ok(()),
+        if matches!(self.to, To::Root | To::Both) {
+            let r = self.tar.data(buf);
+            self.piped(r)?;
         }
+        if matches!(self.to, To::Esp | To::Both) {
+            self.esp.data(buf)?;
+        }
+        Ok(())
     }
 
     fn end(&mut self, size: u64) -> Result<()> {
-        match std::mem::replace(&mut self.to, To::Nowhere) {
-            To::Root => {
-                let r = self.tar.end(size);
-                self.piped(r)
-            }
-            To::Esp => self.esp.end(),
-            To::Nowhere => Ok(()),
+        let to = std::mem::replace(&mut self.to, To::Nowhere);
+        if matches!(to, To::Root | To::Both) {
+            let r = self.tar.end(size);
+            self.piped(r)?;
         }
+        if matches!(to, To::Esp | To::Both) {
+            self.esp.end()?;
+        }
+        Ok(())
     }
 }
 

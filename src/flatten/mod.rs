@@ -81,6 +81,15 @@ impl Plan {
     pub fn tree(&self) -> &Tree {
         &self.tree
     }
+
+    /// The second and later paths of each inode, with the path that carries its content (the
+    /// target of their hard-link entries), sorted by path.
+    pub fn hard_links(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.links.iter().filter_map(|(p, m)| match &m.kind {
+            Kind::Hardlink(t) => Some((p.as_str(), t.as_str())),
+            _ => None,
+        })
+    }
 }
 
 /// Interval at which the progress bar of the parallel pass is refreshed.
