@@ -138,7 +138,8 @@ pub enum Command {
     ///
     /// Artifacts: <name>.rootfs.tar.gz and <name>.wsl (WSL), <name>.lxd.tar.gz and the split
     /// <name>.lxd-meta.tar.gz + <name>.lxd-rootfs.squashfs (LXD/Incus), SHA256SUMS,
-    /// manifest.json, and the BIOS+UEFI disk <name>.qcow2 (for images that carry a kernel, or
+    /// manifest.json, the BIOS+UEFI disk <name>.qcow2 and the LXD/Incus VM image
+    /// <name>.lxd-vm-meta.tar.gz + <name>.lxd-vm.qcow2 (for images that carry a kernel, or
     /// Alpine images given one by the VM layer).
     #[command(verbatim_doc_comment)]
     All(AllArgs),
@@ -290,6 +291,12 @@ pub struct ExportArgs {
     #[arg(long)]
     pub lxd_split: bool,
 
+    /// `<name>.lxd-vm-meta.tar.gz` + `<name>.lxd-vm.qcow2`: LXD/Incus virtual-machine image
+    /// (the UEFI disk, Secure Boot off, with the VM agent service); import both with
+    /// `lxc image import META DISK`. An Alpine docker: image without a kernel gets the VM layer.
+    #[arg(long)]
+    pub lxd_vm: bool,
+
     /// `<name>.rootfs.tar`: the flattened rootfs, uncompressed.
     #[arg(long)]
     pub rootfs: bool,
@@ -412,6 +419,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 wsl_package: a.wsl_package,
                 lxd: a.lxd,
                 lxd_split: a.lxd_split,
+                lxd_vm: a.lxd_vm,
                 rootfs: a.rootfs,
             };
             if !targets.any() {
@@ -483,6 +491,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     platform: a.platform,
                 },
                 no_vm_layer: a.no_vm_layer,
+                vm_agent: false,
             };
             let path = crate::disk::write_disk(&opts, &progress)?;
             println!("{}", path.display());

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::disk::boot::{Firmware, NoKernel};
+use crate::disk::{vmlayer, DiskOptions, DiskTarget, Format};
 use crate::flatten::{self, Plan};
 use crate::output::{commit_all, Artifact};
 use crate::progress::Progress;
@@ -18,12 +20,14 @@ pub struct Targets {
     pub wsl_package: bool,
     pub lxd: bool,
     pub lxd_split: bool,
+    /// The LXD/Incus virtual-machine image: metadata + the UEFI qcow2.
+    pub lxd_vm: bool,
     pub rootfs: bool,
 }
 
 impl Targets {
     pub fn any(&self) -> bool {
-        self.wsl || self.wsl_package || self.lxd || self.lxd_split || self.rootfs
+        self.wsl || self.wsl_package || self.lxd || self.lxd_split || self.lxd_vm || self.rootfs
     }
 }
 
@@ -67,11 +71,7 @@ pub fn create_targets(
         config_user: config.and_then(|c| c.user().clone()),
         mtime: created,
     };
-    let lxd_opts = lxd::LxdOptions {
-        name: name.to_string(),
-        architecture: image.architecture(),
-        created,
-    };
+    let lxd_opts = lxd_options(image, name);
     let mut targets: Vec<Box<dyn Target>> = Vec::new();
     let t = &opts.targets;
     if t.wsl {
@@ -90,6 +90,99 @@ pub fn create_targets(
         targets.push(target::rootfs::create(out_dir, name)?);
     }
     Ok(targets)
+}
+
+fn lxd_options(image: &Image, name: &str) -> lxd::LxdOptions {
+    lxd::LxdOptions {
+        name: name.to_string(),
+        architecture: image.architecture(),
+        created: target::build_time(image.config.created().as_deref()),
+        vm: false,
+    }
+}
+
+/// The disks of one image and what goes with them: made from the image when it carries a
+/// kernel, else from its `-vm` image ([`crate::disk::vmlayer::resolve`]).
+pub struct DiskSet {
+    pub opts: DiskOptions,
+    /// The disk targets and their companions (the LXD VM image's metadata).
+    pub targets: Vec<Box<dyn Target>>,
+}
+
+impl DiskSet {
+    /// `disk`: the bootable disk `<name>.qcow2`; `lxd_vm`: the LXD/Incus VM image
+    /// `<name>.lxd-vm-meta.tar.gz` + `<name>.lxd-vm.qcow2` (UEFI, with the VM agent). Both are
+    /// listed in `SHA256SUMS`. Errors as [`DiskTarget::create`].
+    pub fn create(
+        source: &str,
+        image: &Image,
+        name: &str,
+        out_dir: &Path,
+        (disk, lxd_vm): (bool, bool),
+        progress: &Progress,
+    ) -> Result<Self> {
+        let opts = DiskOptions {
+            source: source.to_string(),
+            ..Default::default()
+        };
+        let mtime = target::build_time(image.config.created().as_deref());
+        let arch = image.architecture();
+        let mut targets: Vec<Box<dyn Target>> = Vec::new();
+        if disk {
+            let path = out_dir.join(format!("{name}.{}", Format::Qcow2.ext()));
+            let d = DiskTarget::create(&opts, &path, Format::Qcow2, &arch, mtime, progress)?;
+            targets.push(Box::new(d.listed()));
+        }
+        if lxd_vm {
+            let vm_opts = DiskOptions {
+                firmware: Firmware::Uefi,
+                vm_agent: true,
+                ..opts.clone()
+            };
+            let path = out_dir.join(format!("{name}.lxd-vm.qcow2"));
+            let d = DiskTarget::create(&vm_opts, &path, Format::Qcow2, &arch, mtime, progress)?;
+            targets.push(Box::new(d.listed().kind("lxd-vm")));
+            targets.push(lxd::create_vm_meta(out_dir, &lxd_options(image, name))?);
+        }
+        Ok(DiskSet { opts, targets })
+    }
+}
+
+/// Write the artifacts of `image` (indexed as `plan`): `targets` and the disks. The disks join
+/// the same flattening when the image carries a kernel; when the VM layer gives it one they
+/// are made from the `-vm` image in a second flattening, and their manifest entries name that
+/// image. With `skip_no_kernel`, an image that can have no kernel gets no disk (a note says
+/// why) instead of an error.
+pub fn run_with_disks(
+    image: &Image,
+    plan: &Plan,
+    mut targets: Vec<Box<dyn Target>>,
+    disks: Option<DiskSet>,
+    engine: Option<&std::sync::Arc<crate::engine::Engine>>,
+    skip_no_kernel: bool,
+    progress: &Progress,
+) -> Result<Vec<Artifact>> {
+    let mut vm = None;
+    if let Some(set) = disks {
+        match vmlayer::resolve(&set.opts, image, plan, engine, progress) {
+            Ok(None) => targets.extend(set.targets),
+            Ok(Some((vm_image, vm_plan))) => vm = Some((vm_image, vm_plan, set.targets)),
+            Err(e) if skip_no_kernel && e.downcast_ref::<NoKernel>().is_some() => {
+                progress.note(&format!("{}: no disk written: {e}", image.name));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut artifacts = run_targets(image, plan, targets, progress)?;
+    if let Some((vm_image, vm_plan, disk_targets)) = vm {
+        let mut summary = vm_image.summary();
+        summary.name = vm_image.reference.trim_start_matches("docker:").to_string();
+        for mut a in run_targets(&vm_image, &vm_plan, disk_targets, progress)? {
+            a.image = Some(summary.clone());
+            artifacts.push(a);
+        }
+    }
+    Ok(artifacts)
 }
 
 /// One flattening of `image` (indexed as `plan`) fed to every target: each starts with the
@@ -127,7 +220,7 @@ pub fn create_out_dir(dir: &Path) -> Result<()> {
 /// `abox export`: the chosen artifacts of one image, with `SHA256SUMS` and `manifest.json`.
 pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport> {
     if !opts.targets.any() {
-        bail!("nothing to write: choose at least one of --wsl, --wsl-package, --lxd, --lxd-split, --rootfs");
+        bail!("nothing to write: choose at least one of --wsl, --wsl-package, --lxd, --lxd-split, --lxd-vm, --rootfs");
     }
     let image = source::open(&opts.source, &opts.select)?;
     let name = opts.name.clone().unwrap_or_else(|| image.name.clone());
@@ -137,6 +230,18 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
         .unwrap_or_else(|| default_out_dir(&name));
     create_out_dir(&out_dir)?;
     let targets = create_targets(opts, &image, &name, &out_dir)?;
+    let disks = if opts.targets.lxd_vm {
+        Some(DiskSet::create(
+            &opts.source,
+            &image,
+            &name,
+            &out_dir,
+            (false, true),
+            progress,
+        )?)
+    } else {
+        None
+    };
     let plan = flatten::index(&image, progress)?;
     // The plain rootfs tar holds every byte of content (plus a header block per path); the
     // compressed targets are smaller than that and are not estimated.
@@ -144,13 +249,25 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
         let need = plan.facts.content_bytes + plan.facts.paths as u64 * 1024;
         crate::output::check_room(&out_dir, need, "the rootfs tar")?;
     }
-    let artifacts = run_targets(&image, &plan, targets, progress)?;
+    let artifacts = run_with_disks(&image, &plan, targets, disks, None, false, progress)?;
     let files = commit(&out_dir, &opts.source, &image, artifacts, progress)?;
     Ok(ExportReport {
         name,
         out_dir,
         files,
     })
+}
+
+/// The fingerprint LXD and Incus give a split image: the sha256 of the metadata tarball's
+/// bytes followed by the root image's.
+pub fn split_fingerprint(meta: &Path, rootfs: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in [meta, rootfs] {
+        let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+        std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", p.display()))?;
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Rename the artifacts of one image into place with its `SHA256SUMS` and `manifest.json`.
@@ -162,7 +279,22 @@ pub fn commit(
     progress: &Progress,
 ) -> Result<Vec<PathBuf>> {
     let mut task = progress.task("finishing", 0);
+    let dest_of = |kind: &str| {
+        artifacts
+            .iter()
+            .find(|a| a.kind == kind)
+            .map(|a| a.file.dest().to_path_buf())
+    };
+    let vm_pair = dest_of("lxd-vm-meta").zip(dest_of("lxd-vm"));
     let files = commit_all(out_dir, source, &image.summary(), artifacts)?;
+    if let Some((meta, disk)) = vm_pair {
+        progress.note(&format!(
+            "LXD/Incus VM image: lxc image import {} {} (fingerprint {})",
+            meta.display(),
+            disk.display(),
+            split_fingerprint(&meta, &disk)?
+        ));
+    }
     task.set(0);
     task.finish(&format!(
         "{} artifacts in {}",

@@ -7,8 +7,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::disk::boot::NoKernel;
-use crate::disk::{vmlayer, DiskOptions, DiskTarget, Format};
 use crate::engine::build::{build, BuildSpec, Built};
 use crate::engine::session::SessionConfig;
 use crate::engine::Engine;
@@ -268,6 +266,8 @@ pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result
                 wsl_package: true,
                 lxd: true,
                 lxd_split: true,
+                // Written with the disk (run_with_disks), not as an export target.
+                lxd_vm: false,
                 rootfs: false,
             },
             select: SelectOptions::default(),
@@ -275,25 +275,16 @@ pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result
         };
         let image = crate::source::open_with(&source, &export.select, Some(&engine))?;
         export::create_out_dir(&out_dir)?;
-        let mut targets = export::create_targets(&export, &image, &b.name, &out_dir)?;
-        let disk_opts = DiskOptions {
-            source: source.clone(),
-            ..Default::default()
-        };
-        let path = out_dir.join(format!("{}.{}", b.name, Format::Qcow2.ext()));
-        let mtime = crate::target::build_time(image.config.created().as_deref());
-        let disk = if image.architecture() == "amd64" {
-            Some(
-                DiskTarget::create(
-                    &disk_opts,
-                    &path,
-                    Format::Qcow2,
-                    &image.architecture(),
-                    mtime,
-                    progress,
-                )?
-                .listed(),
-            )
+        let targets = export::create_targets(&export, &image, &b.name, &out_dir)?;
+        let disks = if image.architecture() == "amd64" {
+            Some(export::DiskSet::create(
+                &source,
+                &image,
+                &b.name,
+                &out_dir,
+                (true, true),
+                progress,
+            )?)
         } else {
             progress.note(&format!(
                 "{}: no disk written: the image is for {}, abox writes x86-64 disks",
@@ -303,28 +294,9 @@ pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result
             None
         };
         let plan = crate::flatten::index(&image, progress)?;
-        let mut vm = None;
-        if let Some(disk) = disk {
-            match vmlayer::resolve(&disk_opts, &image, &plan, Some(&engine), progress) {
-                Ok(None) => targets.push(Box::new(disk)),
-                Ok(Some((vm_image, vm_plan))) => vm = Some((vm_image, vm_plan, disk)),
-                Err(e) if e.downcast_ref::<NoKernel>().is_some() => {
-                    progress.note(&format!("{}: no disk written: {e}", b.name));
-                }
-                Err(e) => return Err(e.context(format!("writing the disk of {}", b.name))),
-            }
-        }
-        let mut artifacts = export::run_targets(&image, &plan, targets, progress)?;
-        if let Some((vm_image, vm_plan, disk)) = vm {
-            let mut summary = vm_image.summary();
-            summary.name = vm_image.reference.trim_start_matches("docker:").to_string();
-            for mut a in export::run_targets(&vm_image, &vm_plan, vec![Box::new(disk)], progress)
-                .with_context(|| format!("writing the disk of {}", b.name))?
-            {
-                a.image = Some(summary.clone());
-                artifacts.push(a);
-            }
-        }
+        let artifacts =
+            export::run_with_disks(&image, &plan, targets, disks, Some(&engine), true, progress)
+                .with_context(|| format!("writing the artifacts of {}", b.name))?;
         files.extend(export::commit(
             &out_dir, &source, &image, artifacts, progress,
         )?);

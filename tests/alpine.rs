@@ -108,6 +108,35 @@ fn real_alpine_boots_on_every_firmware_and_hypervisor_shape() {
     // Hyper-V generation 2: vhdx on SCSI, UEFI.
     let (vhdx, uuid) = make("alpine.vhdx", &[]);
     boots(&vhdx, "vhdx", Bus::Scsi, Fw::Uefi, &uuid);
+    // The LXD/Incus VM image of real Alpine carries the agent service in the default runlevel.
+    let vm_out = work.path().join("vm");
+    std::fs::create_dir_all(&vm_out).unwrap();
+    sh(&format!("chown 65534:65534 {}", vm_out.display()));
+    run_ok(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_abox"))
+            .args(["export", "--lxd-vm", "--name", "a"])
+            .arg(format!("docker-archive:{}", archive.display()))
+            .arg("-o")
+            .arg(&vm_out),
+    );
+    let raw = work.path().join("vm.raw");
+    sh(&format!(
+        "qemu-img convert -O raw {} {}",
+        vm_out.join("a.lxd-vm.qcow2").display(),
+        raw.display()
+    ));
+    let root = work.path().join("vm.root");
+    boot::extract_partition(&raw, &root);
+    let agent = boot::debugfs(&root, "cat /etc/init.d/abox-vm-agent");
+    assert!(agent.contains("mount -t 9p config"), "{agent}");
+    let link = boot::debugfs(&root, "stat /etc/runlevels/default/abox-vm-agent");
+    assert!(link.contains("Type: symlink"), "{link}");
+    for f in [&raw, &root] {
+        std::fs::remove_file(f).unwrap();
+    }
+
     // An MBR disk, both firmwares.
     let (mbr, uuid) = make("alpine-mbr.img", &["--table", "mbr"]);
     boots(&mbr, "raw", Bus::Virtio, Fw::Bios, &uuid);

@@ -412,6 +412,8 @@ fn all_builds_then_writes_every_artifact_of_every_image() {
             format!("{n}.lxd.tar.gz"),
             format!("{n}.lxd-meta.tar.gz"),
             format!("{n}.lxd-rootfs.squashfs"),
+            format!("{n}.lxd-vm-meta.tar.gz"),
+            format!("{n}.lxd-vm.qcow2"),
             "SHA256SUMS".into(),
             "manifest.json".into(),
         ] {
@@ -430,14 +432,14 @@ fn all_builds_then_writes_every_artifact_of_every_image() {
             "cd {} && sha256sum -c --quiet SHA256SUMS",
             d.display()
         ));
-        // The disk was made from the -vm image, and the manifest says so; the other artifacts
-        // come from the image the folder is named after.
+        // The disks (and the VM image's metadata) were made from the -vm image, and the
+        // manifest says so; the other artifacts come from the image the folder is named after.
         let m: serde_json::Value =
             serde_json::from_slice(&std::fs::read(d.join("manifest.json")).unwrap()).unwrap();
         let vm_id = image_id(&format!("{prefix}/{n}:{VERSION}-vm"));
         assert_ne!(m["image"]["config_digest"], vm_id.as_str(), "{m}");
         for a in m["artifacts"].as_array().unwrap() {
-            if a["kind"] == "disk" {
+            if ["disk", "lxd-vm", "lxd-vm-meta"].contains(&a["kind"].as_str().unwrap()) {
                 assert_eq!(a["image"]["config_digest"], vm_id.as_str(), "{m}");
                 assert_eq!(a["image"]["name"], format!("{prefix}/{n}:{VERSION}-vm"));
             } else {

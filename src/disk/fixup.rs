@@ -124,7 +124,39 @@ pub struct DiskFixup {
     /// Where `/etc/shadow`'s content is written (itself, or the file a link of it leads to).
     shadow_at: String,
     openrc: OpenRc,
+    /// Add the LXD/Incus VM agent service (OpenRC images).
+    vm_agent: bool,
 }
+
+/// The LXD/Incus VM agent as an OpenRC service: it mounts the config drive the host shares
+/// (9p, else virtiofs, tag `config`) on a private folder and runs the agent found there
+/// (`incus-agent` or `lxd-agent`) — what distrobuilder's Alpine VM images do with two
+/// services.
+pub const VM_AGENT: &str = r#"#!/sbin/openrc-run
+# Written by alpine-boxes: the LXD/Incus VM agent, run from the config drive the host shares.
+description="LXD/Incus VM agent (from the config drive)"
+command_background=true
+pidfile=/run/abox-vm-agent.pid
+dir=/run/vm-agent
+
+depend() {
+	need localmount
+	before networking
+}
+
+start_pre() {
+	checkpath -d -m 0700 "$dir"
+	if ! grep -q " $dir " /proc/mounts; then
+		modprobe -q 9pnet_virtio 2>/dev/null
+		mount -t 9p config "$dir" -o access=0,trans=virtio 2>/dev/null 			|| mount -t virtiofs config "$dir" 2>/dev/null 			|| { eerror "no config drive: this image runs under LXD or Incus"; return 1; }
+	fi
+	for agent in incus-agent lxd-agent; do
+		[ -x "$dir/$agent" ] && command="$dir/$agent" && break
+	done
+	[ -n "$command" ] || { eerror "no incus-agent or lxd-agent on the config drive"; return 1; }
+	start_stop_daemon_args="--chdir $dir"
+}
+"#;
 
 impl DiskFixup {
     /// The fix-ups of a disk whose root filesystem has `fs_uuid` and whose ESP (mounted at
@@ -139,7 +171,14 @@ impl DiskFixup {
             has_shadow: false,
             shadow_at: "etc/shadow".into(),
             openrc: OpenRc::new(&crate::target::openrc::VM),
+            vm_agent: false,
         }
+    }
+
+    /// Also install the LXD/Incus VM agent service ([`VM_AGENT`]) in the default runlevel.
+    pub fn with_vm_agent(mut self, on: bool) -> Self {
+        self.vm_agent = on;
+        self
     }
 }
 
@@ -234,6 +273,19 @@ impl Fixup for DiskFixup {
             ));
         }
         v.extend(self.openrc.extras(self.mtime));
+        if self.vm_agent && self.openrc.active() {
+            v.push(Extra::file(
+                "etc/init.d/abox-vm-agent",
+                0o755,
+                VM_AGENT.as_bytes().to_vec(),
+                self.mtime,
+            ));
+            v.push(Extra::symlink(
+                "etc/runlevels/default/abox-vm-agent",
+                "/etc/init.d/abox-vm-agent",
+                self.mtime,
+            ));
+        }
         if let (Some(h), false) = (&self.root_hash, self.has_shadow) {
             v.push(Extra::file(
                 "etc/shadow",

@@ -100,6 +100,8 @@ pub struct DiskOptions {
     pub select: SelectOptions,
     /// Do not build the VM layer (a kernel) on an Alpine `docker:` image that has none.
     pub no_vm_layer: bool,
+    /// Install the LXD/Incus VM agent service (the disk of an `--lxd-vm` image).
+    pub vm_agent: bool,
 }
 
 /// Whether the image's os-release says Alpine.
@@ -157,6 +159,8 @@ pub struct DiskTarget {
     progress: Progress,
     /// Whether `finish` hashes the disk (for `SHA256SUMS`): [`DiskTarget::listed`].
     hashed: bool,
+    /// The artifact's kind in `manifest.json`.
+    kind: &'static str,
     /// Between `start` and `finish`.
     building: Option<Building>,
 }
@@ -232,8 +236,15 @@ impl DiskTarget {
             mtime,
             progress: *progress,
             hashed: false,
+            kind: "disk",
             building: None,
         })
+    }
+
+    /// The artifact's kind in `manifest.json` (`disk` unless said).
+    pub fn kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
     }
 
     /// The disk will be listed in `SHA256SUMS` and `manifest.json`: `finish` hashes it.
@@ -438,7 +449,8 @@ impl Target for DiskTarget {
             esp.volume_id.clone(),
             self.root_hash.take(),
             self.mtime,
-        );
+        )
+        .with_vm_agent(self.opts.vm_agent);
         // Inodes with paths on both sides of /boot (FAT has no hard links): the content goes to
         // the first path on the other side too.
         let mut cross = std::collections::HashMap::new();
@@ -542,7 +554,7 @@ impl Target for DiskTarget {
             (String::new(), out.file().metadata()?.len())
         };
         Ok(vec![Artifact {
-            kind: "disk",
+            kind: this.kind,
             file: out,
             sha256,
             size,

@@ -28,6 +28,8 @@ pub struct LxdOptions {
     pub architecture: String,
     /// Seconds since the epoch.
     pub created: u64,
+    /// A virtual-machine image: `requirements.secureboot: "false"` (its loader is unsigned).
+    pub vm: bool,
 }
 
 /// LXD names architectures the kernel's way.
@@ -76,6 +78,7 @@ pub fn metadata_yaml(opts: &LxdOptions, facts: &Facts) -> String {
          \x20 variant: {variant}\n\
          \x20 description: {desc}\n\
          \x20 serial: {serial}\n\
+         {requirements}\
          templates:\n\
          \x20 /etc/hostname:\n\
          \x20   when:\n\
@@ -94,6 +97,11 @@ pub fn metadata_yaml(opts: &LxdOptions, facts: &Facts) -> String {
         variant = q(&opts.name),
         desc = q(&format!("{pretty} ({}, {serial})", opts.name)),
         serial = q(&serial),
+        requirements = if opts.vm {
+            "requirements:\n  secureboot: \"false\"\n"
+        } else {
+            ""
+        },
     )
 }
 
@@ -118,6 +126,61 @@ fn meta_entries(opts: &LxdOptions, facts: &Facts) -> Vec<Extra> {
         Extra::file("templates/hostname.tpl", 0o644, HOSTNAME_TPL.into(), t),
         Extra::file("templates/hosts.tpl", 0o644, HOSTS_TPL.into(), t),
     ]
+}
+
+/// The metadata half of an LXD/Incus virtual-machine image, `<name>.lxd-vm-meta.tar.gz`
+/// (metadata.yaml + templates; the other half is the UEFI disk `<name>.lxd-vm.qcow2`, written
+/// by the disk target). Written once the image's facts are known; it takes no entries.
+pub fn create_vm_meta(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>> {
+    let file = PendingFile::create(&out_dir.join(format!("{}.lxd-vm-meta.tar.gz", opts.name)))?;
+    Ok(Box::new(VmMeta {
+        opts: LxdOptions {
+            vm: true,
+            ..opts.clone()
+        },
+        file,
+        hash: None,
+    }))
+}
+
+struct VmMeta {
+    opts: LxdOptions,
+    file: PendingFile,
+    hash: Option<(String, u64)>,
+}
+
+impl Target for VmMeta {
+    fn start(&mut self, plan: &crate::flatten::Plan) -> Result<()> {
+        let mut out = Out::gzip(&mut self.file)?;
+        {
+            let mut tar = TarWriter::new(&mut out);
+            for e in meta_entries(&self.opts, &plan.facts) {
+                tar.entry(&e.path, &e.meta, &e.data)?;
+            }
+            tar.finish()?;
+        }
+        self.hash = out.close()?;
+        Ok(())
+    }
+    fn begin(&mut self, _path: &str, _meta: &Meta) -> Result<()> {
+        Ok(())
+    }
+    fn data(&mut self, _buf: &[u8]) -> Result<()> {
+        Ok(())
+    }
+    fn end(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn finish(self: Box<Self>) -> Result<Vec<Artifact>> {
+        let (sha256, size) = self.hash.expect("metadata written at start");
+        Ok(vec![Artifact {
+            kind: "lxd-vm-meta",
+            file: self.file,
+            sha256,
+            size,
+            image: None,
+        }])
+    }
 }
 
 /// Container fix-ups that apply to every LXD image.
@@ -310,6 +373,7 @@ mod tests {
             name: "base".into(),
             architecture: "amd64".into(),
             created: 1704164645,
+            vm: false,
         };
         let y = metadata_yaml(&opts, &facts);
         assert!(y.contains("\narchitecture: \"x86_64\"\n"), "{y}");
@@ -322,5 +386,14 @@ mod tests {
             "{y}"
         );
         assert!(y.contains("    template: hosts.tpl\n"), "{y}");
+        assert!(!y.contains("requirements"), "{y}");
+        let vm = metadata_yaml(&LxdOptions { vm: true, ..opts }, &facts);
+        assert!(
+            vm.contains("\nrequirements:\n  secureboot: \"false\"\ntemplates:\n"),
+            "{vm}"
+        );
+        // Valid YAML, as LXD reads it.
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&vm).unwrap();
+        assert_eq!(v["requirements"]["secureboot"], "false");
     }
 }
