@@ -360,7 +360,8 @@ pub struct DiskArgs {
     /// oci-archive:PATH[:REF].
     pub source: String,
 
-    /// Output file [default: out/<name>/<name>.<format>].
+    /// Output file, or an existing folder to write <name>.<format> in [default:
+    /// out/<name>/<name>.<format>]; missing folders are created.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 

@@ -358,8 +358,8 @@ fn tool_checks(checks: &mut Vec<Check>) {
         "booting disks under UEFI in QEMU (tests, by hand)",
     );
     let ovmf = [
-        "/usr/share/OVMF/OVMF_CODE.fd",
         "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_CODE.fd",
     ]
     .iter()
     .map(Path::new)

@@ -29,8 +29,14 @@ fn main() {
         std::process::exit(1);
     }
     if let Err(e) = alpine_boxes::cli::run(cli) {
+        // After Ctrl-C or SIGTERM, whatever failed on the way out (a layer read cut short, a
+        // child killed by the same signal) is a consequence, not the news.
+        if alpine_boxes::signals::interrupted() || e.chain().any(|c| c.to_string() == "interrupted")
+        {
+            eprintln!("error: interrupted");
+            std::process::exit(130);
+        }
         eprintln!("error: {e:#}");
-        let interrupted = e.chain().any(|c| c.to_string() == "interrupted");
-        std::process::exit(if interrupted { 130 } else { 1 });
+        std::process::exit(1);
     }
 }

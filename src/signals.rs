@@ -14,7 +14,7 @@ static INTERRUPTED: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::
 /// Temporary files being written right now.
 static TEMPORARY: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
 
-/// Register a temporary file: a second signal removes it before abox exits.
+/// Register a temporary file (or folder): a second signal removes it before abox exits.
 pub fn track(p: &std::path::Path) {
     TEMPORARY
         .lock()
@@ -72,12 +72,21 @@ pub fn install() -> Result<()> {
                     }
                 }
                 for p in TEMPORARY.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                    let _ = std::fs::remove_file(p);
+                    if p.is_dir() {
+                        let _ = std::fs::remove_dir_all(p);
+                    } else {
+                        let _ = std::fs::remove_file(p);
+                    }
                 }
                 std::process::exit(130);
             }
         })?;
     Ok(())
+}
+
+/// Whether the user asked us to stop.
+pub fn interrupted() -> bool {
+    INTERRUPTED.get().is_some_and(|f| f.load(Ordering::Relaxed))
 }
 
 /// Fails once the user asked us to stop.

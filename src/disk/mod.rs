@@ -85,7 +85,7 @@ impl Format {
 #[derive(Debug, Clone, Default)]
 pub struct DiskOptions {
     pub source: String,
-    /// Output file; default `out/<name>/<name>.<ext>`.
+    /// Output file (an existing folder: `<name>.<ext>` in it); default `out/<name>/<name>.<ext>`.
     pub output: Option<PathBuf>,
     pub format: Option<Format>,
     /// Bytes of the whole disk; `None` = auto.
@@ -115,6 +115,11 @@ pub fn is_alpine(facts: &crate::flatten::Facts) -> bool {
 /// The output file and format from `-o` / `--format`.
 fn output_and_format(opts: &DiskOptions, name: &str) -> Result<(PathBuf, Format)> {
     match &opts.output {
+        // A folder: the disk goes into it under its default name.
+        Some(dir) if dir.is_dir() => {
+            let f = opts.format.unwrap_or_default();
+            Ok((dir.join(format!("{name}.{}", f.ext())), f))
+        }
         Some(p) => {
             let inferred = Format::from_path(p);
             let format = match (opts.format, inferred) {
@@ -175,7 +180,7 @@ struct Building {
     out_link: PathBuf,
     /// A private folder of links to the disk files: tools parse their path arguments (mtools
     /// splits at `@@`, qemu-img reads `NAME:` as a protocol), so they never see the user's.
-    _tool_dir: tempfile::TempDir,
+    _tool_dir: TrackedDir,
     layout: partition::Layout,
     entry: boot::BootEntry,
 }
@@ -258,8 +263,18 @@ impl DiskTarget {
     }
 }
 
+/// A temporary folder a second Ctrl-C removes too ([`crate::signals::track`]).
+struct TrackedDir(tempfile::TempDir);
+
+impl Drop for TrackedDir {
+    fn drop(&mut self) {
+        crate::signals::untrack(self.0.path());
+    }
+}
+
 /// A link named `name` in `dir` to `target` (made absolute).
-fn tool_link(dir: &tempfile::TempDir, name: &str, target: &Path) -> Result<PathBuf> {
+fn tool_link(dir: &TrackedDir, name: &str, target: &Path) -> Result<PathBuf> {
+    let dir = &dir.0;
     let abs =
         std::path::absolute(target).with_context(|| format!("resolving {}", target.display()))?;
     let link = dir.path().join(name);
@@ -397,10 +412,13 @@ impl Target for DiskTarget {
                 )?)
             }
         };
-        let tool_dir = tempfile::Builder::new()
-            .prefix("abox-disk-")
-            .tempdir()
-            .context("creating a temporary folder")?;
+        let tool_dir = TrackedDir(
+            tempfile::Builder::new()
+                .prefix("abox-disk-")
+                .tempdir()
+                .context("creating a temporary folder")?,
+        );
+        crate::signals::track(tool_dir.0.path());
         let out_link = tool_link(&tool_dir, "out", self.out.tmp_path())?;
         let raw = scratch.as_mut().unwrap_or(&mut self.out);
         let raw_path = tool_link(&tool_dir, "disk.raw", raw.tmp_path())?;
