@@ -783,6 +783,14 @@ fn what_a_killed_abox_left_is_released_by_the_next_run() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("left by an abox that died"), "{err}");
     assert!(err.contains(&format!(".abox-tmp-{pid}")), "{err}");
+    // And its folder of links for the tools.
+    assert!(err.contains(&format!("abox-disk-{pid}-")), "{err}");
+    let tmp = std::env::temp_dir();
+    let left = sh(&format!(
+        "ls -d {}/abox-disk-{pid}-* 2>/dev/null || true",
+        tmp.display()
+    ));
+    assert!(left.trim().is_empty(), "{left}");
     assert_eq!(files_in(&out), vec![out.join("next.img")]);
 }
 

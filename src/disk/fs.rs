@@ -161,6 +161,8 @@ fn dead(pid: u32) -> bool {
 fn pid_of(name: &str) -> Option<u32> {
     let pid: u32 = if name.starts_with('.') {
         name.rsplit_once(".abox-tmp-")?.1.parse().ok()?
+    } else if let Some(rest) = name.strip_prefix(TOOL_DIR_PREFIX) {
+        rest.split('-').next()?.parse().ok()?
     } else {
         return None;
     };
@@ -170,6 +172,9 @@ fn pid_of(name: &str) -> Option<u32> {
         .unwrap_or(4_194_304);
     (pid > 0 && pid <= max).then_some(pid)
 }
+
+/// The temporary folder of links a disk's tools are given: `abox-disk-PID-…` in TMPDIR.
+pub const TOOL_DIR_PREFIX: &str = "abox-disk-";
 
 /// Remove what an abox that died without cleaning up (SIGKILL, a crash, a power cut) left in
 /// `out_dir`: its temporary files (`.NAME.abox-tmp-PID` of a process that no longer exists and
@@ -194,6 +199,25 @@ pub fn reap_stale(out_dir: &Path) -> Result<Vec<String>> {
                     "removed {} (left by an abox that died)",
                     e.path().display()
                 ));
+            }
+        }
+    }
+    // Its folder of links for the tools (links only: nothing of the user's inside).
+    if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if dir && name.starts_with(TOOL_DIR_PREFIX) && pid_of(&name).is_some_and(dead) {
+                let only_links = std::fs::read_dir(e.path()).is_ok_and(|d| {
+                    d.flatten()
+                        .all(|f| f.file_type().is_ok_and(|t| t.is_symlink()))
+                });
+                if only_links && std::fs::remove_dir_all(e.path()).is_ok() {
+                    done.push(format!(
+                        "removed {} (left by an abox that died)",
+                        e.path().display()
+                    ));
+                }
             }
         }
     }
@@ -266,6 +290,7 @@ mod tests {
     #[test]
     fn leftover_names_carry_their_pid() {
         assert_eq!(pid_of("abox-mnt-4242-0"), None);
+        assert_eq!(pid_of("abox-disk-4242-x1Yz"), Some(4242));
         assert_eq!(pid_of(".base.qcow2.raw.abox-tmp-77"), Some(77));
         assert_eq!(pid_of(".x.abox-tmp-notapid"), None);
         assert_eq!(

@@ -414,7 +414,7 @@ impl Target for DiskTarget {
         };
         let tool_dir = TrackedDir(
             tempfile::Builder::new()
-                .prefix("abox-disk-")
+                .prefix(&format!("{}{}-", fs::TOOL_DIR_PREFIX, std::process::id()))
                 .tempdir()
                 .context("creating a temporary folder")?,
         );
