@@ -142,19 +142,6 @@ impl Made {
     }
 }
 
-/// `mtype` of a file on a FAT image.
-fn fat_cat(esp: &Path, path: &str) -> Vec<u8> {
-    let o = Command::new("mtype")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .arg("-i")
-        .arg(esp)
-        .arg(format!("::{path}"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "mtype {path}: {o:?}");
-    o.stdout
-}
-
 /// Checks every disk gets, with independent tools: the table (sgdisk -v / sfdisk), the ESP
 /// first and marked for BIOS when BIOS boots it, the MBR boot code; the ESP clean for
 /// `fsck.fat` and holding /boot's files and the loaders (the same boot entry for both); the
@@ -236,10 +223,10 @@ fn check_raw(raw: &Path, gpt: bool, initrd: bool, made: Made) -> String {
     assert_eq!(esp_uuid.len(), 9, "{esp_uuid}");
     let v = &boot::kernel().1;
     assert_eq!(
-        fat_cat(&esp, &format!("vmlinuz-{v}")),
+        boot::fat_cat(&esp, &format!("vmlinuz-{v}")),
         std::fs::read(boot::kernel_file()).unwrap()
     );
-    let zeros = fat_cat(&esp, "zeros.bin");
+    let zeros = boot::fat_cat(&esp, "zeros.bin");
     assert!(zeros.ends_with(b"end of zeros\n") && zeros.len() == (256 << 10) + 13);
     let root_arg = if initrd {
         format!("root=UUID={uuid} ")
@@ -259,7 +246,7 @@ fn check_raw(raw: &Path, gpt: bool, initrd: bool, made: Made) -> String {
     };
     let mut options = Vec::new();
     if made.bios() {
-        let conf = String::from_utf8(fat_cat(&esp, "syslinux/syslinux.cfg")).unwrap();
+        let conf = String::from_utf8(boot::fat_cat(&esp, "syslinux/syslinux.cfg")).unwrap();
         assert!(conf.contains("PROMPT 0"), "{conf}");
         assert!(conf.contains(&format!("LINUX /vmlinuz-{v}\n")), "{conf}");
         assert!(conf.contains("console=ttyS0,115200n8"), "{conf}");
@@ -269,19 +256,19 @@ fn check_raw(raw: &Path, gpt: bool, initrd: bool, made: Made) -> String {
             initrd,
             "{conf}"
         );
-        assert!(!fat_cat(&esp, "syslinux/ldlinux.sys").is_empty());
-        assert!(!fat_cat(&esp, "syslinux/ldlinux.c32").is_empty());
+        assert!(!boot::fat_cat(&esp, "syslinux/ldlinux.sys").is_empty());
+        assert!(!boot::fat_cat(&esp, "syslinux/ldlinux.c32").is_empty());
         let append = conf.lines().find_map(|l| l.trim().strip_prefix("APPEND "));
         options.push(append.unwrap().to_string());
     }
     if made.uefi() {
         assert_eq!(
-            fat_cat(&esp, "EFI/BOOT/BOOTX64.EFI"),
+            boot::fat_cat(&esp, "EFI/BOOT/BOOTX64.EFI"),
             std::fs::read("/usr/lib/systemd/boot/efi/systemd-bootx64.efi").unwrap()
         );
-        let loader = String::from_utf8(fat_cat(&esp, "loader/loader.conf")).unwrap();
+        let loader = String::from_utf8(boot::fat_cat(&esp, "loader/loader.conf")).unwrap();
         assert!(loader.contains("default abox.conf"), "{loader}");
-        let entry = String::from_utf8(fat_cat(&esp, "loader/entries/abox.conf")).unwrap();
+        let entry = String::from_utf8(boot::fat_cat(&esp, "loader/entries/abox.conf")).unwrap();
         assert!(entry.contains(&format!("linux /vmlinuz-{v}\n")), "{entry}");
         assert_eq!(
             entry.contains(&format!("initrd /initrd.img-{v}\n")),
@@ -985,7 +972,7 @@ fn vm_layer_gives_the_base_recipe_a_kernel_and_its_openrc_setup_boots() {
     }
     let esp = work.path().join("esp.fat");
     boot::extract_esp(&raw, &esp);
-    assert!(!fat_cat(&esp, "vmlinuz-virt").is_empty());
+    assert!(!boot::fat_cat(&esp, "vmlinuz-virt").is_empty());
     drop(raw);
 
     // Booted: busybox init runs the VM inittab.

@@ -310,6 +310,19 @@ fn extract_nth(disk: &Path, n: Option<usize>, out: &Path) {
     ));
 }
 
+/// `mtype` of a file on a FAT image.
+pub fn fat_cat(esp: &Path, path: &str) -> Vec<u8> {
+    let o = Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(esp)
+        .arg(format!("::{path}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mtype {path}: {o:?}");
+    o.stdout
+}
+
 /// `debugfs` on a filesystem image.
 pub fn debugfs(fs: &Path, request: &str) -> String {
     require_tool("debugfs");
