@@ -55,6 +55,11 @@ fn not_found_hint(cmd: &Command, e: std::io::Error) -> anyhow::Error {
 /// Run a command to completion and return its stdout. Non-zero exit is an error carrying the
 /// command line and the tail of stderr.
 pub fn run(cmd: &mut Command) -> Result<Vec<u8>> {
+    run_with(cmd, &[0])
+}
+
+/// [`run`], for a tool whose success has several exit codes (`e2fsck`: 0 clean, 1 corrected).
+pub fn run_with(cmd: &mut Command, ok: &[i32]) -> Result<Vec<u8>> {
     log::debug!("running: {}", display(cmd));
     let mut child = cmd
         .stdin(Stdio::null())
@@ -84,6 +89,8 @@ pub fn run(cmd: &mut Command) -> Result<Vec<u8>> {
             .take()
             .map(|r| Box::new(r) as Box<dyn Read + Send>),
     );
+    // Polled, to see Ctrl-C; quickly at first, as most tools here end in milliseconds.
+    let mut pause = std::time::Duration::from_millis(1);
     let status = loop {
         if let Some(s) = child.try_wait().context("waiting for a child")? {
             break s;
@@ -93,11 +100,12 @@ pub fn run(cmd: &mut Command) -> Result<Vec<u8>> {
             let _ = child.wait();
             return Err(e);
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
     };
     let out = stdout.join().unwrap_or_default();
     let err = stderr.join().unwrap_or_default();
-    if !status.success() {
+    if !status.code().is_some_and(|c| ok.contains(&c)) {
         return Err(anyhow!(
             "`{}` failed ({}): {}",
             display(cmd),

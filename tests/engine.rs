@@ -202,18 +202,28 @@ fn docker_source_flattens_like_the_engine_exports() {
     rmi(&tags(prefix));
 }
 
+/// Containers abox made to export an image (see src/engine/export.rs).
+fn export_containers() -> Vec<String> {
+    sh("docker ps -a -q --filter label=org.alpine-boxes.export-owner")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
-fn docker_source_reads_repeated_layers() {
-    // docker save writes a repeated layer as a symlink to the first copy.
-    require_docker();
+fn docker_source_is_the_image_not_its_container() {
+    // abox reads docker: images as a container export: what the container adds (Docker's init
+    // layer) must not show, what the image has at the same paths must.
+    let _l = engine_lock();
     let d = tempfile::tempdir().unwrap();
     let spec = common::ImageSpec::new(&[
-        "d etc 755\nf etc/a 644 first\n",
-        "f etc/same 644 same\n",
-        "f etc/a 644 second\n",
-        "f etc/same 644 same\n",
+        "d opt 755\nf opt/a 644 first\n",
+        "f opt/same 644 same\n",
+        "f opt/a 644 second\n",
+        // The image's own /proc and /etc, where the init layer puts its mount points: kept.
+        "d etc 755\nf etc/motd 644 hi\nd proc 755\n",
     ]);
-    let tag = "abox-test-repeat/img:1";
+    let tag = "abox-test-export/img:1";
     spec.write_docker_archive(&d.path().join("img.tar"), tag);
     sh(&format!(
         "docker load -q -i {}/img.tar >/dev/null",
@@ -234,16 +244,116 @@ fn docker_source_reads_repeated_layers() {
     );
     let from_file = read_tar_file(&d.path().join("file/img.rootfs.tar"));
     common::assert_same_tree(&ours, &from_file, "the same image read from its file");
-    assert_eq!(ours["etc/a"].what, common::sha256_hex(b"second"));
-    // The case this test is about: the engine's save stream holds a symlinked layer.
-    let listing = sh(&format!("docker save {tag} | tar -tvf -"));
+    assert_eq!(ours["opt/a"].what, common::sha256_hex(b"second"));
+    assert!(ours.contains_key("etc/motd") && ours.contains_key("proc"));
+    let init = [
+        ".dockerenv",
+        "dev",
+        "dev/console",
+        "sys",
+        "etc/hosts",
+        "etc/hostname",
+        "etc/resolv.conf",
+        "etc/mtab",
+    ];
+    for added in init {
+        assert!(!ours.contains_key(added), "{added} is the container's");
+    }
+    // The engine does add them to a container of this image.
+    let engine = common::read_tar(
+        &Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "c=$(docker create {tag} /x) && docker export $c; docker rm $c >/dev/null"
+            ))
+            .output()
+            .unwrap()
+            .stdout[..],
+    );
+    for added in init {
+        assert!(
+            engine.contains_key(added),
+            "the engine no longer adds {added}"
+        );
+    }
     assert!(
-        listing
-            .lines()
-            .any(|l| l.starts_with('l') && l.contains("layer.tar")),
-        "no symlinked layer in docker save: {listing}"
+        export_containers().is_empty(),
+        "the export's container stays"
     );
     rmi(&[tag.to_string()]);
+}
+
+#[test]
+fn an_interrupted_or_killed_docker_read_leaves_no_container() {
+    let _l = engine_lock();
+    let d = tempfile::tempdir().unwrap();
+    // Big enough that the export takes a while.
+    let spec = common::ImageSpec::new(&["d opt 755\nF opt/big 644 300000000\n"]);
+    let tag = "abox-test-export/big:1";
+    spec.write_docker_archive(&d.path().join("big.tar"), tag);
+    sh(&format!(
+        "docker load -q -i {0}/big.tar >/dev/null && rm {0}/big.tar",
+        d.path().display()
+    ));
+    let start = |out: &str| {
+        let child = abox()
+            .args(["export", &format!("docker:{tag}"), "--rootfs", "-o"])
+            .arg(d.path().join(out))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while export_containers().is_empty() {
+            assert!(t0.elapsed().as_secs() < 60, "abox made no container");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child
+    };
+    // Ctrl-C: abox removes the container itself and says so.
+    let child = start("int");
+    sh(&format!("kill -INT {}", child.id()));
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"));
+    assert!(export_containers().is_empty(), "Ctrl-C left the container");
+    assert!(common::files_in(&d.path().join("int")).is_empty());
+    // SIGKILL: the container stays, labelled with the dead PID; the next docker: read on this
+    // machine removes it.
+    let mut child = start("kill");
+    sh(&format!("kill -KILL {}", child.id()));
+    child.wait().unwrap();
+    let left = export_containers();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let owner = sh(&format!(
+        "docker inspect -f '{{{{index .Config.Labels \"org.alpine-boxes.export-owner\"}}}}' {}",
+        left[0]
+    ));
+    assert!(
+        owner.trim().ends_with(&format!("/{}", child.id())),
+        "{owner}"
+    );
+    rmi(&[tag.to_string()]);
+    let small = "abox-test-export/small:1";
+    common::ImageSpec::new(&["f x 644 x\n"]).write_docker_archive(&d.path().join("s.tar"), small);
+    sh(&format!(
+        "docker load -q -i {}/s.tar >/dev/null",
+        d.path().display()
+    ));
+    run_ok(
+        abox()
+            .args(["export", &format!("docker:{small}"), "--rootfs", "-o"])
+            .arg(d.path().join("small")),
+    );
+    assert!(
+        export_containers().is_empty(),
+        "the leftover was not reaped"
+    );
+    rmi(&[small.to_string()]);
 }
 
 #[test]

@@ -110,7 +110,40 @@ const MOUNT_POINTS: [(&str, u32); 6] = [
     ("tmp", 0o1777),
 ];
 
-/// The disk's fix-ups: `/.dockerenv` dropped, `/etc/fstab` by UUID (root and the ESP at
+/// `/etc/hosts` that resolves `localhost`: `existing` (CRLF line ends made LF, a final newline
+/// added) with Alpine's two localhost lines in front when no line maps 127.0.0.1 to it.
+/// A container's hosts file is the engine's (Docker's init layer empties it, see
+/// [`crate::flatten::export`]), so an image may come without one that works.
+pub fn hosts(existing: &str) -> String {
+    let mut body: String = existing.replace("\r\n", "\n");
+    if !body.is_empty() && !body.ends_with('\n') {
+        body.push('\n');
+    }
+    let resolves = body.lines().any(|l| {
+        let mut f = l.split('#').next().unwrap_or("").split_whitespace();
+        f.next() == Some("127.0.0.1") && f.any(|n| n == "localhost")
+    });
+    if resolves {
+        return body;
+    }
+    format!(
+        "127.0.0.1\tlocalhost localhost.localdomain\n::1\t\tlocalhost localhost.localdomain\n{body}"
+    )
+}
+
+/// `/etc/hostname`: the first name in `existing`, else `localhost` (what Alpine's hostname
+/// service falls back to), one line.
+pub fn hostname(existing: &str) -> String {
+    let name = existing
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .find(|l| !l.is_empty())
+        .unwrap_or("localhost");
+    format!("{name}\n")
+}
+
+/// The disk's fix-ups: `/.dockerenv` dropped, `/etc/hosts` resolving localhost and a
+/// non-empty `/etc/hostname` ([`hosts`], [`hostname`]), `/etc/fstab` by UUID (root and the ESP at
 /// `/boot`; anything but a folder at `/boot` dropped), missing mount points created, root's password when asked; OpenRC images get the VM set-up
 /// ([`openrc::VM`]: serial getty, runlevels, DHCP on eth0, root grown to the disk at boot).
 pub struct DiskFixup {
@@ -120,6 +153,8 @@ pub struct DiskFixup {
     root_hash: Option<String>,
     mtime: u64,
     has_fstab: bool,
+    has_hosts: bool,
+    has_hostname: bool,
     has_shadow: bool,
     /// Where `/etc/shadow`'s content is written (itself, or the file a link of it leads to).
     shadow_at: String,
@@ -168,6 +203,8 @@ impl DiskFixup {
             root_hash,
             mtime,
             has_fstab: false,
+            has_hosts: false,
+            has_hostname: false,
             has_shadow: false,
             shadow_at: "etc/shadow".into(),
             openrc: OpenRc::new(&crate::target::openrc::VM),
@@ -222,6 +259,14 @@ impl Fixup for DiskFixup {
                 self.has_fstab |= meta.kind == Kind::File;
                 Action::Rewrite
             }
+            "etc/hosts" => {
+                self.has_hosts |= meta.kind == Kind::File;
+                Action::Rewrite
+            }
+            "etc/hostname" => {
+                self.has_hostname |= meta.kind == Kind::File;
+                Action::Rewrite
+            }
             // Root's password goes where the shadow file's content is; a link at the name that
             // leads to it is kept; anything else there is dropped and the file written afresh.
             p if self.root_hash.is_some() && p == self.shadow_at => {
@@ -237,6 +282,8 @@ impl Fixup for DiskFixup {
         let text = String::from_utf8_lossy(&data);
         Ok(match (path, &self.root_hash) {
             ("etc/fstab", _) => fstab(&text, &self.fs_uuid, &self.esp_uuid).into_bytes(),
+            ("etc/hosts", _) => hosts(&text).into_bytes(),
+            ("etc/hostname", _) => hostname(&text).into_bytes(),
             (p, Some(h)) if p == self.shadow_at => set_root_hash(&text, h).into_bytes(),
             _ => self.openrc.rewrite(path, &data).unwrap_or(data),
         })
@@ -269,6 +316,22 @@ impl Fixup for DiskFixup {
                 "etc/fstab",
                 0o644,
                 fstab("", &self.fs_uuid, &self.esp_uuid).into_bytes(),
+                self.mtime,
+            ));
+        }
+        if !self.has_hosts {
+            v.push(Extra::file(
+                "etc/hosts",
+                0o644,
+                hosts("").into_bytes(),
+                self.mtime,
+            ));
+        }
+        if !self.has_hostname {
+            v.push(Extra::file(
+                "etc/hostname",
+                0o644,
+                hostname("").into_bytes(),
                 self.mtime,
             ));
         }
@@ -315,6 +378,28 @@ mod tests {
              UUID=AB12-CD34\t/boot\tvfat\trw,relatime,fmask=0133,dmask=0022,errors=remount-ro\t0 0\n\
              # comment\n/dev/cdrom /media/cdrom iso9660 noauto,ro 0 0\n"
         );
+    }
+
+    #[test]
+    fn hosts_always_resolves_localhost() {
+        let fresh = hosts("");
+        assert!(fresh.starts_with("127.0.0.1\tlocalhost localhost.localdomain\n::1\t"));
+        assert_eq!(
+            hosts("# comments only\n"),
+            format!("{fresh}# comments only\n")
+        );
+        assert_eq!(
+            hosts("10.0.0.1 nas\r\n127.0.0.1 localhost"),
+            "10.0.0.1 nas\n127.0.0.1 localhost\n",
+            "CRLF and no final newline"
+        );
+        assert_eq!(
+            hosts("# 127.0.0.1 localhost\n"),
+            format!("{fresh}# 127.0.0.1 localhost\n"),
+            "a commented line resolves nothing"
+        );
+        assert_eq!(hostname(""), "localhost\n");
+        assert_eq!(hostname("\n# set by abox\n  box1 \r\nbox2\n"), "box1\n");
     }
 
     #[test]

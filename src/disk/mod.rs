@@ -511,6 +511,7 @@ impl Target for DiskTarget {
         let task = self.progress.task("finishing the filesystems", 0);
         let (mut esp, left_out, xattrs_dropped) = b.stream.finish_entries()?.finish()?;
         crate::signals::check()?;
+        fs::enable_checksums(&b.raw_path, b.layout.root.offset)?;
         // Boot: both loaders' files from the one entry, then SYSLINUX into the FAT.
         let firmware = self.opts.firmware;
         if let Some(loader) = self.efi_loader.take() {

@@ -2,15 +2,15 @@
 //! ([`endpoint`]: flags, environment, contexts; unix, TCP/TLS, or SSH through a relay), BuildKit
 //! builds ([`build`]) with abox's own session ([`session`]: credentials, secrets, SSH agents),
 //! base-image pulls ([`pull`]), pushes with the docker CLI's credentials ([`auth`], [`push`]) and
-//! streaming images out of it ([`save`]). The rest of abox is synchronous; an [`Engine`] owns a
+//! streaming images out of it ([`export`]). The rest of abox is synchronous; an [`Engine`] owns a
 //! small tokio runtime and blocks on it.
 
 pub mod auth;
 pub mod build;
 pub mod endpoint;
+pub mod export;
 pub mod pull;
 pub mod push;
-pub mod save;
 pub mod session;
 mod ssh;
 

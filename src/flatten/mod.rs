@@ -8,9 +8,9 @@
 //!    their layers in layer order, then hard links (sorted), each after its target.
 //!    The output depends only on the image, never on timing.
 
+pub mod export;
 pub mod index;
 pub mod path;
-pub mod stream;
 pub mod tree;
 
 use std::collections::{BTreeMap, HashMap};
@@ -73,8 +73,8 @@ pub struct Plan {
     specials: Vec<(String, Meta)>,
     /// Second and later paths of an inode (sorted by path).
     links: Vec<(String, Meta)>,
-    /// Streamed images: member of the stream → the layers it holds.
-    stream_keys: HashMap<String, Vec<usize>>,
+    /// Exported images: the export, spooled in pass 1 (its files are "layer 0").
+    spool: Option<export::Spool>,
 }
 
 impl Plan {
@@ -97,8 +97,8 @@ const TICK: Duration = Duration::from_millis(100);
 
 /// Pass 1: index every layer, in parallel, and merge.
 pub fn index(image: &Image, progress: &Progress) -> Result<Plan> {
-    if let Blobs::Stream(s) = &image.blobs {
-        return stream::index(s.as_ref(), image, progress);
+    if let Blobs::Export(s) = &image.blobs {
+        return export::index(s.as_ref(), image, progress);
     }
     let n = image.layers.len();
     let total: u64 = image.layers.iter().filter_map(|l| l.size).sum();
@@ -261,7 +261,7 @@ pub(crate) fn plan(tree: Tree, captured: Vec<Vec<index::Captured>>, layers: usiz
         files,
         specials,
         links,
-        stream_keys: HashMap::new(),
+        spool: None,
     }
 }
 
@@ -270,8 +270,8 @@ const CHUNK: usize = 256 << 10;
 
 /// Pass 2: write the tree to `sink`.
 pub fn emit(image: &Image, plan: &Plan, sink: &mut dyn Sink, progress: &Progress) -> Result<()> {
-    if let Blobs::Stream(s) = &image.blobs {
-        return stream::emit(s.as_ref(), image, plan, sink, progress);
+    if let Blobs::Export(s) = &image.blobs {
+        return export::emit(s.as_ref(), plan, sink, progress);
     }
     let mut task = progress.task("writing rootfs", plan.facts.content_bytes);
     emit_head(plan, sink)?;

@@ -115,9 +115,9 @@ pub struct Image {
 pub enum Blobs {
     /// Any blob, any number of times, in any order (files, folders).
     Store(Box<dyn BlobStore>),
-    /// Only as a whole `docker save` stream, front to back (the engine); flattening reads it
-    /// twice.
-    Stream(Box<dyn crate::flatten::stream::SaveStream>),
+    /// Only as one flattened tar of the whole tree, front to back (the engine's container
+    /// export); flattening reads it once and spools it.
+    Export(Box<dyn crate::flatten::export::ExportSource>),
 }
 
 impl Image {
@@ -132,7 +132,7 @@ impl Image {
         let d = &self.layers[i];
         let store = match &self.blobs {
             Blobs::Store(s) => s,
-            Blobs::Stream(_) => bail!("internal: random access to a streamed image"),
+            Blobs::Export(_) => bail!("internal: random access to an exported image"),
         };
         LayerReader::open(store.open(&d.key)?, d, counter, verify)
     }
@@ -200,7 +200,7 @@ pub fn open_with(
                 Some(e) => e.clone(),
                 None => std::sync::Arc::new(crate::engine::Engine::connect()?),
             };
-            crate::engine::save::open(engine, name)
+            crate::engine::export::open(engine, name)
         }
     }
     .with_context(|| format!("reading image {reference}"))?;
