@@ -106,11 +106,16 @@ pub fn run_with(cmd: &mut Command, ok: &[i32]) -> Result<Vec<u8>> {
     let out = stdout.join().unwrap_or_default();
     let err = stderr.join().unwrap_or_default();
     if !status.code().is_some_and(|c| ok.contains(&c)) {
+        // Some tools (e2fsck) report on stdout.
+        let said = match (tail(&err), tail(&out)) {
+            (e, o) if o.trim().is_empty() => e,
+            (e, o) => format!("{e}\n{o}"),
+        };
         return Err(anyhow!(
             "`{}` failed ({}): {}",
             display(cmd),
             exit_text(status),
-            tail(&err)
+            said.trim()
         ));
     }
     Ok(out)

@@ -423,6 +423,14 @@ fn gpt_raw_built_without_privilege_boots_on_bios_and_uefi_and_holds_the_image() 
         for added in ["lost+found", "run"] {
             assert!(got.remove(added).is_some(), "{added} missing on the disk");
         }
+        // The image has no hosts or hostname: the disk gets ones that work.
+        assert!(!want.contains_key("etc/hosts") && !want.contains_key("etc/hostname"));
+        let hosts = std::fs::read_to_string(m.path().join("etc/hosts")).unwrap();
+        assert!(hosts.starts_with("127.0.0.1\tlocalhost "), "{hosts}");
+        let name = std::fs::read_to_string(m.path().join("etc/hostname")).unwrap();
+        assert_eq!(name, "localhost\n");
+        got.remove("etc/hosts");
+        got.remove("etc/hostname");
         want.remove(".dockerenv").expect("the image has .dockerenv");
         want.remove("etc/fstab");
         want.retain(|p, _| !p.starts_with("boot/"));

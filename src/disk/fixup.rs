@@ -112,8 +112,8 @@ const MOUNT_POINTS: [(&str, u32); 6] = [
 
 /// `/etc/hosts` that resolves `localhost`: `existing` (CRLF line ends made LF, a final newline
 /// added) with Alpine's two localhost lines in front when no line maps 127.0.0.1 to it.
-/// A container's hosts file is the engine's (Docker's init layer empties it, see
-/// [`crate::flatten::export`]), so an image may come without one that works.
+/// Read through the engine, an image has none (Docker's init layer replaces it, see
+/// [`crate::flatten::export`]); a symlink there is replaced by the file.
 pub fn hosts(existing: &str) -> String {
     let mut body: String = existing.replace("\r\n", "\n");
     if !body.is_empty() && !body.ends_with('\n') {
@@ -131,16 +131,19 @@ pub fn hosts(existing: &str) -> String {
     )
 }
 
-/// `/etc/hostname`: the first name in `existing`, else `localhost` (what Alpine's hostname
-/// service falls back to), one line.
+/// `/etc/hostname`: the first name in `existing` (what busybox `hostname -F` takes), else
+/// `localhost` (what Alpine's hostname service falls back to), one line.
 pub fn hostname(existing: &str) -> String {
     let name = existing
         .lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .find(|l| !l.is_empty())
+        .filter_map(|l| l.split('#').next().unwrap_or("").split_whitespace().next())
+        .next()
         .unwrap_or("localhost");
     format!("{name}\n")
 }
+
+/// A larger `/etc/hosts` (a block list) is kept as it is, not read into memory.
+const HOSTS_MAX: u64 = 1 << 20;
 
 /// The disk's fix-ups: `/.dockerenv` dropped, `/etc/hosts` resolving localhost and a
 /// non-empty `/etc/hostname` ([`hosts`], [`hostname`]), `/etc/fstab` by UUID (root and the ESP at
@@ -261,7 +264,11 @@ impl Fixup for DiskFixup {
             }
             "etc/hosts" => {
                 self.has_hosts |= meta.kind == Kind::File;
-                Action::Rewrite
+                if meta.kind == Kind::File && meta.size > HOSTS_MAX {
+                    Action::Keep
+                } else {
+                    Action::Rewrite
+                }
             }
             "etc/hostname" => {
                 self.has_hostname |= meta.kind == Kind::File;
@@ -399,7 +406,7 @@ mod tests {
             "a commented line resolves nothing"
         );
         assert_eq!(hostname(""), "localhost\n");
-        assert_eq!(hostname("\n# set by abox\n  box1 \r\nbox2\n"), "box1\n");
+        assert_eq!(hostname("\n# set by abox\n  box1 box3\r\nbox2\n"), "box1\n");
     }
 
     #[test]

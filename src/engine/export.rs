@@ -27,7 +27,7 @@ use super::Engine;
 use crate::flatten::export::{EngineAdded, ExportSource, ExportStream};
 use crate::source::{short_name, Blobs, Image, LayerDesc};
 
-/// The label naming the abox run that made a container: `<boot id>/<pid>`.
+/// The label naming the abox run that made a container: `<boot id>/<pid namespace>/<pid>`.
 pub const OWNER_LABEL: &str = "org.alpine-boxes.export-owner";
 
 /// Chunks in flight between the engine and the flattener.
@@ -40,12 +40,20 @@ struct EngineExport {
     size: u64,
 }
 
-/// This machine's boot ID, so a PID in a label is only judged where it means something.
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+/// Where a PID means this process: the boot and the PID namespace (containers sharing an
+/// engine socket share the boot ID, not their PIDs).
+fn pid_scope() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    format!("{boot}/{ns}")
 }
+
+/// Longest wait for the engine to remove a container.
+const REMOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A container created for one export; removed (with its anonymous volumes) when dropped.
 struct TempContainer {
@@ -55,12 +63,14 @@ struct TempContainer {
 
 impl TempContainer {
     fn create(engine: &Arc<Engine>, image: &str) -> Result<(Self, u64)> {
-        let owner = format!("{}/{}", boot_id(), std::process::id());
+        let owner = format!("{}/{}", pid_scope(), std::process::id());
         let body = bollard::models::ContainerCreateBody {
             image: Some(image.to_string()),
             // Never started; the engine wants a command all the same.
             cmd: Some(vec!["/abox-export-never-runs".into()]),
             entrypoint: Some(vec![]),
+            // The engine makes the working folder at create when the image lacks it.
+            working_dir: Some("/".into()),
             network_disabled: Some(true),
             labels: Some(HashMap::from([(OWNER_LABEL.to_string(), owner)])),
             ..Default::default()
@@ -71,7 +81,13 @@ impl TempContainer {
                 body,
             ))
             .map_err(super::api_error)
-            .with_context(|| format!("creating a container of image {image} to export it"))?;
+            .with_context(|| {
+                format!(
+                    "creating a container of image {image} to read it (abox reads docker: images \
+                     as a container export; if the engine refuses, `docker save -o img.tar` the \
+                     image and use docker-archive:img.tar)"
+                )
+            })?;
         let guard = Self {
             engine: engine.clone(),
             id: created.id,
@@ -97,9 +113,17 @@ impl Drop for TempContainer {
             .force(true)
             .v(true)
             .build();
-        if let Err(e) = self
-            .engine
-            .block_on(self.engine.docker.remove_container(&self.id, Some(opts)))
+        // (The timer is made inside the runtime: outside one it panics.)
+        let r = self.engine.block_on(async {
+            tokio::time::timeout(
+                REMOVE_TIMEOUT,
+                self.engine.docker.remove_container(&self.id, Some(opts)),
+            )
+            .await
+        });
+        if let Err(e) = r
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
         {
             log::warn!(
                 "could not remove the export's container {}: {e} (remove it with `docker rm -f {}`)",
@@ -112,7 +136,7 @@ impl Drop for TempContainer {
 
 /// Remove the export containers of abox runs on this machine that have ended.
 fn reap(engine: &Engine) {
-    let boot = boot_id();
+    let scope = pid_scope();
     let filters = HashMap::from([("label".to_string(), vec![OWNER_LABEL.to_string()])]);
     let opts = bollard::query_parameters::ListContainersOptionsBuilder::default()
         .all(true)
@@ -130,7 +154,7 @@ fn reap(engine: &Engine) {
         else {
             continue;
         };
-        let gone = b == boot
+        let gone = b == scope
             && pid
                 .parse::<u32>()
                 .is_ok_and(|p| p != std::process::id() && crate::disk::fs::dead(p));
@@ -140,7 +164,13 @@ fn reap(engine: &Engine) {
                 .force(true)
                 .v(true)
                 .build();
-            let _ = engine.block_on(engine.docker.remove_container(&id, Some(opts)));
+            let _ = engine.block_on(async {
+                tokio::time::timeout(
+                    REMOVE_TIMEOUT,
+                    engine.docker.remove_container(&id, Some(opts)),
+                )
+                .await
+            });
         }
     }
 }
@@ -180,6 +210,7 @@ impl ExportSource for EngineExport {
                 chunks: ChannelReader {
                     rx,
                     cur: Bytes::new(),
+                    rt: self.engine.handle(),
                 },
                 _container: container,
             }),
@@ -196,19 +227,30 @@ impl ExportSource for EngineExport {
     }
 }
 
-/// A blocking reader over chunks sent by an async task.
+/// A blocking reader over chunks sent by an async task; a Ctrl-C ends a wait for the engine.
 struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
     cur: Bytes,
+    rt: tokio::runtime::Handle,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
+            let rx = &mut self.rx;
+            let next = self.rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await
+            });
+            match next {
+                Ok(Some(Ok(b))) => self.cur = b,
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(None) => return Ok(0),
+                Err(_) => {
+                    if crate::signals::interrupted() {
+                        // Not ErrorKind::Interrupted: readers retry on that.
+                        return Err(io::Error::other("interrupted"));
+                    }
+                }
             }
         }
         let n = buf.len().min(self.cur.len());

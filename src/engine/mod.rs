@@ -26,9 +26,9 @@ pub use endpoint::{Endpoint, Flags};
 /// Oldest engine API abox talks to (Docker 20.10).
 pub const MIN_API: (usize, usize) = (1, 41);
 
-/// Time allowed for the engine to start answering a request. Builds, saves and pushes stream
-/// their bodies afterwards without a limit; a `docker save` of a large image answers only
-/// once the engine has gathered the layers, hence the generous figure.
+/// Time allowed for the engine to start answering a request. Builds, exports and pushes stream
+/// their bodies afterwards without a limit; generous, as an engine under load (a registry
+/// behind a slow link, a large image being committed) can be slow to answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
 
 pub struct Engine {

@@ -6,14 +6,18 @@
 //! ([`emit`]) reads the files back from the spool. The engine is asked once, and its export
 //! is cheap next to `docker save`, which tars every layer into a temporary folder first.
 //!
-//! A container is more than its image: when the image lacks them, Docker's init layer adds
-//! mount points and files for what it bind-mounts at run time (moby
-//! `daemon/initlayer/setup_unix.go`): the folders `dev/pts`, `dev/shm`, `proc`, `sys` (and
-//! `dev`, `etc` as their parents), the empty files `.dockerenv`, `etc/resolv.conf`,
-//! `etc/hosts`, `etc/hostname`, `dev/console` (mode 0755), and the symlink
-//! `etc/mtab -> /proc/mounts`, all owned by root and stamped with the container's creation
-//! time. [`EngineAdded`] recognises exactly those shapes, stamped then, and leaves them out;
-//! a folder only when nothing of the image is inside it.
+//! A container is more than its image. Docker's init layer (moby
+//! `daemon/initlayer/setup_unix.go`) prepares what it bind-mounts at run time: it replaces
+//! whatever the image has at `.dockerenv`, `etc/resolv.conf`, `etc/hosts`, `etc/hostname`,
+//! `dev/console` with empty files (mode 0755) and `etc/mtab` with a symlink to `/proc/mounts`,
+//! and makes the folders `dev/pts`, `dev/shm`, `proc`, `sys` where the image lacks them (and
+//! `dev`, `etc` as parents), all owned by root and stamped with the container's creation time
+//! (the folders it writes in, too). So through the engine those six files of the image cannot
+//! be read: [`EngineAdded`] recognises the init layer's shapes stamped then and leaves them out
+//! (a folder only when nothing of the image is inside it), and the targets write what a
+//! system needs there (a disk gets a working `/etc/hosts` and `/etc/hostname`; LXD's templates
+//! and WSL write their own). A kept folder stamped then gets the image's creation time, so the
+//! output still depends only on the image.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -22,7 +26,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use super::index::{index_reader, Op};
 use super::path::parent;
@@ -59,10 +63,16 @@ pub struct EngineAdded {
 const INIT_WINDOW: u64 = 120;
 
 impl EngineAdded {
+    /// Whether `meta` carries the container's creation time (the init layer writes then).
+    fn stamped(&self, meta: &Meta) -> bool {
+        meta.mtime.saturating_add(1) >= self.created
+            && meta.mtime <= self.created.saturating_add(INIT_WINDOW)
+    }
+
     /// Whether the entry `path` with `meta` has the shape and time of one the init layer adds.
     /// Folders are only candidates here; [`filter`] keeps the ones the image has files in.
     pub fn matches(&self, path: &str, meta: &Meta) -> bool {
-        let stamped = meta.mtime + 1 >= self.created && meta.mtime <= self.created + INIT_WINDOW;
+        let stamped = self.stamped(meta);
         if !stamped || meta.uid != 0 || meta.gid != 0 || !meta.xattrs.is_empty() {
             return false;
         }
@@ -84,8 +94,9 @@ impl EngineAdded {
     }
 }
 
-/// Drop the entries the engine added (see the module's documentation); the number dropped.
-pub fn filter(ops: &mut Vec<Op>, added: &EngineAdded) -> usize {
+/// Drop the entries the engine added (see the module's documentation), and give the folders it
+/// stamped that the image has files in the time `image_time`; the number dropped.
+pub fn filter(ops: &mut Vec<Op>, added: &EngineAdded, image_time: u64) -> usize {
     let candidates: HashSet<String> = ops
         .iter()
         .filter_map(|op| match op {
@@ -117,6 +128,13 @@ pub fn filter(ops: &mut Vec<Op>, added: &EngineAdded) -> usize {
         Op::Put { path, .. } => !candidates.contains(path) || kept_dirs.contains(path),
         _ => true,
     });
+    for op in ops.iter_mut() {
+        if let Op::Put { path, meta, .. } = op {
+            if kept_dirs.contains(path.as_str()) && added.stamped(meta) {
+                meta.mtime = image_time;
+            }
+        }
+    }
     before - ops.len()
 }
 
@@ -161,15 +179,35 @@ impl Read for SpoolReader {
     }
 }
 
+/// The spool holds the image's files: refuse to start without room for `need` bytes in `dir`.
+fn check_room(dir: &std::path::Path, need: u64) -> Result<()> {
+    let Ok(st) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < need {
+        bail!(
+            "{} has {} MB free; reading the image spools its {} MB of files there first: set \
+             TMPDIR to a folder with room",
+            dir.display(),
+            free / 1_000_000,
+            need / 1_000_000
+        );
+    }
+    Ok(())
+}
+
 /// Pass 1: read the stream once, spooling it, and index it as one layer.
 pub fn index(src: &dyn ExportSource, image: &Image, progress: &Progress) -> Result<Plan> {
     let mut task = progress.task("reading the image", src.size_hint());
     let counter = Arc::new(AtomicU64::new(0));
     let done = AtomicBool::new(false);
+    let tmp = std::env::temp_dir();
+    check_room(&tmp, src.size_hint())?;
     let spool = tempfile::tempfile().with_context(|| {
         format!(
             "creating a spool file in {} (set TMPDIR to a writable folder)",
-            std::env::temp_dir().display()
+            tmp.display()
         )
     })?;
     let (ix, added, spool) = std::thread::scope(|s| {
@@ -179,7 +217,15 @@ pub fn index(src: &dyn ExportSource, image: &Image, progress: &Progress) -> Resu
                 std::thread::sleep(TICK);
             }
         });
-        let r = (|| {
+        // The progress thread ends however this does (a panic too, or the scope never ends).
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _done = Done(&done);
+        (|| {
             let stream = src.open()?;
             let mut writer = BufWriter::with_capacity(CHUNK, spool);
             let what = || format!("reading the image from {}", src.describe());
@@ -209,13 +255,25 @@ pub fn index(src: &dyn ExportSource, image: &Image, progress: &Progress) -> Resu
                     format!("spooling the image to {}", std::env::temp_dir().display())
                 })?;
             Ok::<_, anyhow::Error>((ix, stream.added, file))
-        })();
-        done.store(true, Ordering::SeqCst);
-        r
+        })()
     })?;
     task.set(counter.load(Ordering::Relaxed));
+    if !ix.ended {
+        bail!(
+            "{}: the image stream ended before the end of its archive (the engine stopped \
+             sending; is it still running?)",
+            src.describe()
+        );
+    }
+    let image_time = image
+        .config
+        .created()
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp().max(0) as u64)
+        .unwrap_or(0);
     let mut ops = ix.ops;
-    let dropped = filter(&mut ops, &added);
+    let dropped = filter(&mut ops, &added, image_time);
     log::debug!("left out {dropped} entries the engine's init layer added");
     let mut tree = Tree::default();
     tree.apply(0, ops)
@@ -223,8 +281,7 @@ pub fn index(src: &dyn ExportSource, image: &Image, progress: &Progress) -> Resu
     let mut plan = plan(tree, vec![ix.captured], 1);
     plan.spool = Some(Spool(Arc::new(spool)));
     task.finish(&format!(
-        "{} layers, {} paths, {} MB of files",
-        image.layers.len(),
+        "{} paths, {} MB of files",
         plan.facts.paths,
         plan.facts.content_bytes / 1_000_000
     ));
@@ -307,10 +364,17 @@ mod tests {
             put("sys", Kind::Dir, 0o555, t, 0),
             put("usr", Kind::Dir, 0o755, t, 0),
         ];
-        assert_eq!(filter(&mut ops, &added), 8);
+        assert_eq!(filter(&mut ops, &added, 42), 8);
         assert_eq!(
             paths(&ops),
             ["etc", "etc/hosts", "etc/resolv.conf", "sys", "usr"]
+        );
+        let Op::Put { meta, .. } = &ops[0] else {
+            unreachable!()
+        };
+        assert_eq!(
+            meta.mtime, 42,
+            "a kept folder the engine stamped gets the image's time"
         );
     }
 
@@ -323,7 +387,15 @@ mod tests {
             put(".dockerenv", Kind::File, 0o755, 1_700_000_000, 0),
             put("proc", Kind::Dir, 0o755, 1_700_000_000, 0),
         ];
-        assert_eq!(filter(&mut ops, &added), 0);
+        assert_eq!(filter(&mut ops, &added, 0), 0);
         assert_eq!(ops.len(), 2);
+        let hostile = put("proc", Kind::Dir, 0o755, u64::MAX, 0);
+        assert!(!added.matches(
+            "proc",
+            match &hostile {
+                Op::Put { meta, .. } => meta,
+                _ => unreachable!(),
+            }
+        ));
     }
 }

@@ -49,6 +49,9 @@ pub struct Captured {
 pub struct LayerIndex {
     pub ops: Vec<Op>,
     pub captured: Vec<Captured>,
+    /// Whether the tar's end-of-archive block was read (a stream cut between two entries
+    /// otherwise reads as a shorter archive).
+    pub ended: bool,
 }
 
 /// Read pax records a layer entry carries: xattrs and the numeric fields that override the
@@ -241,6 +244,11 @@ impl<R: Read> HeaderGuard<R> {
 
     pub fn into_inner(self) -> R {
         self.inner
+    }
+
+    /// Whether the end-of-archive block has been read.
+    pub fn ended(&self) -> bool {
+        self.state == Guard::Done
     }
 
     fn header_done(&mut self) -> std::io::Result<()> {
@@ -467,7 +475,16 @@ pub fn index_reader(reader: LayerReader<'_>) -> Result<(LayerIndex, LayerReader<
             }
         }
     }
-    Ok((LayerIndex { ops, captured }, ar.into_inner().into_inner()))
+    let guard = ar.into_inner();
+    let ended = guard.ended();
+    Ok((
+        LayerIndex {
+            ops,
+            captured,
+            ended,
+        },
+        guard.into_inner(),
+    ))
 }
 
 /// Read an entry's content to its end (verifying the layer's bytes), looking for Ctrl-C
