@@ -112,6 +112,19 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Disk(DiskArgs),
 
+    /// Write a NoCloud seed: an ISO labelled cidata with user-data, meta-data and
+    /// network-config, which cloud-init and Alpine's tiny-cloud read at first boot.
+    ///
+    /// For QEMU, Proxmox and VirtualBox: attach it as a CD-ROM to a VM whose image runs
+    /// cloud-init or tiny-cloud. Without --meta-data, one is made with an instance-id from the
+    /// content. The ISO is 0600 (user-data often holds password hashes and keys).
+    ///
+    /// Example:
+    ///   abox seed --user-data user-data.yaml -o seed.iso
+    ///   qemu-system-x86_64 ... -drive file=seed.iso,media=cdrom
+    #[command(verbatim_doc_comment)]
+    Seed(SeedArgs),
+
     /// Is the pinned Alpine version behind? Compares the recipes' ARG ALPINE_VERSION with
     /// Alpine's latest-releases.yaml of its branch and of latest-stable.
     ///
@@ -332,6 +345,25 @@ pub struct DoctorArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SeedArgs {
+    /// The user data: a #cloud-config file, a #! script, or MIME multipart.
+    #[arg(long, value_name = "FILE")]
+    pub user_data: PathBuf,
+
+    /// The meta-data (YAML with an instance-id) [default: an instance-id from the content].
+    #[arg(long, value_name = "FILE")]
+    pub meta_data: Option<PathBuf>,
+
+    /// Network configuration (cloud-init's network-config, version 1 or 2).
+    #[arg(long, value_name = "FILE")]
+    pub network_config: Option<PathBuf>,
+
+    /// The ISO to write, or an existing folder to write seed.iso in.
+    #[arg(short, long, default_value = "seed.iso", value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug)]
 pub struct CheckArgs {
     /// Folder holding one <name>/Dockerfile per recipe.
     #[arg(long, default_value = "Dockerfiles", value_name = "DIR")]
@@ -454,6 +486,16 @@ pub fn run(cli: Cli) -> Result<()> {
             let opts = factory_options(a.names, a.project, None)?;
             let engine = crate::engine::Engine::connect()?;
             crate::factory::push_images(&engine, &opts, &progress)?;
+            Ok(())
+        }
+        Command::Seed(a) => {
+            let path = crate::seed::write_seed(&crate::seed::SeedOptions {
+                user_data: a.user_data,
+                meta_data: a.meta_data,
+                network_config: a.network_config,
+                output: a.output,
+            })?;
+            println!("{}", path.display());
             Ok(())
         }
         Command::Check(a) => {

@@ -222,6 +222,14 @@ const TOOLS: &[Tool] = &[
         min: None,
     },
     Tool {
+        name: "xorriso",
+        version_args: &["-version"],
+        package: "xorriso",
+        required: false,
+        needed_by: "seed (the NoCloud ISO)",
+        min: None,
+    },
+    Tool {
         name: "tar2sqfs",
         version_args: &["--version"],
         package: "squashfs-tools-ng",

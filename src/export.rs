@@ -247,7 +247,7 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
     // compressed targets are smaller than that and are not estimated.
     if opts.targets.rootfs {
         let need = plan.facts.content_bytes + plan.facts.paths as u64 * 1024;
-        crate::output::check_room(&out_dir, need, "the rootfs tar")?;
+        crate::output::check_room(&out_dir, need, "the rootfs tar", crate::output::OUT_FIX)?;
     }
     let artifacts = run_with_disks(&image, &plan, targets, disks, None, false, progress)?;
     let files = commit(&out_dir, &opts.source, &image, artifacts, progress)?;

@@ -15,6 +15,7 @@ pub mod flatten;
 pub mod output;
 pub mod progress;
 pub mod project;
+pub mod seed;
 pub mod signals;
 pub mod source;
 pub mod tarfmt;

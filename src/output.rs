@@ -118,17 +118,19 @@ impl Drop for PendingFile {
     }
 }
 
+/// [`check_room`]'s way out for an output folder.
+pub const OUT_FIX: &str = "make room or choose another place with -o";
+
 /// Fail before anything is written when the filesystem holding `dir` has less than `need`
 /// bytes free for an unprivileged writer (`statvfs`'s `f_bavail`); the message says what
-/// (`what`) needs how much, and how much there is.
-pub fn check_room(dir: &Path, need: u64, what: &str) -> Result<()> {
+/// (`what`) needs how much, how much there is, and the way out (`fix`).
+pub fn check_room(dir: &Path, need: u64, what: &str, fix: &str) -> Result<()> {
     let st = rustix::fs::statvfs(dir)
         .with_context(|| format!("asking how much room {} has", dir.display()))?;
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     if free < need {
         anyhow::bail!(
-            "{what} needs about {} in {}, which has {} free: make room or choose another \
-             place with -o",
+            "{what} needs about {} in {}, which has {} free: {fix}",
             crate::disk::fs::human(need),
             dir.display(),
             crate::disk::fs::human(free)

@@ -397,6 +397,7 @@ impl Target for DiskTarget {
             out_dir_of(&self.out_path),
             (fs::min_fs_bytes(usage) + boot_bytes).saturating_mul(copies),
             "the disk",
+            crate::output::OUT_FIX,
         )?;
         // The raw disk: the output itself, or a scratch file next to it for qemu-img.
         let mut scratch = match self.format {

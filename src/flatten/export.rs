@@ -179,31 +179,18 @@ impl Read for SpoolReader {
     }
 }
 
-/// The spool holds the image's files: refuse to start without room for `need` bytes in `dir`.
-fn check_room(dir: &std::path::Path, need: u64) -> Result<()> {
-    let Ok(st) = rustix::fs::statvfs(dir) else {
-        return Ok(());
-    };
-    let free = st.f_bavail.saturating_mul(st.f_frsize);
-    if free < need {
-        bail!(
-            "{} has {} MB free; reading the image spools its {} MB of files there first: set \
-             TMPDIR to a folder with room",
-            dir.display(),
-            free / 1_000_000,
-            need / 1_000_000
-        );
-    }
-    Ok(())
-}
-
 /// Pass 1: read the stream once, spooling it, and index it as one layer.
 pub fn index(src: &dyn ExportSource, image: &Image, progress: &Progress) -> Result<Plan> {
     let mut task = progress.task("reading the image", src.size_hint());
     let counter = Arc::new(AtomicU64::new(0));
     let done = AtomicBool::new(false);
     let tmp = std::env::temp_dir();
-    check_room(&tmp, src.size_hint())?;
+    crate::output::check_room(
+        &tmp,
+        src.size_hint(),
+        "spooling the image",
+        "set TMPDIR to a folder with room",
+    )?;
     let spool = tempfile::tempfile().with_context(|| {
         format!(
             "creating a spool file in {} (set TMPDIR to a writable folder)",
