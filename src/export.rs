@@ -297,8 +297,9 @@ pub fn commit(
     }
     task.set(0);
     task.finish(&format!(
-        "{} artifacts in {}",
+        "{} artifact{} in {}",
         files.len(),
+        if files.len() == 1 { "" } else { "s" },
         out_dir.display()
     ));
     Ok(files)

@@ -1,7 +1,8 @@
 //! Ctrl-C and SIGTERM. The first signal sets a flag that every long loop checks, so the error
 //! unwinds through the guards (temporary files, child processes) and they clean up. A further
 //! signal ends the process at once, after killing the child processes ([`track_child`]) and
-//! removing the temporary files ([`track`]) still registered; what a SIGKILL leaves (files named after the PID) the next run in that folder
+//! removing the temporary files ([`track`]) and running the clean-ups ([`on_exit`]) still
+//! registered; what a SIGKILL leaves (files named after the PID) the next run in that folder
 //! removes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +43,34 @@ impl Drop for Tracked {
     }
 }
 
+/// Clean-ups a further signal runs before abox exits (each bounds its own time), by key.
+type Hook = Box<dyn Fn() + Send>;
+static HOOKS: std::sync::Mutex<Vec<(u64, Hook)>> = std::sync::Mutex::new(Vec::new());
+static NEXT_HOOK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A clean-up registered until this is dropped (for what is neither a file nor a child: a
+/// container in the engine).
+pub struct OnExit(u64);
+
+/// Register `f` to run when a further signal ends abox at once.
+pub fn on_exit(f: impl Fn() + Send + 'static) -> OnExit {
+    let key = NEXT_HOOK.fetch_add(1, Ordering::SeqCst);
+    HOOKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((key, Box::new(f)));
+    OnExit(key)
+}
+
+impl Drop for OnExit {
+    fn drop(&mut self) {
+        HOOKS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(k, _)| *k != self.0);
+    }
+}
+
 /// The file was renamed into place or removed.
 pub fn untrack(p: &std::path::Path) {
     TEMPORARY
@@ -70,6 +99,9 @@ pub fn install() -> Result<()> {
                     if let Some(p) = rustix::process::Pid::from_raw(*pid as i32) {
                         let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
                     }
+                }
+                for (_, f) in HOOKS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    f();
                 }
                 for p in TEMPORARY.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                     if p.is_dir() {

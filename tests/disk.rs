@@ -654,6 +654,20 @@ fn refusals_leave_nothing_behind() {
     assert!(err.contains("needs at least"), "{err}");
     assert_nothing_left(&out, "too small");
 
+    // A TMPDIR e2fsprogs cannot name ('?' starts its options): refused before any work.
+    let q = work.path().join("t?q");
+    std::fs::create_dir_all(&q).unwrap();
+    let err = run_err(
+        abox()
+            .env("TMPDIR", &q)
+            .args(["disk", &src, "-o"])
+            .arg(out.join("q.qcow2")),
+    );
+    assert!(err.contains("set TMPDIR to a folder without one"), "{err}");
+    assert!(!err.contains("writing rootfs"), "refused late: {err}");
+    assert_nothing_left(&out, "'?' in TMPDIR");
+    assert!(files_in(&q).is_empty() && std::fs::read_dir(&q).unwrap().next().is_none());
+
     // An unwritable output folder (a read-only mount: root ignores permission bits).
     let ro = work.path().join("ro");
     std::fs::create_dir_all(&ro).unwrap();

@@ -271,6 +271,20 @@ pub fn mkfs_from_tar(
     )
 }
 
+/// Refuse, before any work, a TMPDIR e2fsprogs cannot name: the disk's tools reach it through
+/// a link there, and tune2fs and e2fsck take what follows a '?' as options.
+pub fn check_tmpdir() -> Result<()> {
+    let tmp = std::env::temp_dir();
+    if tmp.to_string_lossy().contains('?') {
+        bail!(
+            "TMPDIR {}: e2fsprogs cannot open a path with '?' in it; set TMPDIR to a folder \
+             without one",
+            tmp.display()
+        );
+    }
+    Ok(())
+}
+
 /// Turn on ext4 metadata checksums (`metadata_csum`, mke2fs's default) in the filesystem
 /// [`mkfs_from_tar`] made at byte `offset` of `disk`: `tune2fs -O metadata_csum` (which also
 /// drops `uninit_bg`). When a folder block has no room for its checksum, tune2fs asks for
@@ -279,13 +293,8 @@ pub fn mkfs_from_tar(
 /// block it copies in (e2fsprogs 1.47 `ext2fs_file_write`), a third of its time; this way
 /// costs a few hundredths of a second.
 pub fn enable_checksums(disk: &Path, offset: u64) -> Result<()> {
-    // e2fsprogs opens `NAME?offset=N` at that offset (unix_io's options follow the first '?').
-    if disk.to_string_lossy().contains('?') {
-        bail!(
-            "{}: e2fsprogs cannot open a path with '?' in it; set TMPDIR to a folder without one",
-            disk.display()
-        );
-    }
+    // e2fsprogs opens `NAME?offset=N` at that offset (unix_io's options follow the first '?');
+    // the disk's link is in TMPDIR ([`check_tmpdir`]).
     let at = format!("{}?offset={offset}", disk.display());
     let out = cmd::run(
         Command::new("tune2fs")

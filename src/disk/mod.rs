@@ -208,6 +208,7 @@ impl DiskTarget {
             bail!("--compress applies to qcow2 only");
         }
         boot::check_tools(format != Format::Raw)?;
+        fs::check_tmpdir()?;
         let boot_code = if opts.firmware.bios() {
             boot::check_syslinux()?;
             Some(boot::boot_code(opts.table)?)
@@ -417,7 +418,12 @@ impl Target for DiskTarget {
             tempfile::Builder::new()
                 .prefix(&format!("{}{}-", fs::TOOL_DIR_PREFIX, std::process::id()))
                 .tempdir()
-                .context("creating a temporary folder")?,
+                .with_context(|| {
+                    format!(
+                        "creating a temporary folder in {} (set TMPDIR to a writable folder)",
+                        std::env::temp_dir().display()
+                    )
+                })?,
         );
         crate::signals::track(tool_dir.0.path());
         let out_link = tool_link(&tool_dir, "out", self.out.tmp_path())?;

@@ -55,10 +55,27 @@ fn pid_scope() -> String {
 /// Longest wait for the engine to remove a container.
 const REMOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// A container created for one export; removed (with its anonymous volumes) when dropped.
+/// A container created for one export; removed (with its anonymous volumes) when dropped, or
+/// by a second Ctrl-C on its way out.
 struct TempContainer {
     engine: Arc<Engine>,
     id: String,
+    _on_exit: crate::signals::OnExit,
+}
+
+/// Remove container `id`, waiting at most `wait`.
+fn remove(engine: &Engine, id: &str, wait: std::time::Duration) -> Result<(), String> {
+    let opts = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+        .force(true)
+        .v(true)
+        .build();
+    // (The timer is made inside the runtime: outside one it panics.)
+    engine
+        .block_on(async {
+            tokio::time::timeout(wait, engine.docker.remove_container(id, Some(opts))).await
+        })
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())
 }
 
 impl TempContainer {
@@ -88,9 +105,19 @@ impl TempContainer {
                      image and use docker-archive:img.tar)"
                 )
             })?;
+        let on_exit = {
+            let (engine, id) = (engine.clone(), created.id.clone());
+            crate::signals::on_exit(move || {
+                let r = remove(&engine, &id, std::time::Duration::from_secs(3));
+                if r.is_err() {
+                    eprintln!("left the export's container {id}: `docker rm -f {id}` removes it");
+                }
+            })
+        };
         let guard = Self {
             engine: engine.clone(),
             id: created.id,
+            _on_exit: on_exit,
         };
         let info = engine
             .block_on(engine.docker.inspect_container(
@@ -109,22 +136,7 @@ impl TempContainer {
 
 impl Drop for TempContainer {
     fn drop(&mut self) {
-        let opts = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
-            .force(true)
-            .v(true)
-            .build();
-        // (The timer is made inside the runtime: outside one it panics.)
-        let r = self.engine.block_on(async {
-            tokio::time::timeout(
-                REMOVE_TIMEOUT,
-                self.engine.docker.remove_container(&self.id, Some(opts)),
-            )
-            .await
-        });
-        if let Err(e) = r
-            .map_err(|_| "timed out".to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        {
+        if let Err(e) = remove(&self.engine, &self.id, REMOVE_TIMEOUT) {
             log::warn!(
                 "could not remove the export's container {}: {e} (remove it with `docker rm -f {}`)",
                 self.id,

@@ -14,7 +14,8 @@
 //! `dev`, `etc` as parents), all owned by root and stamped with the container's creation time
 //! (the folders it writes in, too). So through the engine those six files of the image cannot
 //! be read: [`EngineAdded`] recognises the init layer's shapes stamped then and leaves them out
-//! (a folder only when nothing of the image is inside it), and the targets write what a
+//! (a folder only when nothing of the image is inside it; `etc/mtab -> /proc/mounts` is kept,
+//! as it is what images have there), a note names [`REPLACED`], and the targets write what a
 //! system needs there (a disk gets a working `/etc/hosts` and `/etc/hostname`; LXD's templates
 //! and WSL write their own). A kept folder stamped then gets the image's creation time, so the
 //! output still depends only on the image.
@@ -88,7 +89,6 @@ impl EngineAdded {
                 ) && meta.size == 0
                     && meta.mode & 0o7777 == 0o755
             }
-            Kind::Symlink(t) => path == "etc/mtab" && t == "/proc/mounts",
             _ => false,
         }
     }
@@ -130,13 +130,20 @@ pub fn filter(ops: &mut Vec<Op>, added: &EngineAdded, image_time: u64) -> usize 
     });
     for op in ops.iter_mut() {
         if let Op::Put { path, meta, .. } = op {
-            if kept_dirs.contains(path.as_str()) && added.stamped(meta) {
+            // `etc/mtab -> /proc/mounts` is what images have there (Alpine's is
+            // `../proc/mounts`): kept, as the image's would be.
+            let mtab =
+                path == "etc/mtab" && matches!(&meta.kind, Kind::Symlink(t) if t == "/proc/mounts");
+            if (mtab || kept_dirs.contains(path.as_str())) && added.stamped(meta) {
                 meta.mtime = image_time;
             }
         }
     }
     before - ops.len()
 }
+
+/// The files of the image the engine's init layer replaces, which a `docker:` read cannot give.
+pub const REPLACED: &[&str] = &["etc/hosts", "etc/hostname", "etc/resolv.conf"];
 
 /// Copies what is read into the spool.
 struct Tee<'w, R> {
@@ -260,8 +267,25 @@ pub fn index(src: &dyn ExportSource, image: &Image, progress: &Progress) -> Resu
         .map(|t| t.timestamp().max(0) as u64)
         .unwrap_or(0);
     let mut ops = ix.ops;
+    let replaced: Vec<String> = REPLACED
+        .iter()
+        .filter(|want| {
+            ops.iter().any(|op| {
+                matches!(op, Op::Put { path, meta, .. }
+                    if path == *want && added.matches(path, meta))
+            })
+        })
+        .map(|p| format!("/{p}"))
+        .collect();
     let dropped = filter(&mut ops, &added, image_time);
     log::debug!("left out {dropped} entries the engine's init layer added");
+    if !replaced.is_empty() {
+        progress.note(&format!(
+            "{} come from Docker, not the image (every container's are the engine's): left \
+             out; for the image's own, `docker save` it and read docker-archive:FILE",
+            replaced.join(", ")
+        ));
+    }
     let mut tree = Tree::default();
     tree.apply(0, ops)
         .with_context(|| format!("reading the image from {}", src.describe()))?;
@@ -351,10 +375,17 @@ mod tests {
             put("sys", Kind::Dir, 0o555, t, 0),
             put("usr", Kind::Dir, 0o755, t, 0),
         ];
-        assert_eq!(filter(&mut ops, &added, 42), 8);
+        assert_eq!(filter(&mut ops, &added, 42), 7);
         assert_eq!(
             paths(&ops),
-            ["etc", "etc/hosts", "etc/resolv.conf", "sys", "usr"]
+            [
+                "etc",
+                "etc/hosts",
+                "etc/resolv.conf",
+                "etc/mtab",
+                "sys",
+                "usr"
+            ]
         );
         let Op::Put { meta, .. } = &ops[0] else {
             unreachable!()
