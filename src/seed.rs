@@ -7,8 +7,9 @@
 //! The ISO is written by xorriso (`-as mkisofs`, Joliet + Rock Ridge) through the command
 //! runner, from copies under fixed names in a private folder, into that folder; the result
 //! is then copied to the output, which appears only when complete and is 0600 (user-data
-//! often holds password hashes and keys). Times in the ISO are the newest input's, so the same
-//! inputs give the same bytes.
+//! often holds password hashes and keys); the private folder is 0700. Times in the ISO are the
+//! newest input's and owners root, so the same inputs (content and times) give the same bytes
+//! with the same xorriso (its version is in the volume's preparer field).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -162,6 +163,7 @@ pub fn write_seed(opts: &SeedOptions) -> Result<PathBuf> {
     let mut out = PendingFile::create(&dest)?;
     let work = tempfile::Builder::new()
         .prefix(&format!("abox-seed-{}-", std::process::id()))
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .context("making a private folder for the seed's files")?;
     crate::signals::track(work.path());
@@ -180,14 +182,17 @@ pub fn write_seed(opts: &SeedOptions) -> Result<PathBuf> {
                 .mode(0o600)
                 .open(work.path().join(name))?;
             f.write_all(data)?;
+            // xorriso dates each file by its own time: the newest input's, for the same bytes.
+            f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(newest))?;
         }
         let iso = work.path().join("seed.iso");
         cmd::run(
             Command::new("xorriso")
                 .current_dir(work.path())
                 .env("SOURCE_DATE_EPOCH", newest.to_string())
-                .args(["-as", "mkisofs", "-quiet", "-o", "seed.iso"])
-                .args(["-volid", "cidata", "-joliet", "-rock"])
+                .args(["-no_rc", "-as", "mkisofs", "-quiet", "-o", "seed.iso"])
+                // -r: Rock Ridge with owner root and read-only modes, whoever runs abox.
+                .args(["-volid", "cidata", "-joliet", "-r"])
                 .args(&names),
         )
         .context("writing the seed ISO")?;

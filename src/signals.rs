@@ -2,8 +2,8 @@
 //! unwinds through the guards (temporary files, child processes) and they clean up. A further
 //! signal ends the process at once, after killing the child processes ([`track_child`]) and
 //! removing the temporary files ([`track`]) and running the clean-ups ([`on_exit`]) still
-//! registered; what a SIGKILL leaves (files named after the PID) the next run in that folder
-//! removes.
+//! registered; what a SIGKILL leaves of a disk (files named after the PID) the next `abox disk`
+//! in that folder removes, and of a `docker:` read (a container) the next such read.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -64,10 +64,16 @@ pub fn on_exit(f: impl Fn() + Send + 'static) -> OnExit {
 
 impl Drop for OnExit {
     fn drop(&mut self) {
-        HOOKS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(k, _)| *k != self.0);
+        // The hook is dropped after the lock is released (it may own an engine runtime).
+        let mut hooks = HOOKS.lock().unwrap_or_else(|e| e.into_inner());
+        let mine: Vec<(u64, Hook)> = hooks
+            .iter()
+            .position(|(k, _)| *k == self.0)
+            .map(|i| hooks.remove(i))
+            .into_iter()
+            .collect();
+        drop(hooks);
+        drop(mine);
     }
 }
 
@@ -100,7 +106,8 @@ pub fn install() -> Result<()> {
                         let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
                     }
                 }
-                for (_, f) in HOOKS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let hooks = std::mem::take(&mut *HOOKS.lock().unwrap_or_else(|e| e.into_inner()));
+                for (_, f) in &hooks {
                     f();
                 }
                 for p in TEMPORARY.lock().unwrap_or_else(|e| e.into_inner()).iter() {

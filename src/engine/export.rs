@@ -60,7 +60,7 @@ const REMOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 struct TempContainer {
     engine: Arc<Engine>,
     id: String,
-    _on_exit: crate::signals::OnExit,
+    on_exit: Option<crate::signals::OnExit>,
 }
 
 /// Remove container `id`, waiting at most `wait`.
@@ -117,7 +117,7 @@ impl TempContainer {
         let guard = Self {
             engine: engine.clone(),
             id: created.id,
-            _on_exit: on_exit,
+            on_exit: Some(on_exit),
         };
         let info = engine
             .block_on(engine.docker.inspect_container(
@@ -136,6 +136,8 @@ impl TempContainer {
 
 impl Drop for TempContainer {
     fn drop(&mut self) {
+        // Disarmed first: a second Ctrl-C now must not remove it a second time.
+        drop(self.on_exit.take());
         if let Err(e) = remove(&self.engine, &self.id, REMOVE_TIMEOUT) {
             log::warn!(
                 "could not remove the export's container {}: {e} (remove it with `docker rm -f {}`)",
