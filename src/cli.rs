@@ -236,6 +236,8 @@ pub struct AllArgs {
     /// Output folder; each image's artifacts go to <DIR>/<name>/.
     #[arg(short, long, default_value = "out", value_name = "DIR")]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 fn factory_options(
@@ -334,6 +336,112 @@ pub struct ExportArgs {
     /// Platform to pick from a multi-platform image.
     #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
     pub platform: String,
+
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+/// First-boot identity flags, shared by `disk`, `export` and `all`; they override abox.toml
+/// and --answers.
+#[derive(Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Identity (first boot; override abox.toml and --answers)")]
+pub struct IdentityArgs {
+    /// Identity settings file [default: ./abox.toml when present]: top-level keys, [recipe.NAME]
+    /// and [target.disk|wsl|lxd] tables, the flags' names as keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// A setup-alpine answer file (HOSTNAMEOPTS, USEROPTS, USERSSHKEY, ROOTSSHKEY, TIMEZONEOPTS,
+    /// DNSOPTS, INTERFACESOPTS, KEYMAPOPTS); options that cannot apply offline are listed.
+    #[arg(long, value_name = "FILE")]
+    pub answers: Option<PathBuf>,
+
+    /// Host name (/etc/hostname and /etc/hosts; WSL: wsl.conf [network] hostname; LXD: kept
+    /// instead of the instance name).
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+
+    /// User to create if missing (uid 1000 or the next free, own group, in wheel); WSL logs in
+    /// as this user.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// authorized_keys lines for --user (a .pub or authorized_keys file; repeatable).
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    pub ssh_keys: Vec<PathBuf>,
+
+    /// authorized_keys lines for root (repeatable); sshd then allows root by key only
+    /// (PermitRootLogin prohibit-password), else not at all.
+    #[arg(long = "root-ssh-key", value_name = "FILE")]
+    pub root_ssh_keys: Vec<PathBuf>,
+
+    /// --user's password: the first line of FILE, a password or a crypt(3) hash ($6$...).
+    /// Without it the user logs in by key only.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// Root's password, the same way. Without it root keeps the image's (usually locked) one.
+    #[arg(long, value_name = "FILE")]
+    pub root_password_file: Option<PathBuf>,
+
+    /// Time zone, Area/City (/etc/localtime -> the image's tzdata).
+    #[arg(long, value_name = "AREA/CITY")]
+    pub timezone: Option<String>,
+
+    /// Name servers for /etc/resolv.conf (not WSL); DHCP then leaves them alone.
+    #[arg(long, value_name = "IP[,IP]")]
+    pub dns: Vec<String>,
+
+    /// DNS search domain.
+    #[arg(long, value_name = "DOMAIN")]
+    pub search_domain: Option<String>,
+
+    /// NTP server for chrony or busybox ntpd (repeatable).
+    #[arg(long, value_name = "SERVER")]
+    pub ntp: Vec<String>,
+
+    /// Console keymap, "LAYOUT VARIANT" (disks; needs kbd-bkeymaps in the image).
+    #[arg(long, value_name = "LAYOUT VARIANT")]
+    pub keymap: Option<String>,
+}
+
+impl IdentityArgs {
+    /// The flags as the top layer of settings.
+    pub fn settings(&self) -> crate::identity::Settings {
+        use crate::identity::{KeySource, Settings};
+        let files = |v: &[PathBuf]| {
+            (!v.is_empty()).then(|| v.iter().cloned().map(KeySource::File).collect())
+        };
+        let list = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
+        Settings {
+            hostname: self.hostname.clone(),
+            user: self.user.clone(),
+            ssh_keys: files(&self.ssh_keys),
+            root_ssh_keys: files(&self.root_ssh_keys),
+            password_file: self.password_file.clone(),
+            root_password_file: self.root_password_file.clone(),
+            timezone: self.timezone.clone(),
+            dns: list(&self.dns),
+            search_domain: self.search_domain.clone(),
+            ntp: list(&self.ntp),
+            keymap: self.keymap.clone(),
+            interfaces: None,
+        }
+    }
+
+    /// Load the config and answer files under the flags.
+    /// Load the config and answer files under the flags and check every value (before the
+    /// image is opened).
+    pub fn sources(&self, progress: &Progress) -> Result<crate::identity::Sources> {
+        let s = crate::identity::Sources::load(
+            self.config.as_deref(),
+            self.answers.as_deref(),
+            self.settings(),
+            &|m| progress.note(m),
+        )?;
+        s.check()?;
+        Ok(s)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -420,11 +528,6 @@ pub struct DiskArgs {
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub cmdline: Option<String>,
 
-    /// Set root's password from the first line of FILE (a password, or a crypt(3) hash like
-    /// $6$...). Without it root keeps the image's (usually locked) password.
-    #[arg(long, value_name = "FILE")]
-    pub root_password_file: Option<PathBuf>,
-
     /// Compress the qcow2 (smaller, slower to write; QEMU reads it transparently).
     #[arg(long)]
     pub compress: bool,
@@ -437,6 +540,9 @@ pub struct DiskArgs {
     /// Platform to pick from a multi-platform image.
     #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
     pub platform: String,
+
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -469,6 +575,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 select: SelectOptions {
                     platform: a.platform,
                 },
+                identity: a.identity.sources(&progress)?,
             };
             let report = export::export(&opts, &progress)?;
             for f in &report.files {
@@ -528,7 +635,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 table: a.table,
                 firmware: a.firmware,
                 cmdline: a.cmdline,
-                root_password_file: a.root_password_file,
+                identity: None,
                 compress: a.compress,
                 select: SelectOptions {
                     platform: a.platform,
@@ -536,7 +643,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 no_vm_layer: a.no_vm_layer,
                 vm_agent: false,
             };
-            let path = crate::disk::write_disk(&opts, &progress)?;
+            let identity = a.identity.sources(&progress)?;
+            let path = crate::disk::write_disk(&opts, &identity, &progress)?;
             println!("{}", path.display());
             Ok(())
         }
@@ -554,7 +662,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::All(a) => {
             let opts = factory_options(Vec::new(), a.project, Some(a.build))?;
-            for f in crate::factory::all(&opts, &a.output, &progress)? {
+            let identity = a.identity.sources(&progress)?;
+            for f in crate::factory::all(&opts, &identity, &a.output, &progress)? {
                 println!("{}", f.display());
             }
             Ok(())

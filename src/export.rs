@@ -8,10 +8,13 @@ use anyhow::{bail, Context, Result};
 use crate::disk::boot::{Firmware, NoKernel};
 use crate::disk::{vmlayer, DiskOptions, DiskTarget, Format};
 use crate::flatten::{self, Plan};
+use crate::identity::fixup::Flavor;
+use crate::identity::Identity;
 use crate::output::{commit_all, Artifact};
 use crate::progress::Progress;
 use crate::source::{self, Image, SelectOptions};
 use crate::target::{self, lxd, wsl, Fanout, Target};
+use std::sync::Arc;
 
 /// Which artifacts to write.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,6 +43,45 @@ pub struct ExportOptions {
     pub wsl_user: Option<String>,
     pub icon: Option<PathBuf>,
     pub select: SelectOptions,
+    /// Where the first-boot identity comes from (config file, answer file, flags).
+    pub identity: crate::identity::Sources,
+}
+
+/// The identity each kind of artifact gets, resolved before any output exists (None: none given).
+#[derive(Clone, Default)]
+pub struct Identities {
+    pub disk: Option<Arc<Identity>>,
+    pub wsl: Option<Arc<Identity>>,
+    pub lxd: Option<Arc<Identity>>,
+}
+
+impl Identities {
+    /// Resolve `src` for image `name`'s artifacts of the given flavors (reading key and
+    /// password files once); a note names each setting a flavor leaves out.
+    pub fn resolve(
+        src: &crate::identity::Sources,
+        name: &str,
+        flavors: &[Flavor],
+        progress: &Progress,
+    ) -> Result<Self> {
+        let mut ids = Identities::default();
+        for f in flavors {
+            let id = src.resolve(name, f.kind())?;
+            if id.is_empty() {
+                continue;
+            }
+            for what in f.unused(&id) {
+                progress.note(&format!("{name}: {}: {what}: left out", f.kind()));
+            }
+            let slot = match f.kind() {
+                "disk" => &mut ids.disk,
+                "wsl" => &mut ids.wsl,
+                _ => &mut ids.lxd,
+            };
+            *slot = Some(Arc::new(id));
+        }
+        Ok(ids)
+    }
 }
 
 #[derive(Debug)]
@@ -61,6 +103,7 @@ pub fn create_targets(
     image: &Image,
     name: &str,
     out_dir: &Path,
+    ids: &Identities,
 ) -> Result<Vec<Box<dyn Target>>> {
     let config = image.config.config().as_ref();
     let created = target::build_time(image.config.created().as_deref());
@@ -70,8 +113,9 @@ pub fn create_targets(
         icon: opts.icon.clone(),
         config_user: config.and_then(|c| c.user().clone()),
         mtime: created,
+        identity: ids.wsl.clone(),
     };
-    let lxd_opts = lxd_options(image, name);
+    let lxd_opts = lxd_options(image, name, ids.lxd.clone());
     let mut targets: Vec<Box<dyn Target>> = Vec::new();
     let t = &opts.targets;
     if t.wsl {
@@ -92,12 +136,13 @@ pub fn create_targets(
     Ok(targets)
 }
 
-fn lxd_options(image: &Image, name: &str) -> lxd::LxdOptions {
+fn lxd_options(image: &Image, name: &str, identity: Option<Arc<Identity>>) -> lxd::LxdOptions {
     lxd::LxdOptions {
         name: name.to_string(),
         architecture: image.architecture(),
         created: target::build_time(image.config.created().as_deref()),
         vm: false,
+        identity,
     }
 }
 
@@ -119,10 +164,12 @@ impl DiskSet {
         name: &str,
         out_dir: &Path,
         (disk, lxd_vm): (bool, bool),
+        ids: &Identities,
         progress: &Progress,
     ) -> Result<Self> {
         let opts = DiskOptions {
             source: source.to_string(),
+            identity: ids.disk.clone(),
             ..Default::default()
         };
         let mtime = target::build_time(image.config.created().as_deref());
@@ -137,12 +184,16 @@ impl DiskSet {
             let vm_opts = DiskOptions {
                 firmware: Firmware::Uefi,
                 vm_agent: true,
+                identity: ids.lxd.clone(),
                 ..opts.clone()
             };
             let path = out_dir.join(format!("{name}.lxd-vm.qcow2"));
             let d = DiskTarget::create(&vm_opts, &path, Format::Qcow2, &arch, mtime, progress)?;
             targets.push(Box::new(d.listed().kind("lxd-vm")));
-            targets.push(lxd::create_vm_meta(out_dir, &lxd_options(image, name))?);
+            targets.push(lxd::create_vm_meta(
+                out_dir,
+                &lxd_options(image, name, ids.lxd.clone()),
+            )?);
         }
         Ok(DiskSet { opts, targets })
     }
@@ -224,12 +275,24 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
     }
     let image = source::open(&opts.source, &opts.select)?;
     let name = opts.name.clone().unwrap_or_else(|| image.name.clone());
+    let t = &opts.targets;
+    let mut flavors = Vec::new();
+    if t.wsl {
+        flavors.push(Flavor::Wsl);
+    }
+    if t.wsl_package {
+        flavors.push(Flavor::WslPackage);
+    }
+    if t.lxd || t.lxd_split || t.lxd_vm {
+        flavors.push(Flavor::Lxd);
+    }
+    let ids = Identities::resolve(&opts.identity, &name, &flavors, progress)?;
     let out_dir = opts
         .out_dir
         .clone()
         .unwrap_or_else(|| default_out_dir(&name));
     create_out_dir(&out_dir)?;
-    let targets = create_targets(opts, &image, &name, &out_dir)?;
+    let targets = create_targets(opts, &image, &name, &out_dir, &ids)?;
     let disks = if opts.targets.lxd_vm {
         Some(DiskSet::create(
             &opts.source,
@@ -237,6 +300,7 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
             &name,
             &out_dir,
             (false, true),
+            &ids,
             progress,
         )?)
     } else {

@@ -250,7 +250,12 @@ pub fn push_images(
 /// `abox all`: build every recipe, then write every artifact of each into `<out>/<name>/`:
 /// each image is flattened once for all of them; when the disk needs the VM layer, the `-vm`
 /// image is flattened once for the disk, and `manifest.json` names it for that artifact.
-pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result<Vec<PathBuf>> {
+pub fn all(
+    opts: &Options,
+    identity: &crate::identity::Sources,
+    out: &std::path::Path,
+    progress: &Progress,
+) -> Result<Vec<PathBuf>> {
     let engine = Arc::new(Engine::connect()?);
     let built = build_images(&engine, opts, progress)?;
     let mut files = Vec::new();
@@ -271,11 +276,19 @@ pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result
                 rootfs: false,
             },
             select: SelectOptions::default(),
+            identity: identity.clone(),
             ..Default::default()
         };
+        use crate::identity::fixup::Flavor;
+        let ids = export::Identities::resolve(
+            identity,
+            &b.name,
+            &[Flavor::Disk, Flavor::Wsl, Flavor::WslPackage, Flavor::Lxd],
+            progress,
+        )?;
         let image = crate::source::open_with(&source, &export.select, Some(&engine))?;
         export::create_out_dir(&out_dir)?;
-        let targets = export::create_targets(&export, &image, &b.name, &out_dir)?;
+        let targets = export::create_targets(&export, &image, &b.name, &out_dir, &ids)?;
         let disks = if image.architecture() == "amd64" {
             Some(export::DiskSet::create(
                 &source,
@@ -283,6 +296,7 @@ pub fn all(opts: &Options, out: &std::path::Path, progress: &Progress) -> Result
                 &b.name,
                 &out_dir,
                 (true, true),
+                &ids,
                 progress,
             )?)
         } else {

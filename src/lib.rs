@@ -12,6 +12,7 @@ pub mod engine;
 pub mod export;
 pub mod factory;
 pub mod flatten;
+pub mod identity;
 pub mod output;
 pub mod progress;
 pub mod project;

@@ -1174,15 +1174,7 @@ fn growroot_grows_the_root_to_an_enlarged_disk_at_boot() {
 #[test]
 fn lxd_vm_image_imports_as_a_virtual_machine_and_its_disk_boots_on_uefi() {
     let _disk = needs();
-    require_tool("lxc");
-    assert!(
-        Command::new("lxc")
-            .arg("info")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false),
-        "this test needs a running lxd: run scripts/setup"
-    );
+    require_lxd();
     let img = test_image(false);
     let work = tempfile::tempdir().unwrap();
     let src = oci_source(&img, &work.path().join("oci"));

@@ -240,16 +240,7 @@ fn lxd_check(images: &[&Path], fingerprint: &str, label: &str) {
 
 #[test]
 fn lxd_imports_and_launches_both_image_kinds() {
-    require_root();
-    require_tool("lxc");
-    assert!(
-        std::process::Command::new("lxc")
-            .arg("info")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false),
-        "this test needs a running lxd: run scripts/setup"
-    );
+    require_lxd();
     let dir = tempfile::tempdir().unwrap();
     let lay = fixture(dir.path());
     let out = dir.path().join("out");

@@ -1,9 +1,8 @@
 //! The disk's rootfs fix-ups ([`DiskFixup`]) and the identity it is given: filesystem and
-//! partition UUIDs, `/etc/fstab` by UUID, root's password (SHA-512 crypt).
+//! partition UUIDs, `/etc/fstab` by UUID (users, keys and passwords: [`crate::identity`]).
 
 use std::collections::HashSet;
 use std::io::Read;
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
@@ -29,53 +28,6 @@ pub fn random_uuid() -> Result<String> {
         &h[16..20],
         &h[20..32]
     ))
-}
-
-/// `--root-password-file`: a crypt(3) hash (`$6$…`, `$y$…`) is used as it is; anything else is
-/// the password itself (first line), hashed with SHA-512 crypt.
-pub fn root_password_hash(file: &Path) -> Result<String> {
-    use sha_crypt::password_hash::PasswordHasher;
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("reading the root password from {}", file.display()))?;
-    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
-    if line.is_empty() {
-        bail!(
-            "{} is empty: put the root password (or its crypt hash) on its first line",
-            file.display()
-        );
-    }
-    if line.starts_with('$') && line.matches('$').count() >= 3 && !line.contains(':') {
-        return Ok(line.to_string());
-    }
-    let mut salt = [0u8; 12];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut salt))
-        .context("reading /dev/urandom")?;
-    let h = sha_crypt::ShaCrypt::SHA512
-        .hash_password_with_salt(line.as_bytes(), &salt)
-        .map_err(|e| anyhow::anyhow!("hashing the root password: {e}"))?;
-    Ok(h.to_string())
-}
-
-/// Set root's password field in a shadow file (adding a root line if there is none).
-pub fn set_root_hash(shadow: &str, hash: &str) -> String {
-    let mut out = String::new();
-    let mut found = false;
-    for line in shadow.lines() {
-        let mut f: Vec<&str> = line.split(':').collect();
-        if f.first() == Some(&"root") && f.len() >= 2 {
-            f[1] = hash;
-            found = true;
-            out.push_str(&f.join(":"));
-        } else {
-            out.push_str(line);
-        }
-        out.push('\n');
-    }
-    if !found {
-        out.insert_str(0, &format!("root:{hash}:0:0:99999:7:::\n"));
-    }
-    out
 }
 
 /// `/etc/fstab` with the root filesystem and the ESP (at `/boot`, files 0644, never checked at
@@ -147,20 +99,16 @@ const HOSTS_MAX: u64 = 1 << 20;
 
 /// The disk's fix-ups: `/.dockerenv` dropped, `/etc/hosts` resolving localhost and a
 /// non-empty `/etc/hostname` ([`hosts`], [`hostname`]), `/etc/fstab` by UUID (root and the ESP at
-/// `/boot`; anything but a folder at `/boot` dropped), missing mount points created, root's password when asked; OpenRC images get the VM set-up
+/// `/boot`; anything but a folder at `/boot` dropped), missing mount points created, OpenRC images get the VM set-up
 /// ([`openrc::VM`]: serial getty, runlevels, DHCP on eth0, root grown to the disk at boot).
 pub struct DiskFixup {
     fs_uuid: String,
     /// The ESP's FAT serial (`XXXX-XXXX`), mounted at `/boot`.
     esp_uuid: String,
-    root_hash: Option<String>,
     mtime: u64,
     has_fstab: bool,
     has_hosts: bool,
     has_hostname: bool,
-    has_shadow: bool,
-    /// Where `/etc/shadow`'s content is written (itself, or the file a link of it leads to).
-    shadow_at: String,
     openrc: OpenRc,
     /// Add the LXD/Incus VM agent service (OpenRC images).
     vm_agent: bool,
@@ -199,17 +147,14 @@ start_pre() {
 impl DiskFixup {
     /// The fix-ups of a disk whose root filesystem has `fs_uuid` and whose ESP (mounted at
     /// `/boot`) has the FAT serial `esp_uuid`; `mtime` for the entries it adds.
-    pub fn new(fs_uuid: &str, esp_uuid: String, root_hash: Option<String>, mtime: u64) -> Self {
+    pub fn new(fs_uuid: &str, esp_uuid: String, mtime: u64) -> Self {
         DiskFixup {
             fs_uuid: fs_uuid.to_string(),
             esp_uuid,
-            root_hash,
             mtime,
             has_fstab: false,
             has_hosts: false,
             has_hostname: false,
-            has_shadow: false,
-            shadow_at: "etc/shadow".into(),
             openrc: OpenRc::new(&crate::target::openrc::VM),
             vm_agent: false,
         }
@@ -225,9 +170,6 @@ impl DiskFixup {
 impl Fixup for DiskFixup {
     fn start(&mut self, facts: &flatten::Facts) -> Result<()> {
         self.openrc.start(facts);
-        if let Some(real) = facts.secret_files.get("etc/shadow") {
-            self.shadow_at = real.clone();
-        }
         // /boot is the FAT ESP on a disk: no owners, no modes, every file readable. A password
         // file whose content lives there would be readable by every user of the VM.
         for (name, real) in &facts.secret_files {
@@ -238,15 +180,6 @@ impl Fixup for DiskFixup {
                      would be readable by every user; keep /{name} out of /boot"
                 );
             }
-        }
-        // Root's hash must not land in a file another name shares (a hard link to /etc/passwd
-        // would publish it).
-        if self.root_hash.is_some() && facts.secret_links.get("etc/shadow").is_some_and(|n| *n > 1)
-        {
-            bail!(
-                "the image's /etc/shadow shares its file with other names (hard links): refusing \
-                 to write root's password into it; make /etc/shadow a file of its own"
-            );
         }
         Ok(())
     }
@@ -274,37 +207,18 @@ impl Fixup for DiskFixup {
                 self.has_hostname |= meta.kind == Kind::File;
                 Action::Rewrite
             }
-            // Root's password goes where the shadow file's content is; a link at the name that
-            // leads to it is kept; anything else there is dropped and the file written afresh.
-            p if self.root_hash.is_some() && p == self.shadow_at => {
-                self.has_shadow |= meta.kind == Kind::File;
-                Action::Rewrite
-            }
-            "etc/shadow" if self.root_hash.is_some() => Action::Keep,
             _ => self.openrc.action(path, meta).unwrap_or(Action::Keep),
         }
     }
 
     fn rewrite(&mut self, path: &str, data: Vec<u8>) -> Result<Vec<u8>> {
         let text = String::from_utf8_lossy(&data);
-        Ok(match (path, &self.root_hash) {
-            ("etc/fstab", _) => fstab(&text, &self.fs_uuid, &self.esp_uuid).into_bytes(),
-            ("etc/hosts", _) => hosts(&text).into_bytes(),
-            ("etc/hostname", _) => hostname(&text).into_bytes(),
-            (p, Some(h)) if p == self.shadow_at => set_root_hash(&text, h).into_bytes(),
+        Ok(match path {
+            "etc/fstab" => fstab(&text, &self.fs_uuid, &self.esp_uuid).into_bytes(),
+            "etc/hosts" => hosts(&text).into_bytes(),
+            "etc/hostname" => hostname(&text).into_bytes(),
             _ => self.openrc.rewrite(path, &data).unwrap_or(data),
         })
-    }
-
-    fn rewritten_meta(&self, path: &str, mut meta: Meta) -> Meta {
-        // The file that now holds root's hash: root's, and not readable by others.
-        if self.root_hash.is_some() && path == self.shadow_at {
-            meta.uid = 0;
-            meta.gid = 0;
-            meta.mode &= 0o640;
-            meta.xattrs.clear();
-        }
-        meta
     }
 
     fn epilogue(&mut self, seen_dirs: &HashSet<String>) -> Result<Vec<Extra>> {
@@ -356,14 +270,6 @@ impl Fixup for DiskFixup {
                 self.mtime,
             ));
         }
-        if let (Some(h), false) = (&self.root_hash, self.has_shadow) {
-            v.push(Extra::file(
-                "etc/shadow",
-                0o600,
-                set_root_hash("", h).into_bytes(),
-                self.mtime,
-            ));
-        }
         Ok(v)
     }
 }
@@ -371,7 +277,6 @@ impl Fixup for DiskFixup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
     #[test]
     fn fstab_puts_root_by_uuid_and_keeps_the_rest() {
         let f = fstab(
@@ -407,40 +312,6 @@ mod tests {
         );
         assert_eq!(hostname(""), "localhost\n");
         assert_eq!(hostname("\n# set by abox\n  box1 box3\r\nbox2\n"), "box1\n");
-    }
-
-    #[test]
-    fn root_hash_replaces_only_root() {
-        let s = set_root_hash("root:!::0:::::\nalpine:!:1:0:99999:7:::\n", "$6$x$y");
-        assert_eq!(s, "root:$6$x$y::0:::::\nalpine:!:1:0:99999:7:::\n");
-        assert!(set_root_hash("", "H").starts_with("root:H:"));
-    }
-
-    #[test]
-    fn password_file_is_hashed_with_sha512_crypt() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("pw");
-        std::fs::write(&p, "s3cret\n").unwrap();
-        let h = root_password_hash(&p).unwrap();
-        assert!(h.starts_with("$6$"), "{h}");
-        assert!(!h.contains("s3cret"));
-        // Verified by an independent implementation (Python's crypt(3) binding).
-        let ok = Command::new("python3")
-            .args([
-                "-W",
-                "ignore",
-                "-c",
-                "import crypt,sys; print(crypt.crypt(sys.argv[1], sys.argv[2]) == sys.argv[2])",
-                "s3cret",
-                &h,
-            ])
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "True", "{ok:?}");
-        std::fs::write(&p, "$6$abc$def\n").unwrap();
-        assert_eq!(root_password_hash(&p).unwrap(), "$6$abc$def");
-        std::fs::write(&p, "").unwrap();
-        assert!(root_password_hash(&p).is_err());
     }
 
     #[test]

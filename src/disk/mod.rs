@@ -28,7 +28,7 @@ use crate::progress::Progress;
 use crate::source::{self, SelectOptions};
 use crate::tarfmt::{Meta, TarWriter};
 use crate::target::{os_release, os_release_get, TarStream, Target};
-pub use fixup::{fstab, random_uuid, root_password_hash, set_root_hash};
+pub use fixup::{fstab, random_uuid};
 use partition::Table;
 
 /// Disk image formats.
@@ -94,7 +94,8 @@ pub struct DiskOptions {
     /// Which firmware boots the disk.
     pub firmware: boot::Firmware,
     pub cmdline: Option<String>,
-    pub root_password_file: Option<PathBuf>,
+    /// Users, keys, passwords, hostname… written into the root ([`crate::identity`]).
+    pub identity: Option<std::sync::Arc<crate::identity::Identity>>,
     /// qcow2 only: compressed clusters.
     pub compress: bool,
     pub select: SelectOptions,
@@ -158,7 +159,6 @@ pub struct DiskTarget {
     boot_code: Option<Vec<u8>>,
     /// UEFI: systemd-boot's loader.
     efi_loader: Option<Vec<u8>>,
-    root_hash: Option<String>,
     /// Seconds since the epoch for the entries the disk adds.
     mtime: u64,
     progress: Progress,
@@ -171,7 +171,7 @@ pub struct DiskTarget {
 }
 
 struct Building {
-    stream: TarStream<fixup::DiskFixup, DiskOut>,
+    stream: TarStream<crate::identity::fixup::Identified<fixup::DiskFixup>, DiskOut>,
     /// The raw disk when the output is another format (dropped last: it is removed).
     scratch: Option<PendingFile>,
     /// The raw disk as the external tools are given it (a link in `_tool_dir`).
@@ -221,11 +221,6 @@ impl DiskTarget {
         } else {
             None
         };
-        let root_hash = opts
-            .root_password_file
-            .as_deref()
-            .map(root_password_hash)
-            .transpose()?;
         // What an abox that died here before (SIGKILL) left behind is removed first, and said.
         for done in fs::reap_stale(out_dir_of(out_path))? {
             progress.note(&done);
@@ -238,7 +233,6 @@ impl DiskTarget {
             out,
             boot_code,
             efi_loader,
-            root_hash,
             mtime,
             progress: *progress,
             hashed: false,
@@ -469,13 +463,16 @@ impl Target for DiskTarget {
             self.opts.cmdline.as_deref(),
             &title,
         );
-        let fixup = fixup::DiskFixup::new(
-            &fs_uuid,
-            esp.volume_id.clone(),
-            self.root_hash.take(),
-            self.mtime,
-        )
-        .with_vm_agent(self.opts.vm_agent);
+        let fixup = fixup::DiskFixup::new(&fs_uuid, esp.volume_id.clone(), self.mtime)
+            .with_vm_agent(self.opts.vm_agent);
+        let id = self.opts.identity.clone().map(|i| {
+            crate::identity::fixup::IdentityFixup::new(
+                i,
+                crate::identity::fixup::Flavor::Disk,
+                self.mtime,
+            )
+        });
+        let fixup = crate::identity::fixup::Identified::new(fixup, id);
         // Inodes with paths on both sides of /boot (FAT has no hard links): the content goes to
         // the first path on the other side too.
         let mut cross = std::collections::HashMap::new();
@@ -488,7 +485,7 @@ impl Target for DiskTarget {
         }
         let out = DiskOut::new(mkfs, esp, &dirs, cross, dirs_left_out)?;
         let mut stream = TarStream::with_out(out, "", fixup);
-        stream.start(&plan.facts)?;
+        stream.start(plan)?;
         self.building = Some(Building {
             stream,
             scratch,
@@ -811,8 +808,22 @@ impl crate::tarfmt::EntryOut for DiskOut {
 
 /// `abox disk`: open the image, decide on the VM layer, write the disk and move it to its
 /// name; returns the disk's path.
-pub fn write_disk(opts: &DiskOptions, progress: &Progress) -> Result<PathBuf> {
+pub fn write_disk(
+    opts: &DiskOptions,
+    identity: &crate::identity::Sources,
+    progress: &Progress,
+) -> Result<PathBuf> {
     let image = source::open_with(&opts.source, &opts.select, None)?;
+    let ids = crate::export::Identities::resolve(
+        identity,
+        &image.name,
+        &[crate::identity::fixup::Flavor::Disk],
+        progress,
+    )?;
+    let opts = &DiskOptions {
+        identity: ids.disk,
+        ..opts.clone()
+    };
     let (out_path, format) = output_and_format(opts, &image.name)?;
     let out_dir = out_dir_of(&out_path);
     std::fs::create_dir_all(out_dir).with_context(|| {

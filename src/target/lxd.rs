@@ -18,6 +18,7 @@ use super::{
 };
 use crate::cmd::PipedChild;
 use crate::flatten::Facts;
+use crate::identity::fixup::{Flavor, Identified, IdentityFixup};
 use crate::output::{hash_file, Artifact, PendingFile};
 use crate::tarfmt::{Meta, TarWriter};
 
@@ -30,6 +31,15 @@ pub struct LxdOptions {
     pub created: u64,
     /// A virtual-machine image: `requirements.secureboot: "false"` (its loader is unsigned).
     pub vm: bool,
+    /// The first-boot identity written into the rootfs; with a hostname, LXD's hostname and
+    /// hosts templates are left out (they would replace it with the instance name).
+    pub identity: Option<std::sync::Arc<crate::identity::Identity>>,
+}
+
+impl LxdOptions {
+    fn fixed_hostname(&self) -> bool {
+        self.identity.as_ref().is_some_and(|i| i.hostname.is_some())
+    }
 }
 
 /// LXD names architectures the kernel's way.
@@ -79,17 +89,7 @@ pub fn metadata_yaml(opts: &LxdOptions, facts: &Facts) -> String {
          \x20 description: {desc}\n\
          \x20 serial: {serial}\n\
          {requirements}\
-         templates:\n\
-         \x20 /etc/hostname:\n\
-         \x20   when:\n\
-         \x20     - create\n\
-         \x20     - copy\n\
-         \x20   template: hostname.tpl\n\
-         \x20 /etc/hosts:\n\
-         \x20   when:\n\
-         \x20     - create\n\
-         \x20     - copy\n\
-         \x20   template: hosts.tpl\n",
+         {templates}",
         arch = q(lxd_arch(&opts.architecture)),
         created = opts.created,
         os = q(os),
@@ -102,8 +102,26 @@ pub fn metadata_yaml(opts: &LxdOptions, facts: &Facts) -> String {
         } else {
             ""
         },
+        templates = if opts.fixed_hostname() {
+            "templates: {}\n"
+        } else {
+            TEMPLATES
+        },
     )
 }
+
+/// LXD's templates: `/etc/hostname` and `/etc/hosts` from the instance name at create and copy.
+const TEMPLATES: &str = "templates:\n\
+\x20 /etc/hostname:\n\
+\x20   when:\n\
+\x20     - create\n\
+\x20     - copy\n\
+\x20   template: hostname.tpl\n\
+\x20 /etc/hosts:\n\
+\x20   when:\n\
+\x20     - create\n\
+\x20     - copy\n\
+\x20   template: hosts.tpl\n";
 
 const HOSTNAME_TPL: &str = "{{ container.name }}\n";
 const HOSTS_TPL: &str = "127.0.0.1   localhost\n\
@@ -115,7 +133,7 @@ ff02::2     ip6-allrouters\n";
 /// metadata.yaml and the templates, at the archive root.
 fn meta_entries(opts: &LxdOptions, facts: &Facts) -> Vec<Extra> {
     let t = opts.created;
-    vec![
+    let mut v = vec![
         Extra::file(
             "metadata.yaml",
             0o644,
@@ -123,9 +141,22 @@ fn meta_entries(opts: &LxdOptions, facts: &Facts) -> Vec<Extra> {
             t,
         ),
         Extra::dir("templates", t),
-        Extra::file("templates/hostname.tpl", 0o644, HOSTNAME_TPL.into(), t),
-        Extra::file("templates/hosts.tpl", 0o644, HOSTS_TPL.into(), t),
-    ]
+    ];
+    if !opts.fixed_hostname() {
+        v.push(Extra::file(
+            "templates/hostname.tpl",
+            0o644,
+            HOSTNAME_TPL.into(),
+            t,
+        ));
+        v.push(Extra::file(
+            "templates/hosts.tpl",
+            0o644,
+            HOSTS_TPL.into(),
+            t,
+        ));
+    }
+    v
 }
 
 /// The metadata half of an LXD/Incus virtual-machine image, `<name>.lxd-vm-meta.tar.gz`
@@ -219,14 +250,24 @@ impl Fixup for LxdFixup {
     }
 }
 
-pub fn create_unified(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>> {
-    let dest = out_dir.join(format!("{}.lxd.tar.gz", opts.name));
-    let fixup = LxdFixup {
+/// The LXD fix-ups, with the identity over them when there is one.
+fn fixup(opts: &LxdOptions, with_meta: bool) -> Identified<LxdFixup> {
+    let inner = LxdFixup {
         opts: opts.clone(),
-        with_meta: true,
+        with_meta,
         facts: Facts::default(),
         openrc: OpenRc::new(&openrc::LXD),
     };
+    let id = opts
+        .identity
+        .clone()
+        .map(|i| IdentityFixup::new(i, Flavor::Lxd, opts.created));
+    Identified::new(inner, id)
+}
+
+pub fn create_unified(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>> {
+    let dest = out_dir.join(format!("{}.lxd.tar.gz", opts.name));
+    let fixup = fixup(opts, true);
     Ok(Box::new(TarFileTarget::create(
         "lxd", &dest, true, "rootfs/", fixup,
     )?))
@@ -240,7 +281,7 @@ pub struct SplitTarget {
     meta_hash: Option<(String, u64)>,
     squash_file: PendingFile,
     child: Option<PipedChild>,
-    stream: Option<TarStream<LxdFixup>>,
+    stream: Option<TarStream<Identified<LxdFixup>>>,
 }
 
 pub fn create_split(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>> {
@@ -261,12 +302,7 @@ pub fn create_split(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>
             .arg(squash_file.tmp_path()),
     )?;
     let stdin = child.take_stdin().expect("fresh child has stdin");
-    let fixup = LxdFixup {
-        opts: opts.clone(),
-        with_meta: false,
-        facts: Facts::default(),
-        openrc: OpenRc::new(&openrc::LXD),
-    };
+    let fixup = fixup(opts, false);
     let stream = TarStream::new(
         Out::Pipe(BufWriter::with_capacity(1 << 20, stdin)),
         "",
@@ -283,7 +319,7 @@ pub fn create_split(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>
 }
 
 impl SplitTarget {
-    fn stream(&mut self) -> &mut TarStream<LxdFixup> {
+    fn stream(&mut self) -> &mut TarStream<Identified<LxdFixup>> {
         self.stream.as_mut().expect("stream open until finish")
     }
     /// A write into the pipe failed: the child's stderr says why.
@@ -313,7 +349,7 @@ impl Target for SplitTarget {
             tar.finish()?;
         }
         self.meta_hash = out.close()?;
-        let r = self.stream().start(facts);
+        let r = self.stream().start(plan);
         self.piped(r)
     }
     fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
@@ -374,6 +410,7 @@ mod tests {
             architecture: "amd64".into(),
             created: 1704164645,
             vm: false,
+            identity: None,
         };
         let y = metadata_yaml(&opts, &facts);
         assert!(y.contains("\narchitecture: \"x86_64\"\n"), "{y}");

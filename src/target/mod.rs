@@ -92,6 +92,11 @@ pub trait Fixup: Send {
     fn start(&mut self, _facts: &Facts) -> Result<()> {
         Ok(())
     }
+    /// Called once pass 1 is done, with the whole plan (the tree too); by default [`Self::start`]
+    /// with its facts.
+    fn start_plan(&mut self, plan: &Plan) -> Result<()> {
+        self.start(&plan.facts)
+    }
     /// Entries before the rootfs, outside the rootfs prefix (LXD's `metadata.yaml`).
     fn prologue(&mut self) -> Result<Vec<Extra>> {
         Ok(Vec::new())
@@ -281,8 +286,8 @@ impl<F: Fixup, O: EntryOut> TarStream<F, O> {
         crate::flatten::path::join(self.prefix.trim_end_matches('/'), p)
     }
 
-    pub fn start(&mut self, facts: &Facts) -> Result<()> {
-        self.fixup.start(facts)?;
+    pub fn start(&mut self, plan: &Plan) -> Result<()> {
+        self.fixup.start_plan(plan)?;
         for e in self.fixup.prologue()? {
             self.tar.entry(&e.path, &e.meta, &e.data)?;
         }
@@ -440,7 +445,7 @@ impl<F: Fixup> TarFileTarget<F> {
 
 impl<F: Fixup> Target for TarFileTarget<F> {
     fn start(&mut self, plan: &Plan) -> Result<()> {
-        self.stream.start(&plan.facts)
+        self.stream.start(plan)
     }
     fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
         self.stream.begin(path, meta)

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use super::openrc::{self, OpenRc};
 use super::{Action, Extra, Fixup, TarFileTarget, Target};
 use crate::flatten::Facts;
+use crate::identity::fixup::{Flavor, Identified, IdentityFixup};
 use crate::tarfmt::{Kind, Meta};
 
 /// Microsoft's limit for the package icon.
@@ -218,6 +219,29 @@ pub struct WslOptions {
     /// The image config's `User`.
     pub config_user: Option<String>,
     pub mtime: u64,
+    /// The first-boot identity; its user is WSL's default user unless `--wsl-user` says.
+    pub identity: Option<std::sync::Arc<crate::identity::Identity>>,
+}
+
+/// The WSL fix-ups with the identity over them.
+fn fixup(opts: &WslOptions, package: bool) -> Result<Identified<WslFixup>> {
+    let mut o = opts.clone();
+    if o.user.is_none() {
+        o.user = opts
+            .identity
+            .as_ref()
+            .and_then(|i| i.user.as_ref().map(|u| u.name.clone()));
+    }
+    let flavor = if package {
+        Flavor::WslPackage
+    } else {
+        Flavor::Wsl
+    };
+    let id = opts
+        .identity
+        .clone()
+        .map(|i| IdentityFixup::new(i, flavor, opts.mtime));
+    Ok(Identified::new(WslFixup::new(o, package)?, id))
 }
 
 /// The WSL fix-ups: one table for both the tarball and the package.
@@ -403,7 +427,7 @@ pub fn create_tarball(out_dir: &Path, opts: &WslOptions) -> Result<Box<dyn Targe
         &dest,
         true,
         "",
-        WslFixup::new(opts.clone(), false)?,
+        fixup(opts, false)?,
     )?))
 }
 
@@ -414,7 +438,7 @@ pub fn create_package(out_dir: &Path, opts: &WslOptions) -> Result<Box<dyn Targe
         &dest,
         true,
         "",
-        WslFixup::new(opts.clone(), true)?,
+        fixup(opts, true)?,
     )?))
 }
 

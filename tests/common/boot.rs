@@ -182,6 +182,20 @@ pub fn boot_fw_until(
     fw: Fw,
     done: &dyn Fn(&str) -> bool,
 ) -> String {
+    boot_nic_until(disk, format, bus, fw, "none", done)
+}
+
+/// [`boot_fw_until`] with a network card: `nic` is QEMU's `-nic` value (e.g.
+/// `user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:PORT-:22`); `done` may talk to the guest
+/// while it runs (it is called with the console text until it says yes).
+pub fn boot_nic_until(
+    disk: &Path,
+    format: &str,
+    bus: Bus,
+    fw: Fw,
+    nic: &str,
+    done: &dyn Fn(&str) -> bool,
+) -> String {
     require_tool("qemu-system-x86_64");
     let log_dir = tempfile::tempdir().unwrap();
     let log = log_dir.path().join("serial.log");
@@ -231,7 +245,7 @@ pub fn boot_fw_until(
     };
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "256", "-display", "none"])
-        .args(["-machine", "graphics=off", "-nic", "none", "-no-reboot"])
+        .args(["-machine", "graphics=off", "-nic", nic, "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .args(&firmware)

@@ -587,6 +587,20 @@ pub fn require_tool(name: &str) {
     );
 }
 
+/// Fail loudly unless lxd answers (`scripts/setup` starts it).
+pub fn require_lxd() {
+    require_root();
+    require_tool("lxc");
+    assert!(
+        Command::new("lxc")
+            .arg("info")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false),
+        "this test needs a running lxd: run scripts/setup"
+    );
+}
+
 pub fn require_root() {
     let uid = Command::new("id").arg("-u").output().unwrap();
     assert_eq!(
