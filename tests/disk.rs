@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::boot::{self, assert_nothing_left, Bus, Fw};
-use common::{abox, files_in, require_root, require_tool, run_err, run_ok, sh, ImageSpec};
+use common::{
+    abox, files_in, require_lxd, require_root, require_tool, run_err, run_ok, sh, ImageSpec,
+};
 
 /// The init of the test image: proves the root was found and mounted, shows what the disk's
 /// fix-ups did, then powers off. The marker comes from a file of the image, never from the
