@@ -1031,46 +1031,6 @@ $b sync
 $b poweroff -f
 "#;
 
-/// Host programs (and the shared libraries they load) as layer lines, at their host paths.
-fn host_programs(names: &[&str]) -> String {
-    let mut files = std::collections::BTreeSet::new();
-    for n in names {
-        let p = sh(&format!("command -v {n}")).trim().to_string();
-        assert!(!p.is_empty(), "{n} missing: run scripts/setup");
-        files.insert(p.clone());
-        for l in sh(&format!("ldd {p} || true")).lines() {
-            if let Some(lib) = l.split_whitespace().find(|w| w.starts_with('/')) {
-                files.insert(lib.to_string());
-            }
-        }
-    }
-    let mut dirs = std::collections::BTreeSet::new();
-    let mut out = String::new();
-    for f in &files {
-        let mut d = Path::new(f).parent().unwrap();
-        while d != Path::new("/") {
-            dirs.insert(d.to_path_buf());
-            d = d.parent().unwrap();
-        }
-    }
-    for d in &dirs {
-        out.push_str(&format!(
-            "d {} 0755\n",
-            d.display().to_string().trim_start_matches('/')
-        ));
-    }
-    for f in &files {
-        // Resolve symlinks (libc.so.6 → libc-2.36.so…): the image gets the file itself.
-        let real = std::fs::canonicalize(f).unwrap();
-        out.push_str(&format!(
-            "H {} 0755 {}\n",
-            f.trim_start_matches('/'),
-            real.display()
-        ));
-    }
-    out
-}
-
 /// First-boot growth, for real: an OpenRC image's disk carries the `abox-growroot` service
 /// and its script; run at boot with Debian's growpart, sfdisk, partx, blkid, flock and
 /// resize2fs in the image, it changes nothing on a fresh disk, and after `qemu-img resize` it
@@ -1099,7 +1059,7 @@ fn growroot_grows_the_root_to_an_enlarged_disk_at_boot() {
     ] {
         desc.push_str(&format!("l bin/{applet} -> busybox\n"));
     }
-    desc.push_str(&host_programs(&[
+    desc.push_str(&boot::host_programs(&[
         "growpart",
         "sfdisk",
         "partx",

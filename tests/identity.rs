@@ -434,3 +434,222 @@ fn lxd_launch_shows_the_identity_inside() {
     assert_eq!(lines[5], "/usr/share/zoneinfo/Europe/Berlin", "{got}");
     assert!(lines[6] == "CET" || lines[6] == "CEST", "{got}");
 }
+
+/// The stand-in's init: mounts, the virtio-net modules, a static address on QEMU's user
+/// network, the hostname from /etc/hostname, Debian's sshd; then it says so on the console.
+const SSH_INIT: &str = r#"#!/bin/busybox sh
+b=/bin/busybox
+$b mount -t proc proc /proc
+$b mount -t sysfs sys /sys
+$b mount -t tmpfs tmpfs /run
+$b mount -t tmpfs tmpfs /tmp
+$b mkdir -p /dev/pts /run/sshd
+$b mount -t devpts devpts /dev/pts
+for m in failover net_failover virtio_net; do $b insmod /lib/abox-modules/$m.ko; done
+$b hostname -F /etc/hostname
+$b ip link set lo up
+$b ip link set eth0 up
+$b ip addr add 10.0.2.15/24 dev eth0
+$b ip route add default via 10.0.2.2
+/usr/sbin/sshd -e -f /etc/ssh/sshd_config 2>/dev/ttyS0
+echo "ABOX-TEST ready" > /dev/ttyS0
+while :; do $b sleep 3600; done
+"#;
+
+/// Run ssh against the guest: (exit code, stdout, stderr).
+fn ssh(port: u16, key: &Path, user: &str, extra: &[&str], cmd: &str) -> (i32, String, String) {
+    let o = std::process::Command::new("ssh")
+        .args(["-F", "/dev/null", "-p", &port.to_string(), "-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "ConnectTimeout=60", "-o", "LogLevel=ERROR"])
+        .args(extra)
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(cmd)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).replace('\r', ""),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A disk made with --user, --ssh-key, --hostname, --timezone boots under QEMU on the busybox
+/// stand-in with Debian's sshd copied in; the test logs in over SSH with the key as that user.
+/// The image's sshd_config allows root and passwords and root has the key in its own
+/// authorized_keys: after abox, root is refused (no --root-ssh-key) and the server offers no
+/// password login (a key and no password given).
+#[test]
+fn ssh_key_login_on_a_booted_disk() {
+    require_root();
+    for t in [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "ssh",
+        "sshd",
+        "syslinux",
+        "mtype",
+    ] {
+        require_tool(t);
+    }
+    let i = inputs();
+    let d = i.dir.path();
+    let (root, v) = common::boot::kernel();
+    let initrd = d.join("initrd");
+    common::boot::initramfs(&initrd);
+    sh(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f {}/hostkey",
+        d.display()
+    ));
+    std::fs::write(d.join("init"), SSH_INIT).unwrap();
+    let mut mods = String::from("d lib 0755\nd lib/abox-modules 0755\n");
+    for m in ["failover", "net_failover", "virtio_net"] {
+        let found = sh(&format!(
+            "find {}/lib/modules/{v} -name '{m}.ko' | head -n1",
+            root.display()
+        ));
+        assert!(
+            found.trim().ends_with(".ko"),
+            "module {m} not in the kernel package"
+        );
+        mods.push_str(&format!(
+            "H lib/abox-modules/{m}.ko 0644 {}\n",
+            found.trim()
+        ));
+    }
+    let bb = sh("command -v busybox");
+    let base = format!(
+        "d bin 0755\nH bin/busybox 0755 {bb}\nl bin/sh -> busybox\nd sbin 0755\nH sbin/init 0755 {init}\n\
+         d etc 0755\nf etc/os-release 0644 ID=debian-standin\\n\n\
+         f etc/passwd 0644 root:x:0:0:root:/root:/bin/sh\\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\\n\n\
+         f etc/group 0644 root:x:0:\\nwheel:x:10:root\\nnogroup:x:65534:\\n\n\
+         f etc/shadow 0640 root:*:19000:0:::::\\nsshd:!:19000:0:99999:7:::\\n\n\
+         f etc/nsswitch.conf 0644 passwd: files\\ngroup: files\\nshadow: files\\n\n\
+         d etc/ssh 0755\nf etc/ssh/sshd_config 0644 UsePAM no\\nPermitRootLogin yes\\nPasswordAuthentication yes\\nHostKey /etc/ssh/ssh_host_ed25519_key\\nPidFile /run/sshd.pid\\n\n\
+         H etc/ssh/ssh_host_ed25519_key 0600 {hk}\n\
+         d root 0700\nd root/.ssh 0700\nf root/.ssh/authorized_keys 0600 {alice}\\n\n\
+         d usr 0755\nd usr/share 0755\nd usr/share/zoneinfo 0755\nd usr/share/zoneinfo/Europe 0755\n\
+         H usr/share/zoneinfo/Europe/Berlin 0644 /usr/share/zoneinfo/Europe/Berlin\n\
+         d home 0755\nd proc 0555\nd sys 0555\nd dev 0755\nd tmp 1777\nd run 0755\n\
+         d boot 0755\nH boot/vmlinuz-{v} 0644 {k}\nH boot/initrd.img-{v} 0644 {initrd}\n",
+        bb = bb.trim(),
+        init = d.join("init").display(),
+        hk = d.join("hostkey").display(),
+        alice = i.alice,
+        k = common::boot::kernel_file().display(),
+        initrd = initrd.display(),
+    );
+    let programs = common::boot::host_programs(&["sshd"]);
+    let lay = d.join("ssh-layout");
+    ImageSpec::new(&[&base, &mods, &programs]).write_oci(&lay, "t");
+    let disk = d.join("box.qcow2");
+    run_ok(
+        abox()
+            .current_dir(d)
+            .arg("disk")
+            .arg(format!("oci:{}:t", lay.display()))
+            .arg("-o")
+            .arg(&disk)
+            .args([
+                "--hostname",
+                "box1",
+                "--user",
+                "alice",
+                "--ssh-key",
+                "alice.pub",
+            ])
+            .args(["--timezone", "Europe/Berlin"]),
+    );
+    let port = common::remote::free_port();
+    let key = d.join("alice");
+    let got = std::sync::Mutex::new(None);
+    let console = common::boot::boot_nic_until(
+        &disk,
+        "qcow2",
+        common::boot::Bus::Virtio,
+        common::boot::Fw::Bios,
+        &format!("user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22"),
+        &|t| {
+            if !t.contains("ABOX-TEST ready") {
+                return false;
+            }
+            let login = ssh(
+                port,
+                &key,
+                "alice",
+                &["-o", "BatchMode=yes"],
+                "hostname; date +%Z; id; echo ok",
+            );
+            let root_login = ssh(port, &key, "root", &["-o", "BatchMode=yes"], "id");
+            // A password attempt: the server must not even offer it.
+            let askpass = key.with_file_name("askpass");
+            std::fs::write(&askpass, "#!/bin/sh\necho alice\n").unwrap();
+            sh(&format!("chmod 755 {}", askpass.display()));
+            let o = std::process::Command::new("ssh")
+                .args(["-F", "/dev/null", "-p", &port.to_string()])
+                .args([
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                ])
+                .args([
+                    "-o",
+                    "PubkeyAuthentication=no",
+                    "-o",
+                    "NumberOfPasswordPrompts=1",
+                ])
+                .args([
+                    "-o",
+                    "PreferredAuthentications=password,keyboard-interactive",
+                ])
+                .env("SSH_ASKPASS", &askpass)
+                .env("SSH_ASKPASS_REQUIRE", "force")
+                .env("DISPLAY", ":0")
+                .arg("alice@127.0.0.1")
+                .arg("id")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            let password = (
+                o.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            );
+            *got.lock().unwrap() = Some((login, root_login, password));
+            true
+        },
+    );
+    let (login, root_login, password) = got.into_inner().unwrap().expect("the guest came up");
+    let (code, out, err) = login;
+    assert_eq!(
+        code, 0,
+        "key login as alice: {err}\n--- console ---\n{console}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "box1", "{out}");
+    assert!(lines[1] == "CET" || lines[1] == "CEST", "{out}");
+    assert!(
+        lines[2].starts_with("uid=1000(alice) gid=1000(alice)") && lines[2].contains("10(wheel)"),
+        "{out}"
+    );
+    assert_eq!(lines[3], "ok");
+    assert_ne!(root_login.0, 0, "root refused: {:?}", root_login);
+    assert!(
+        root_login.2.contains("Permission denied"),
+        "{:?}",
+        root_login
+    );
+    assert_ne!(password.0, 0, "password login refused: {:?}", password);
+    assert!(
+        password.1.contains("Permission denied (publickey)"),
+        "only keys are offered: {:?}",
+        password
+    );
+}
