@@ -142,3 +142,102 @@ fn real_alpine_boots_on_every_firmware_and_hypervisor_shape() {
     boots(&mbr, "raw", Bus::Virtio, Fw::Bios, &uuid);
     boots(&mbr, "raw", Bus::Virtio, Fw::Uefi, &uuid);
 }
+
+/// The first-boot identity on real Alpine: a disk made with --hostname, --user, --ssh-key and
+/// --timezone (tzdata's Europe/Berlin copied in: the wheel's image has no tzdata) boots, and over
+/// the serial console the booted system shows the hostname, the user, its authorized_keys
+/// (content, owner, mode) and /etc/localtime's target.
+#[test]
+fn real_alpine_boots_with_the_identity() {
+    require_root();
+    common::require_tool("ssh-keygen");
+    let base = boot::real_alpine();
+    let work = tempfile::Builder::new()
+        .prefix("abox-alpine-id-")
+        .tempdir()
+        .unwrap();
+    let w = work.path();
+    std::fs::copy("/usr/share/zoneinfo/Europe/Berlin", w.join("Berlin")).unwrap();
+    std::fs::write(
+        w.join("abox-identity.start"),
+        "#!/bin/sh\n{\necho ABOX-ID-BEGIN\necho \"hostname=$(hostname) file=$(cat /etc/hostname)\"\n\
+         id alice\nstat -c 'keys=%u:%g:%a' /home/alice/.ssh/authorized_keys\n\
+         stat -c 'ssh=%u:%g:%a' /home/alice/.ssh\ncat /home/alice/.ssh/authorized_keys\n\
+         echo \"localtime=$(readlink /etc/localtime) zone=$(date +%Z)\"\n\
+         grep '^127.0.1.1' /etc/hosts\necho ABOX-ID-END\n} > /dev/ttyS0 2>&1\n",
+    )
+    .unwrap();
+    sh(&format!("chmod 755 {}/abox-identity.start", w.display()));
+    std::fs::write(
+        w.join("Dockerfile"),
+        format!(
+            "FROM {base}\nCOPY Berlin /usr/share/zoneinfo/Europe/Berlin\n\
+             COPY abox-identity.start /etc/local.d/abox-identity.start\n"
+        ),
+    )
+    .unwrap();
+    assert!(
+        common::engine::in_image(base, "grep ^quicksand:x:1000: /etc/passwd").contains("1000"),
+        "the real image has a uid 1000 user of its own"
+    );
+    let tag = format!("abox-test/alpine-identity:{}", std::process::id());
+    sh(&format!(
+        "cd {} && DOCKER_BUILDKIT=0 docker build -q --label org.alpine-boxes.test=identity -t {tag} . >/dev/null",
+        w.display()
+    ));
+    let archive = w.join("alpine.tar");
+    sh(&format!(
+        "docker save -o {} {tag} && docker rmi {tag} >/dev/null",
+        archive.display()
+    ));
+    sh(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -C alice@lab -f {}/alice",
+        w.display()
+    ));
+    let key = std::fs::read_to_string(w.join("alice.pub")).unwrap();
+    let disk = w.join("alpine.qcow2");
+    run_ok(
+        common::abox()
+            .arg("disk")
+            .arg(format!("docker-archive:{}", archive.display()))
+            .arg("-o")
+            .arg(&disk)
+            .args(["--hostname", "alpine-box", "--user", "alice", "--ssh-key"])
+            .arg(w.join("alice.pub"))
+            .args([
+                "--timezone",
+                "Europe/Berlin",
+                "--search-domain",
+                "home.arpa",
+            ]),
+    );
+    let log = boot::boot_fw_until(&disk, "qcow2", Bus::Virtio, Fw::Bios, &|t| {
+        t.contains("ABOX-PROBE-END")
+    });
+    let start = log.find("ABOX-ID-BEGIN").expect("the identity probe ran");
+    let end = log[start..].find("ABOX-ID-END").unwrap() + start;
+    let p = log[start..end].replace('\r', "");
+    assert!(p.contains("hostname=alpine-box file=alpine-box\n"), "{p}");
+    // The image has uid 1000 (quicksand): alice gets the next free one, as adduser does.
+    assert!(
+        p.contains("uid=1001(alice) gid=1001(alice) groups=1001(alice),10(wheel)\n"),
+        "{p}"
+    );
+    assert!(p.contains("keys=1001:1001:600\n"), "{p}");
+    assert!(p.contains("ssh=1001:1001:700\n"), "{p}");
+    assert!(p.contains(key.trim()), "{p}");
+    assert!(
+        p.contains("localtime=/usr/share/zoneinfo/Europe/Berlin zone=CE"),
+        "{p}"
+    );
+    assert!(
+        p.contains("127.0.1.1\talpine-box.home.arpa alpine-box"),
+        "{p}"
+    );
+    // The rest of the boot is as healthy as without an identity.
+    let probe = probe(&log);
+    assert!(
+        probe.contains("runlevel=default") && probe.contains("crashed=[]"),
+        "{probe}"
+    );
+}

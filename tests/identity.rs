@@ -226,7 +226,7 @@ fn flags_config_and_answers_write_one_identity_into_wsl_and_lxd() {
     assert!(read(&wsl.join("etc/passwd"))
         .contains("\nalice:x:1000:1000:Linux User,,,:/home/alice:/bin/sh\n"));
     assert!(read(&wsl.join("etc/group")).contains("\nwheel:x:10:root,alice\n"));
-    assert!(read(&wsl.join("etc/group")).contains("\nalice:x:1000:alice\n"));
+    assert!(read(&wsl.join("etc/group")).contains("\nalice:x:1000:\n"));
     assert!(read(&wsl.join("etc/shadow")).contains(&format!("\nalice:{HASH}:")));
     assert_eq!(owner_mode(&wsl.join("home/alice")), (1000, 1000, 0o755));
     assert_eq!(

@@ -266,7 +266,7 @@ pub fn passwd(text: &str, a: &Account) -> String {
     s
 }
 
-/// group with the account's own group (when new) and the account in `wheel` (the group made,
+/// group with the account's own group (when new; no members listed, as addgroup makes it) and the account in `wheel` (the group made,
 /// gid 10 or the lowest free under 1000, when the image has none).
 pub fn group(text: &str, a: &Account) -> String {
     let text = normalized(text);
@@ -289,7 +289,8 @@ pub fn group(text: &str, a: &Account) -> String {
         out.push('\n');
     }
     if !groups.iter().any(|(g, _, _)| *g == a.name) && !groups.iter().any(|(_, g, _)| *g == a.gid) {
-        out.push_str(&format!("{}:x:{}:{}\n", a.name, a.gid, a.name));
+        // As busybox addgroup makes it: the user's primary group lists no members.
+        out.push_str(&format!("{}:x:{}:\n", a.name, a.gid));
     }
     if !wheel {
         let gid = std::iter::once(10)
@@ -617,13 +618,13 @@ mod tests {
         let g = group(GROUP, &a);
         assert_eq!(
             g,
-            "root:x:0:root\nwheel:x:10:root,alice\nbob:x:1000:\nalice:x:1001:alice\n"
+            "root:x:0:root\nwheel:x:10:root,alice\nbob:x:1000:\nalice:x:1001:\n"
         );
         assert_eq!(group(&g, &a), g, "idempotent");
         // No wheel group: made, at 10.
         assert_eq!(
             group("root:x:0:\r\n", &a),
-            "root:x:0:\nalice:x:1001:alice\nwheel:x:10:alice\n"
+            "root:x:0:\nalice:x:1001:\nwheel:x:10:alice\n"
         );
         // An existing user keeps its line; still joins wheel.
         let b = plan_account("bob", PASSWD, GROUP);
