@@ -403,6 +403,12 @@ pub struct IdentityArgs {
     /// Console keymap, "LAYOUT VARIANT" (disks; needs kbd-bkeymaps in the image).
     #[arg(long, value_name = "LAYOUT VARIANT")]
     pub keymap: Option<String>,
+
+    /// Set up Alpine's tiny-cloud for NoCloud (a seed from `abox seed` applies at first boot);
+    /// the VM layer installs it when a docker: Alpine image lacks it. LXD/Incus images also get
+    /// the cloud-init templates, so `-c cloud-init.user-data=...` works.
+    #[arg(long)]
+    pub cloud_init: bool,
 }
 
 impl IdentityArgs {
@@ -426,6 +432,7 @@ impl IdentityArgs {
             ntp: list(&self.ntp),
             keymap: self.keymap.clone(),
             interfaces: None,
+            cloud_init: self.cloud_init.then_some(true),
         }
     }
 

@@ -152,6 +152,8 @@ pub struct DiskSet {
     pub opts: DiskOptions,
     /// The disk targets and their companions (the LXD VM image's metadata).
     pub targets: Vec<Box<dyn Target>>,
+    /// A disk of the set sets up tiny-cloud (`--cloud-init`): the VM layer adds it if missing.
+    pub cloud: bool,
 }
 
 impl DiskSet {
@@ -195,7 +197,13 @@ impl DiskSet {
                 &lxd_options(image, name, ids.lxd.clone()),
             )?);
         }
-        Ok(DiskSet { opts, targets })
+        let cloud_of = |i: &Option<Arc<Identity>>| i.as_ref().is_some_and(|i| i.cloud_init);
+        let cloud = (disk && cloud_of(&ids.disk)) || (lxd_vm && cloud_of(&ids.lxd));
+        Ok(DiskSet {
+            opts,
+            targets,
+            cloud,
+        })
     }
 }
 
@@ -215,7 +223,7 @@ pub fn run_with_disks(
 ) -> Result<Vec<Artifact>> {
     let mut vm = None;
     if let Some(set) = disks {
-        match vmlayer::resolve(&set.opts, image, plan, engine, progress) {
+        match vmlayer::resolve(&set.opts, image, plan, set.cloud, engine, progress) {
             Ok(None) => targets.extend(set.targets),
             Ok(Some((vm_image, vm_plan))) => vm = Some((vm_image, vm_plan, set.targets)),
             Err(e) if skip_no_kernel && e.downcast_ref::<NoKernel>().is_some() => {

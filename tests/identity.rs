@@ -14,9 +14,21 @@ use common::*;
 /// An image with what the identity writes into: users, sshd_config, chrony, tzdata's
 /// Europe/Berlin (this machine's), an `/etc/hostname` of its own, OpenRC runlevel folders, and
 /// a "kernel" (systemd's EFI stub, which boots nothing) so a disk of it gets written.
-fn image_desc() -> String {
+fn image_desc(tiny_cloud: bool) -> String {
     let bb = sh("command -v busybox");
-    format!(
+    let tc = if tiny_cloud {
+        "f sbin/tiny-cloud 0755 #!/bin/sh\\n\n\
+         f etc/init.d/tiny-cloud 0755 #!/sbin/openrc-run\\n\n\
+         f etc/init.d/tiny-cloud-early 0755 #!/sbin/openrc-run\\n\n\
+         f etc/init.d/tiny-cloud-final 0755 #!/sbin/openrc-run\\n\n\
+         f etc/tiny-cloud.conf 0644 #CLOUD=\\n\n\
+         d lib 0755\nd lib/tiny-cloud 0755\nd lib/tiny-cloud/cloud 0755\nd lib/tiny-cloud/cloud/nocloud 0755\n\
+         f lib/tiny-cloud/cloud/nocloud/imds 0644 # NoCloud\\n\n\
+         l etc/runlevels/sysinit/tiny-cloud-early -> /etc/init.d/tiny-cloud-early\n"
+    } else {
+        ""
+    };
+    let desc = format!(
         "d bin 0755\nH bin/busybox 0755 {bb}\nl bin/sh -> busybox\nd sbin 0755\nl sbin/init -> /bin/busybox\n\
          d etc 0755\nf etc/os-release 0644 ID=alpine\\nVERSION_ID=3.20.3\\nPRETTY_NAME=\"Alpine Linux v3.20\"\\n\n\
          f etc/passwd 0644 root:x:0:0:root:/root:/bin/sh\\nsshd:x:22:22:sshd:/run/sshd:/sbin/nologin\\n\n\
@@ -31,9 +43,11 @@ fn image_desc() -> String {
          d usr/share 0755\nd usr/share/zoneinfo 0755\nd usr/share/zoneinfo/Europe 0755\n\
          H usr/share/zoneinfo/Europe/Berlin 0644 /usr/share/zoneinfo/Europe/Berlin\n\
          d boot 0755\nH boot/vmlinuz-virt 0644 /usr/lib/systemd/boot/efi/linuxx64.efi.stub\n\
-         d home 0755\nd root 0700\nd proc 0755\nd sys 0755\nd dev 0755\nd tmp 1777\nd run 0755\nd var 0755\n",
+         d home 0755\nd root 0700\nd proc 0755\nd sys 0755\nd dev 0755\nd tmp 1777\nd run 0755\nd var 0755\n\
+         d etc/runlevels/sysinit 0755\nd etc/runlevels/boot 0755\n",
         bb = bb.trim()
-    )
+    );
+    format!("{desc}{tc}")
 }
 
 /// A key pair made by ssh-keygen: (private key path, public key line).
@@ -62,7 +76,7 @@ fn inputs() -> Inputs {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let layout = d.join("layout");
-    ImageSpec::new(&[&image_desc()]).write_oci(&layout, "t");
+    ImageSpec::new(&[&image_desc(true)]).write_oci(&layout, "t");
     let (_, alice) = keypair(d, "alice");
     let (_, root) = keypair(d, "root");
     std::fs::write(d.join("alice.pw"), format!("{HASH}\n")).unwrap();
@@ -372,6 +386,32 @@ fn bad_identity_input_is_refused_before_anything_is_written() {
     }
 }
 
+/// `--cloud-init` on an image without tiny-cloud (and not a docker: Alpine image the VM layer
+/// could add it to): the error says what to add; nothing is written.
+#[test]
+fn cloud_init_without_tiny_cloud_says_what_to_add() {
+    let i = inputs();
+    let plain = i.dir.path().join("plain");
+    ImageSpec::new(&[&image_desc(false)]).write_oci(&plain, "t");
+    for target in ["disk", "export"] {
+        let out = i.dir.path().join(format!("out-{target}"));
+        let mut c = abox();
+        c.arg(target).arg(format!("oci:{}:t", plain.display()));
+        if target == "export" {
+            c.args(["--lxd", "-o"]).arg(&out);
+        } else {
+            c.arg("-o").arg(out.join("x.qcow2"));
+        }
+        let err = run_err(c.arg("--cloud-init"));
+        assert!(
+            err.contains("--cloud-init: the image has no tiny-cloud")
+                && err.contains("apk add tiny-cloud-nocloud"),
+            "{target}: {err}"
+        );
+        assert!(files_in(&out).is_empty(), "{target}: {:?}", files_in(&out));
+    }
+}
+
 /// LXD launches the image: inside, the hostname file, the user and its keys are there.
 #[test]
 fn lxd_launch_shows_the_identity_inside() {
@@ -393,7 +433,7 @@ fn lxd_launch_shows_the_identity_inside() {
                 "--ssh-key",
                 "alice.pub",
             ])
-            .args(["--timezone", "Europe/Berlin"]),
+            .args(["--timezone", "Europe/Berlin", "--cloud-init"]),
     );
     let alias = format!("abox-identity-{}", std::process::id());
     let name = format!("abox-id-{}", std::process::id());
@@ -413,7 +453,59 @@ fn lxd_launch_shows_the_identity_inside() {
         "lxc image import {} --alias {alias}",
         out.join("id.lxd.tar.gz").display()
     ));
-    sh(&format!("lxc launch {alias} {name}"));
+    // The user data given to the instance, as distrobuilder's cloud images take it.
+    let user_data = "#cloud-config\nhostname: from-lxd\n";
+    let o = std::process::Command::new("lxc")
+        .args(["launch", &alias, &name, "-c"])
+        .arg(format!("cloud-init.user-data={user_data}"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "lxc launch: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        sh(&format!("lxc info --show-log local:{name} 2>&1 || true"))
+    );
+    let cloud = sh(&format!(
+        "lxc exec {name} -- /bin/sh -c 'cat /var/lib/cloud/user-data; echo ---; \
+         cat /var/lib/cloud/seed/nocloud-net/user-data; echo ---; cat /var/lib/cloud/meta-data; \
+         echo ---; ls -a /var/lib/cloud; echo ---; cat /etc/tiny-cloud.conf; echo ---; \
+         ls /etc/runlevels/sysinit /etc/runlevels/boot /etc/runlevels/default'"
+    ));
+    let parts: Vec<&str> = cloud.split("---\n").collect();
+    assert_eq!(parts[0].trim_end(), user_data.trim_end(), "{cloud}");
+    assert_eq!(parts[1].trim_end(), user_data.trim_end(), "{cloud}");
+    assert!(
+        parts[2].contains(&format!("local-hostname: {name}\n")),
+        "meta-data from the instance: {cloud}"
+    );
+    assert!(parts[3].contains(".nocloud_loaded"), "{cloud}");
+    assert!(
+        parts[4].contains("CLOUD=\"nocloud\"\n") && parts[4].contains("CLOUD_USER=\"alice\"\n"),
+        "{cloud}"
+    );
+    assert!(
+        !parts[4].contains("expand_root"),
+        "a container's root is not grown: {cloud}"
+    );
+    // What the instance's config does not give: DHCP on eth0, an empty cloud-config.
+    let net = sh(&format!(
+        "lxc exec {name} -- /bin/sh -c 'cat /var/lib/cloud/seed/nocloud-net/network-config /var/lib/cloud/seed/nocloud-net/vendor-data'"
+    ));
+    assert!(
+        net.contains("name: eth0\n")
+            && net.contains("- type: dhcp\n")
+            && net.ends_with("#cloud-config\n{}\n\n"),
+        "{net}"
+    );
+    let links: Vec<&str> = parts[5].split_whitespace().collect();
+    for l in ["tiny-cloud-early", "tiny-cloud", "tiny-cloud-final"] {
+        assert_eq!(
+            links.iter().filter(|x| **x == l).count(),
+            1,
+            "{l} once: {cloud}"
+        );
+    }
     let got = sh(&format!(
         "lxc exec {name} -- /bin/sh -c 'cat /etc/hostname; id alice; \
          stat -c \"%u %g %a\" /home/alice/.ssh /home/alice/.ssh/authorized_keys; \
@@ -576,6 +668,7 @@ fn ssh_key_login_on_a_booted_disk() {
         common::boot::Bus::Virtio,
         common::boot::Fw::Bios,
         &format!("user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22"),
+        &[],
         &|t| {
             if !t.contains("ABOX-TEST ready") {
                 return false;
@@ -652,4 +745,117 @@ fn ssh_key_login_on_a_booted_disk() {
         "only keys are offered: {:?}",
         password
     );
+}
+
+/// `--cloud-init`, wired end to end on the stand-in (tiny-cloud cannot be installed here: there
+/// is no Alpine mirror): the base recipe built on the stand-in, a disk of it with --cloud-init
+/// (the VM layer asks apk for tiny-cloud-nocloud next to the kernel), a seed from `abox seed`
+/// attached as a second NVMe drive. At boot, tiny-cloud's services are in the runlevels
+/// `tiny-cloud --setup` puts them in, and the stand-in tiny-cloud (what tiny-cloud's NoCloud
+/// datasource does: find LABEL=cidata, mount it as iso9660, read meta-data) sets the hostname
+/// from the seed, reading the configuration abox wrote.
+#[test]
+fn cloud_init_on_the_standin_takes_the_hostname_from_a_seed() {
+    require_root();
+    for t in [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "syslinux",
+        "mtype",
+        "xorriso",
+    ] {
+        require_tool(t);
+    }
+    let _l = common::engine::engine_lock();
+    let standin = common::engine::standin_with_kernel(&common::boot::kernel_file());
+    let prefix = "abox-test-cloud";
+    let image = format!("{prefix}/base:{}", common::engine::pinned());
+    let tags = [
+        image.clone(),
+        format!("{prefix}/base:latest"),
+        format!("{image}-vm-cloud"),
+    ];
+    common::engine::rmi(&tags);
+    run_ok(
+        abox()
+            .args(["build", "base", "--dir"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfiles"))
+            .args(["--base-image", standin, "--registry", prefix]),
+    );
+    let i = inputs();
+    let d = i.dir.path();
+    std::fs::write(d.join("user-data"), "#cloud-config\n{}\n").unwrap();
+    std::fs::write(
+        d.join("meta-data"),
+        "instance-id: iid-seeded\nlocal-hostname: seeded-box\n",
+    )
+    .unwrap();
+    let seed = d.join("seed.iso");
+    run_ok(
+        abox()
+            .current_dir(d)
+            .args([
+                "seed",
+                "--user-data",
+                "user-data",
+                "--meta-data",
+                "meta-data",
+                "-o",
+            ])
+            .arg(&seed),
+    );
+    let disk = d.join("cloud.qcow2");
+    let o = run_ok(
+        abox()
+            .current_dir(d)
+            .args(["disk", &format!("docker:{image}"), "-o"])
+            .arg(&disk)
+            .args(["--cloud-init", "--user", "alice", "--ssh-key", "alice.pub"]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("adding a kernel and tiny-cloud"), "{err}");
+    assert_eq!(
+        common::engine::in_image(&tags[2], "tail -n1 /var/lib/abox-standin/apk.log"),
+        "add --no-cache linux-virt mkinitfs syslinux tiny-cloud-nocloud\n"
+    );
+    let seed_drive = [
+        "-drive".to_string(),
+        format!(
+            "file={},if=none,id=seed,format=raw,readonly=on",
+            seed.display()
+        ),
+        "-device".into(),
+        "nvme,drive=seed,serial=seed".into(),
+    ];
+    let log = common::boot::boot_nic_until(
+        &disk,
+        "qcow2",
+        common::boot::Bus::Nvme,
+        common::boot::Fw::Bios,
+        "none",
+        &seed_drive,
+        &|t| t.contains("ABOX-TINY-CLOUD"),
+    );
+    let line = |prefix: &str| {
+        log.lines()
+            .find(|l| l.trim().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} on the console:\n{log}"))
+            .trim()
+            .to_string()
+    };
+    let boot = line("ABOX-OPENRC boot:");
+    assert!(
+        boot.split_whitespace().any(|s| s == "tiny-cloud-early"),
+        "{boot}"
+    );
+    let default = line("ABOX-OPENRC default:");
+    for s in ["tiny-cloud", "tiny-cloud-net", "tiny-cloud-final"] {
+        assert!(default.split_whitespace().any(|x| x == s), "{s}: {default}");
+    }
+    assert_eq!(
+        line("ABOX-TINY-CLOUD"),
+        "ABOX-TINY-CLOUD cloud=nocloud user=alice skip=expand_root hostname=seeded-box",
+        "{log}"
+    );
+    common::engine::rmi(&tags);
 }

@@ -842,7 +842,8 @@ pub fn write_disk(
         progress,
     )?;
     let plan = crate::flatten::index(&image, progress)?;
-    let artifacts = match vmlayer::resolve(opts, &image, &plan, None, progress)? {
+    let cloud = opts.identity.as_ref().is_some_and(|i| i.cloud_init);
+    let artifacts = match vmlayer::resolve(opts, &image, &plan, cloud, None, progress)? {
         None => crate::export::run_targets(&image, &plan, vec![Box::new(target)], progress)?,
         Some((vm, vm_plan)) => {
             crate::export::run_targets(&vm, &vm_plan, vec![Box::new(target)], progress)?

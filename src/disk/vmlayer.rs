@@ -1,7 +1,8 @@
 //! The thin VM layer, d2vm-fashion: an Alpine image without a kernel (every alpine-boxes recipe:
 //! they are container images) gets one from a one-step build on top of it through BuildKit —
 //! `linux-virt`, `mkinitfs` with the drivers a VM disk needs, `syslinux` — tagged
-//! `<repository>:<tag>-vm` next to it. The disk is made from that image; the image itself stays
+//! `<repository>:<tag>-vm` next to it. With `--cloud-init`, an image without tiny-cloud gets
+//! `tiny-cloud-nocloud` in the same layer (`-vm-cloud`, or `-cloud` when it has a kernel). The disk is made from that image; the image itself stays
 //! a clean container image, and BuildKit's cache makes the next disk of the same image instant.
 
 use std::collections::BTreeMap;
@@ -20,41 +21,85 @@ use crate::source::{self, Image, SourceRef};
 /// VirtualBox (ATA/AHCI), Hyper-V generation 1 (IDE/ATA), the root filesystem, USB keyboards.
 pub const MKINITFS_FEATURES: &str = "ata base ide scsi usb virtio nvme ext4";
 
+/// What the layer adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// A kernel, its initramfs and SYSLINUX's files.
+    pub kernel: bool,
+    /// tiny-cloud with its NoCloud module.
+    pub tiny_cloud: bool,
+}
+
+impl Needs {
+    fn any(self) -> bool {
+        self.kernel || self.tiny_cloud
+    }
+    /// The tag suffix of the layer's image.
+    fn suffix(self) -> &'static str {
+        match (self.kernel, self.tiny_cloud) {
+            (true, true) => "vm-cloud",
+            (false, true) => "cloud",
+            _ => "vm",
+        }
+    }
+}
+
 /// The layer's Dockerfile. mkinitfs.conf is written before `apk add`, so the kernel package's
 /// trigger builds the initramfs with those features (apk keeps an existing config file).
-pub fn dockerfile() -> String {
+pub fn dockerfile(needs: Needs) -> String {
+    let mut packages = Vec::new();
+    let mut mkinitfs = String::new();
+    if needs.kernel {
+        packages.extend(["linux-virt", "mkinitfs", "syslinux"]);
+        mkinitfs = format!(
+            "mkdir -p /etc/mkinitfs \\\n \
+             && echo 'features=\"{MKINITFS_FEATURES}\"' > /etc/mkinitfs/mkinitfs.conf \\\n \
+             && "
+        );
+    }
+    if needs.tiny_cloud {
+        packages.push("tiny-cloud-nocloud");
+    }
     format!(
-        "# Written by alpine-boxes: the thin VM layer (a kernel and its initramfs) on top of an\n\
-         # Alpine container image, for `abox disk`.\n\
+        "# Written by alpine-boxes: the thin VM layer (a kernel and its initramfs, tiny-cloud\n\
+         # for --cloud-init) on top of an Alpine container image, for `abox disk`.\n\
          ARG BASE_IMAGE\n\
          FROM ${{BASE_IMAGE}}\n\
-         RUN mkdir -p /etc/mkinitfs \\\n \
-         && echo 'features=\"{MKINITFS_FEATURES}\"' > /etc/mkinitfs/mkinitfs.conf \\\n \
-         && apk add --no-cache linux-virt mkinitfs syslinux \\\n \
-         && rm -rf /var/cache/apk/*\n"
+         RUN {mkinitfs}apk add --no-cache {} \\\n \
+         && rm -rf /var/cache/apk/*\n",
+        packages.join(" ")
     )
 }
 
 /// `repo:tag` → `repo:tag-vm` (`repo` alone is `repo:latest`; a digest reference gets a tag made
 /// from the digest).
 pub fn vm_tag(name: &str) -> String {
+    layer_tag(name, "vm")
+}
+
+fn layer_tag(name: &str, suffix: &str) -> String {
     if let Some((repo, digest)) = name.split_once('@') {
         let hex = digest.rsplit(':').next().unwrap_or(digest);
-        return format!("{repo}:vm-{}", &hex[..hex.len().min(12)]);
+        return format!("{repo}:{suffix}-{}", &hex[..hex.len().min(12)]);
     }
     let (repo, tag) = split_tag(name);
     let tag = if tag.is_empty() { "latest" } else { tag };
-    format!("{repo}:{tag}-vm")
+    format!("{repo}:{tag}-{suffix}")
 }
 
 /// Build the VM layer on the engine's image `name`; returns the new image's tag.
-pub fn build_on(name: &str, engine: &Arc<Engine>, progress: &Progress) -> Result<String> {
+pub fn build_on(
+    name: &str,
+    needs: Needs,
+    engine: &Arc<Engine>,
+    progress: &Progress,
+) -> Result<String> {
     let dir = tempfile::Builder::new()
         .prefix("abox-vm-layer-")
         .tempdir()
         .context("creating the VM layer's build context")?;
-    std::fs::write(dir.path().join("Dockerfile"), dockerfile())?;
-    let tag = vm_tag(name);
+    std::fs::write(dir.path().join("Dockerfile"), dockerfile(needs))?;
+    let tag = layer_tag(name, needs.suffix());
     let spec = BuildSpec {
         context: dir.path().to_path_buf(),
         name: format!("{name} VM layer"),
@@ -62,21 +107,25 @@ pub fn build_on(name: &str, engine: &Arc<Engine>, progress: &Progress) -> Result
         build_args: BTreeMap::from([("BASE_IMAGE".to_string(), name.to_string())]),
         ..Default::default()
     };
-    let task = progress.task(&format!("adding a kernel to {name} (VM layer)"), 0);
+    let what = match (needs.kernel, needs.tiny_cloud) {
+        (true, true) => "a kernel and tiny-cloud",
+        (false, true) => "tiny-cloud",
+        _ => "a kernel",
+    };
+    let task = progress.task(&format!("adding {what} to {name} (VM layer)"), 0);
     build(engine, &spec, progress).with_context(|| {
         format!(
-            "building the VM layer on {name} (it installs linux-virt with apk, so it needs an \
-             Alpine package mirror; or add a kernel to the image yourself, or pass --no-vm-layer)"
+            "building the VM layer on {name} (it installs {what} with apk, so it needs an \
+             Alpine package mirror; or add them to the image yourself, or pass --no-vm-layer)"
         )
     })?;
     task.finish(&tag);
     Ok(tag)
 }
 
-/// The engine image to build the VM layer on, when `err` says the image has no kernel and it
-/// is an Alpine `docker:` image (the layer installs Alpine's kernel with apk).
-fn base_for(opts: &DiskOptions, plan: &Plan, err: &anyhow::Error) -> Option<String> {
-    err.downcast_ref::<boot::NoKernel>()?;
+/// The engine image to build the VM layer on: an Alpine `docker:` image, unless
+/// `--no-vm-layer`.
+fn base_for(opts: &DiskOptions, plan: &Plan) -> Option<String> {
     if opts.no_vm_layer {
         return None;
     }
@@ -87,29 +136,44 @@ fn base_for(opts: &DiskOptions, plan: &Plan, err: &anyhow::Error) -> Option<Stri
 }
 
 /// Which image the disk is made from, decided once, before any output is written: `None` when
-/// `image` (indexed as `plan`) carries a kernel; else, for an Alpine `docker:` image, the VM
-/// layer is built on it and the `-vm` image is opened and indexed (its output name stays
-/// `image`'s). Errors: [`boot::NoKernel`] when there is no kernel and no VM layer to add; the
-/// build's error when the layer fails.
+/// `image` (indexed as `plan`) carries a kernel (and tiny-cloud, when `cloud` asks for it);
+/// else, for an Alpine `docker:` image, the VM layer is built on it with what is missing and
+/// the layer's image is opened and indexed (its output name stays `image`'s). Errors:
+/// [`boot::NoKernel`] when there is no kernel and no VM layer to add; the build's error when
+/// the layer fails. An image without tiny-cloud that gets no layer is left to the identity's
+/// fix-ups, which say what to do.
 pub fn resolve(
     opts: &DiskOptions,
     image: &Image,
     plan: &Plan,
+    cloud: bool,
     engine: Option<&Arc<Engine>>,
     progress: &Progress,
 ) -> Result<Option<(Image, Plan)>> {
-    let err = match boot::find_kernel(plan.tree()) {
-        Ok(_) => return Ok(None),
-        Err(e) => e,
+    let kernel = boot::find_kernel(plan.tree());
+    let needs = Needs {
+        kernel: kernel.is_err(),
+        tiny_cloud: cloud && !crate::identity::fixup::has_tiny_cloud(plan.tree()),
     };
-    let Some(name) = base_for(opts, plan, &err) else {
-        return Err(err);
+    if !needs.any() {
+        return Ok(None);
+    }
+    let Some(name) = base_for(opts, plan) else {
+        return match kernel {
+            Err(e) => Err(e),
+            Ok(_) => Ok(None),
+        };
     };
+    if let Err(e) = &kernel {
+        if e.downcast_ref::<boot::NoKernel>().is_none() {
+            return Err(kernel.unwrap_err());
+        }
+    }
     let engine = match engine {
         Some(e) => e.clone(),
         None => Arc::new(Engine::connect()?),
     };
-    let tag = build_on(&name, &engine, progress)?;
+    let tag = build_on(&name, needs, &engine, progress)?;
     let mut vm = source::open_with(&format!("docker:{tag}"), &opts.select, Some(&engine))?;
     vm.name = image.name.clone();
     let vm_plan = flatten::index(&vm, progress)?;
@@ -141,7 +205,10 @@ mod tests {
 
     #[test]
     fn dockerfile_configures_mkinitfs_before_the_kernel() {
-        let d = dockerfile();
+        let d = dockerfile(Needs {
+            kernel: true,
+            tiny_cloud: false,
+        });
         let conf = d.find("mkinitfs.conf").unwrap();
         let add = d
             .find("apk add --no-cache linux-virt mkinitfs syslinux")
@@ -151,5 +218,23 @@ mod tests {
         assert!(!d.contains("# syntax"));
         // Every line continued with a backslash ends with one (no stray spaces after it).
         assert!(!d.contains("\\ \n"));
+        let both = dockerfile(Needs {
+            kernel: true,
+            tiny_cloud: true,
+        });
+        assert!(
+            both.contains("apk add --no-cache linux-virt mkinitfs syslinux tiny-cloud-nocloud"),
+            "{both}"
+        );
+        let cloud = dockerfile(Needs {
+            kernel: false,
+            tiny_cloud: true,
+        });
+        assert!(
+            cloud.contains("RUN apk add --no-cache tiny-cloud-nocloud \\\n"),
+            "{cloud}"
+        );
+        assert!(!cloud.contains("mkinitfs"), "{cloud}");
+        assert_eq!(layer_tag("a/b:1", "vm-cloud"), "a/b:1-vm-cloud");
     }
 }

@@ -58,6 +58,9 @@ impl Flavor {
                 v.push("ntp (WSL keeps the clock in step with Windows)");
             }
         }
+        if id.cloud_init && self.wsl() {
+            v.push("cloud-init (WSL distributions start without tiny-cloud)");
+        }
         if id.keymap.is_some() && self != Flavor::Disk {
             v.push("keymap (only disks have a console of their own)");
         }
@@ -91,6 +94,10 @@ enum What {
     Sshd,
     WslConf,
     Loadkmap,
+    /// `/etc/tiny-cloud.conf`.
+    TinyCloud,
+    /// Dropped (a runlevel link abox replaces).
+    Gone,
     /// A symlink to this target.
     Link(String),
     /// A folder owned by (uid, gid) with this mode.
@@ -144,6 +151,19 @@ fn place(tree: &Tree, rel: &str, what: &str) -> Result<(String, bool)> {
 
 fn here_parent(p: &str) -> String {
     crate::flatten::path::parent(p).to_string()
+}
+
+/// Whether the tree has tiny-cloud (its command and service) with the NoCloud module.
+pub fn has_tiny_cloud(tree: &Tree) -> bool {
+    let cmd = is_file(tree, "sbin/tiny-cloud") || is_file(tree, "usr/sbin/tiny-cloud");
+    let nocloud = [
+        "lib/tiny-cloud/cloud/nocloud/imds",
+        "usr/lib/tiny-cloud/cloud/nocloud/imds",
+        "lib/tiny-cloud/nocloud/imds",
+    ]
+    .iter()
+    .any(|p| is_file(tree, p));
+    cmd && nocloud && is_file(tree, "etc/init.d/tiny-cloud")
 }
 
 fn is_file(tree: &Tree, rel: &str) -> bool {
@@ -296,6 +316,55 @@ impl IdentityFixup {
                 What::Link("/etc/init.d/loadkmap".into()),
             );
         }
+        if id.cloud_init && !flavor.wsl() {
+            self.tiny_cloud(tree)?;
+        }
+        Ok(())
+    }
+
+    /// tiny-cloud enabled as `tiny-cloud --setup` does (early in boot; net, main and final in
+    /// default; its links elsewhere dropped) and `/etc/tiny-cloud.conf` set for NoCloud.
+    fn tiny_cloud(&mut self, tree: &Tree) -> Result<()> {
+        if !has_tiny_cloud(tree) {
+            bail!(
+                "--cloud-init: the image has no tiny-cloud with its NoCloud module; add \
+                 `apk add tiny-cloud-nocloud` to its recipe (for a disk of a docker: Alpine image \
+                 the VM layer adds it)"
+            );
+        }
+        let services = [
+            ("tiny-cloud-early", "boot"),
+            ("tiny-cloud-net", "default"),
+            ("tiny-cloud", "default"),
+            ("tiny-cloud-final", "default"),
+        ];
+        for (svc, _) in services {
+            for level in ["sysinit", "boot", "default"] {
+                let link = format!("etc/runlevels/{level}/{svc}");
+                if tree.entries.contains_key(&link) {
+                    self.own(&link, What::Gone);
+                }
+            }
+        }
+        for (svc, level) in services {
+            if is_file(tree, &format!("etc/init.d/{svc}")) {
+                self.owned.remove(&format!("etc/runlevels/{level}/{svc}"));
+                self.order
+                    .retain(|p| *p != format!("etc/runlevels/{level}/{svc}"));
+                self.own(
+                    &format!("etc/runlevels/{level}/{svc}"),
+                    What::Link(format!("/etc/init.d/{svc}")),
+                );
+            }
+        }
+        self.own("etc/tiny-cloud.conf", What::TinyCloud);
+        {
+            // LXD (and its VM agent) writes the templates' files only into folders that exist.
+            let (at, exists) = place(tree, "var/lib/cloud/seed/nocloud-net", "cloud-init's seed")?;
+            if !exists {
+                self.own(&at, What::Dir(0, 0, 0o755));
+            }
+        }
         Ok(())
     }
 
@@ -386,7 +455,7 @@ impl IdentityFixup {
                 Action::KeepAs(m)
             }
             // Written as abox's own symlink (or not at all) at the end.
-            What::Link(_) => Action::Drop,
+            What::Link(_) | What::Gone => Action::Drop,
             What::Timezone if path == "etc/localtime" => Action::Drop,
             _ => {
                 if meta.kind == Kind::File {
@@ -496,7 +565,12 @@ impl IdentityFixup {
                 let (_, v) = id.keymap.clone().unwrap_or_default();
                 writers::loadkmap_conf(&v)
             }
-            What::Link(_) | What::Dir(..) => text,
+            What::TinyCloud => writers::tiny_cloud_conf(
+                &text,
+                self.account.as_ref().map(|a| a.name.as_str()),
+                self.flavor == Flavor::Disk,
+            ),
+            What::Link(_) | What::Dir(..) | What::Gone => text,
         };
         Ok(out.into_bytes())
     }
@@ -556,6 +630,7 @@ impl IdentityFixup {
                     e
                 }
                 What::Link(target) => Extra::symlink(&path, &target, t),
+                What::Gone => continue,
                 What::Timezone if path == "etc/localtime" => continue,
                 _ => {
                     // passwd and group: the content the image has (captured, links resolved).

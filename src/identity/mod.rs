@@ -52,6 +52,9 @@ pub struct Settings {
     pub keymap: Option<String>,
     /// `/etc/network/interfaces`, verbatim (setup-alpine's INTERFACESOPTS).
     pub interfaces: Option<String>,
+    /// Set up Alpine's tiny-cloud (NoCloud) so a seed applies at first boot; LXD/Incus images
+    /// also get the cloud-init templates (`cloud-init.user-data`…).
+    pub cloud_init: Option<bool>,
 }
 
 /// Where authorized_keys lines come from: a file (flags and TOML), or the lines themselves (an
@@ -81,7 +84,8 @@ impl Settings {
             search_domain,
             ntp,
             keymap,
-            interfaces
+            interfaces,
+            cloud_init
         );
         self
     }
@@ -159,6 +163,7 @@ impl ConfigFile {
             ntp: Option<toml::Value>,
             keymap: Option<toml::Value>,
             interfaces: Option<toml::Value>,
+            cloud_init: Option<toml::Value>,
             recipe: Option<BTreeMap<String, Settings>>,
             target: Option<BTreeMap<String, Settings>>,
         }
@@ -341,6 +346,8 @@ pub struct Identity {
     /// (layout, variant).
     pub keymap: Option<(String, String)>,
     pub interfaces: Option<String>,
+    /// tiny-cloud set up for NoCloud ([`Settings::cloud_init`]).
+    pub cloud_init: bool,
 }
 
 impl std::fmt::Debug for Identity {
@@ -504,6 +511,7 @@ impl Settings {
                 format!("{i}\n")
             });
         }
+        id.cloud_init = self.cloud_init.unwrap_or(false);
         Ok(id)
     }
 }

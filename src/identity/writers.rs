@@ -489,6 +489,63 @@ pub fn loadkmap_conf(variant: &str) -> String {
     format!("KEYMAP=/etc/keymap/{variant}.bmap.gz\n")
 }
 
+/// A shell-variable config file (`KEY=value` lines, as tiny-cloud and OpenRC's conf.d read
+/// them) with `key` set: its active assignments replaced by one, at the first one's place, else
+/// appended.
+pub fn conf_set(text: &str, key: &str, value: &str) -> String {
+    let mut out = String::new();
+    let mut placed = false;
+    let line = format!("{key}=\"{value}\"\n");
+    for l in lines(text) {
+        let t = l.trim_start();
+        let t = t.strip_prefix("export ").unwrap_or(t);
+        if t.strip_prefix(key).is_some_and(|r| r.starts_with('=')) {
+            if !placed {
+                out.push_str(&line);
+                placed = true;
+            }
+            continue;
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    if !placed {
+        out.push_str(&line);
+    }
+    out
+}
+
+/// The value of `key` in a shell-variable config file (last active assignment, quotes removed).
+fn conf_get(text: &str, key: &str) -> Option<String> {
+    lines(text)
+        .filter_map(|l| {
+            let t = l.trim_start();
+            let t = t.strip_prefix("export ").unwrap_or(t);
+            t.strip_prefix(key)?
+                .strip_prefix('=')
+                .map(|v| v.trim().trim_matches('"').trim_matches('\'').to_string())
+        })
+        .last()
+}
+
+/// `/etc/tiny-cloud.conf` for NoCloud: `CLOUD=nocloud`, `CLOUD_USER` the given user (whose
+/// authorized_keys tiny-cloud fills from the seed); on a disk `expand_root` is skipped (abox's
+/// growroot service grows the root).
+pub fn tiny_cloud_conf(existing: &str, user: Option<&str>, disk: bool) -> String {
+    let mut t = conf_set(existing, "CLOUD", "nocloud");
+    if let Some(u) = user {
+        t = conf_set(&t, "CLOUD_USER", u);
+    }
+    if disk {
+        let skip = conf_get(&t, "SKIP_INIT_ACTIONS").unwrap_or_default();
+        if !skip.split_whitespace().any(|a| a == "expand_root") {
+            let v = format!("{skip} expand_root");
+            t = conf_set(&t, "SKIP_INIT_ACTIONS", v.trim());
+        }
+    }
+    t
+}
+
 /// Set `key=value` in INI `[section]` (replacing the key's value there, else adding it).
 pub fn ini_set(text: &str, section: &str, key: &str, value: &str) -> String {
     let mut out = String::new();
@@ -728,6 +785,27 @@ mod tests {
              Include /etc/ssh/sshd_config.d/*.conf\n#PermitRootLogin yes  # replaced by alpine-boxes above\n\
              #PasswordAuthentication yes\nMatch User x\n\tPermitRootLogin yes\n"
         );
+    }
+
+    #[test]
+    fn tiny_cloud_conf_for_nocloud() {
+        let shipped =
+            "# Tiny Cloud configuration\n#CLOUD=\n#CLOUD_USER=alpine\n#SKIP_INIT_ACTIONS=\n";
+        assert_eq!(
+            tiny_cloud_conf(shipped, Some("alice"), true),
+            format!("{shipped}CLOUD=\"nocloud\"\nCLOUD_USER=\"alice\"\nSKIP_INIT_ACTIONS=\"expand_root\"\n")
+        );
+        assert_eq!(
+            tiny_cloud_conf(
+                "CLOUD=aws\r\nSKIP_INIT_ACTIONS='set_hostname'\n",
+                None,
+                true
+            ),
+            "CLOUD=\"nocloud\"\nSKIP_INIT_ACTIONS=\"set_hostname expand_root\"\n"
+        );
+        assert_eq!(tiny_cloud_conf("", None, false), "CLOUD=\"nocloud\"\n");
+        let once = tiny_cloud_conf("", Some("a"), true);
+        assert_eq!(tiny_cloud_conf(&once, Some("a"), true), once, "idempotent");
     }
 
     #[test]

@@ -102,26 +102,22 @@ pub fn metadata_yaml(opts: &LxdOptions, facts: &Facts) -> String {
         } else {
             ""
         },
-        templates = if opts.fixed_hostname() {
-            "templates: {}\n"
-        } else {
-            TEMPLATES
-        },
+        templates = templates_yaml(opts),
     )
 }
 
-/// LXD's templates: `/etc/hostname` and `/etc/hosts` from the instance name at create and copy.
-const TEMPLATES: &str = "templates:\n\
-\x20 /etc/hostname:\n\
-\x20   when:\n\
-\x20     - create\n\
-\x20     - copy\n\
-\x20   template: hostname.tpl\n\
-\x20 /etc/hosts:\n\
-\x20   when:\n\
-\x20     - create\n\
-\x20     - copy\n\
-\x20   template: hosts.tpl\n";
+/// One LXD template: the file it writes in the instance at create and copy, its name under
+/// `templates/`, its content (pongo2, LXD's template language).
+struct Template {
+    path: String,
+    name: &'static str,
+    content: &'static str,
+    /// `properties.default` (pongo2 string literals cannot hold a newline).
+    default: Option<&'static str>,
+}
+
+/// The user and vendor data an instance gets when its config gives none.
+const EMPTY_CLOUD_CONFIG: &str = "#cloud-config\n{}\n";
 
 const HOSTNAME_TPL: &str = "{{ container.name }}\n";
 const HOSTS_TPL: &str = "127.0.0.1   localhost\n\
@@ -129,6 +125,91 @@ const HOSTS_TPL: &str = "127.0.0.1   localhost\n\
 ::1         localhost ip6-localhost ip6-loopback\n\
 ff02::1     ip6-allnodes\n\
 ff02::2     ip6-allrouters\n";
+
+/// The NoCloud seed from the instance's config, as distrobuilder's `cloud` variants write it:
+/// `cloud-init.user-data` (or the older `user.user-data`), `cloud-init.vendor-data`,
+/// `cloud-init.network-config` (default: DHCP on eth0, enp5s0 in a VM), meta-data from the
+/// instance name.
+const CLOUD_META_TPL: &str = "instance-id: {{ container.name }}\nlocal-hostname: {{ container.name }}\n{{ config_get(\"user.meta-data\", \"\") }}\n";
+const CLOUD_USER_TPL: &str = "{{ config_get(\"cloud-init.user-data\", config_get(\"user.user-data\", properties.default)) }}\n";
+const CLOUD_VENDOR_TPL: &str = "{{ config_get(\"cloud-init.vendor-data\", config_get(\"user.vendor-data\", properties.default)) }}\n";
+const CLOUD_NETWORK_TPL: &str =
+    "{% if config_get(\"cloud-init.network-config\", \"\") == \"\" %}version: 1\n\
+config:\n\
+\x20 - type: physical\n\
+\x20   name: {% if instance.type == \"virtual-machine\" %}enp5s0{% else %}eth0{% endif %}\n\
+\x20   subnets:\n\
+\x20     - type: dhcp\n\
+\x20       control: auto\n\
+{% else %}{{ config_get(\"cloud-init.network-config\", \"\") }}{% endif %}\n";
+/// Marks tiny-cloud's NoCloud data as loaded: tiny-cloud then reads the files the templates
+/// wrote in its folder instead of looking for a `cidata` volume (tiny-cloud's nocloud/imds).
+const LOADED_TPL: &str = "";
+
+/// The templates an image carries: the hostname and hosts (unless the identity fixes the
+/// hostname), and with `--cloud-init` the NoCloud seed in cloud-init's folder and in
+/// tiny-cloud's (`/var/lib/cloud`).
+fn templates(opts: &LxdOptions) -> Vec<Template> {
+    let mut v = Vec::new();
+    let t = |path: &str, name, content| Template {
+        path: path.to_string(),
+        name,
+        content,
+        default: (content == CLOUD_USER_TPL || content == CLOUD_VENDOR_TPL)
+            .then_some(EMPTY_CLOUD_CONFIG),
+    };
+    if !opts.fixed_hostname() {
+        v.push(t("/etc/hostname", "hostname.tpl", HOSTNAME_TPL));
+        v.push(t("/etc/hosts", "hosts.tpl", HOSTS_TPL));
+    }
+    if opts.identity.as_ref().is_some_and(|i| i.cloud_init) {
+        for dir in ["/var/lib/cloud/seed/nocloud-net", "/var/lib/cloud"] {
+            let tiny = dir == "/var/lib/cloud";
+            let p = |f: &str| format!("{dir}/{f}");
+            v.push(t(&p("meta-data"), "cloud-init-meta.tpl", CLOUD_META_TPL));
+            v.push(t(&p("user-data"), "cloud-init-user.tpl", CLOUD_USER_TPL));
+            v.push(t(
+                &p("network-config"),
+                "cloud-init-network.tpl",
+                CLOUD_NETWORK_TPL,
+            ));
+            if tiny {
+                v.push(t(
+                    &p(".nocloud_loaded"),
+                    "tiny-cloud-loaded.tpl",
+                    LOADED_TPL,
+                ));
+            } else {
+                v.push(t(
+                    &p("vendor-data"),
+                    "cloud-init-vendor.tpl",
+                    CLOUD_VENDOR_TPL,
+                ));
+            }
+        }
+    }
+    v
+}
+
+/// metadata.yaml's `templates:` section.
+fn templates_yaml(opts: &LxdOptions) -> String {
+    let list = templates(opts);
+    if list.is_empty() {
+        return "templates: {}\n".into();
+    }
+    let mut y = String::from("templates:\n");
+    for t in list {
+        y.push_str(&format!(
+            "  {}:\n    when:\n      - create\n      - copy\n    template: {}\n",
+            q(&t.path),
+            t.name
+        ));
+        if let Some(d) = t.default {
+            y.push_str(&format!("    properties:\n      default: {}\n", q(d)));
+        }
+    }
+    y
+}
 
 /// metadata.yaml and the templates, at the archive root.
 fn meta_entries(opts: &LxdOptions, facts: &Facts) -> Vec<Extra> {
@@ -142,19 +223,16 @@ fn meta_entries(opts: &LxdOptions, facts: &Facts) -> Vec<Extra> {
         ),
         Extra::dir("templates", t),
     ];
-    if !opts.fixed_hostname() {
-        v.push(Extra::file(
-            "templates/hostname.tpl",
-            0o644,
-            HOSTNAME_TPL.into(),
-            t,
-        ));
-        v.push(Extra::file(
-            "templates/hosts.tpl",
-            0o644,
-            HOSTS_TPL.into(),
-            t,
-        ));
+    let mut written = std::collections::HashSet::new();
+    for tpl in templates(opts) {
+        if written.insert(tpl.name) {
+            v.push(Extra::file(
+                &format!("templates/{}", tpl.name),
+                0o644,
+                tpl.content.into(),
+                t,
+            ));
+        }
     }
     v
 }

@@ -182,18 +182,20 @@ pub fn boot_fw_until(
     fw: Fw,
     done: &dyn Fn(&str) -> bool,
 ) -> String {
-    boot_nic_until(disk, format, bus, fw, "none", done)
+    boot_nic_until(disk, format, bus, fw, "none", &[], done)
 }
 
-/// [`boot_fw_until`] with a network card: `nic` is QEMU's `-nic` value (e.g.
-/// `user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:PORT-:22`); `done` may talk to the guest
-/// while it runs (it is called with the console text until it says yes).
+/// [`boot_fw_until`] with a network card and more devices: `nic` is QEMU's `-nic` value (e.g.
+/// `user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:PORT-:22`), `extra` more QEMU arguments (a
+/// seed drive); `done` may talk to the guest while it runs (it is called with the console text
+/// until it says yes).
 pub fn boot_nic_until(
     disk: &Path,
     format: &str,
     bus: Bus,
     fw: Fw,
     nic: &str,
+    extra: &[String],
     done: &dyn Fn(&str) -> bool,
 ) -> String {
     require_tool("qemu-system-x86_64");
@@ -220,7 +222,8 @@ pub fn boot_nic_until(
             "-drive".to_string(),
             format!("file={},format={format},if=none,id=d0", disk.display()),
             "-device".into(),
-            "nvme,drive=d0,serial=abox".into(),
+            // First in the boot order: a test may attach more drives (a seed).
+            "nvme,drive=d0,serial=abox,bootindex=0".into(),
         ],
         Bus::Virtio => vec![
             "-drive".to_string(),
@@ -250,6 +253,7 @@ pub fn boot_nic_until(
         .arg(format!("file:{}", log.display()))
         .args(&firmware)
         .args(&drive)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

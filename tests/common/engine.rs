@@ -108,6 +108,27 @@ fn standin_image(kernel: Option<&std::path::Path>) -> String {
         ));
         std::fs::create_dir_all(share.join("files/boot")).unwrap();
         std::fs::copy(k, share.join("files/boot/vmlinuz-virt")).unwrap();
+        // With the real kernel, its iso9660 module and the one it needs (the stand-in
+        // tiny-cloud mounts a seed).
+        if kernel.is_some() {
+            let (kroot, v) = super::boot::kernel();
+            std::fs::create_dir_all(share.join("files/lib/modules/abox")).unwrap();
+            for m in ["cdrom", "isofs"] {
+                let found = sh(&format!(
+                    "find {}/lib/modules/{v} -name {m}.ko | head -n1",
+                    kroot.display()
+                ));
+                assert!(
+                    found.trim().ends_with(".ko"),
+                    "no {m}.ko in the kernel package"
+                );
+                std::fs::copy(
+                    found.trim(),
+                    share.join(format!("files/lib/modules/abox/{m}.ko")),
+                )
+                .unwrap();
+            }
+        }
         // The tag follows the content, so a changed stand-in is imported anew and an unchanged
         // one is reused (repeated runs do not pile up images).
         let sum = sh(&format!(
