@@ -907,21 +907,8 @@ fn all_writes_a_bootable_disk_for_a_recipe_with_a_kernel() {
 fn vm_layer_gives_the_base_recipe_a_kernel_and_its_openrc_setup_boots() {
     let _disk = needs();
     let _l = common::engine::engine_lock();
-    let standin = common::engine::standin_with_kernel(&boot::kernel_file());
-    let prefix = "abox-test-vmlayer";
-    let image = format!("{prefix}/base:{}", common::engine::pinned());
-    let tags = [
-        image.clone(),
-        format!("{prefix}/base:latest"),
-        format!("{image}-vm"),
-    ];
-    common::engine::rmi(&tags);
-    run_ok(
-        abox()
-            .args(["build", "base", "--dir"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfiles"))
-            .args(["--base-image", standin, "--registry", prefix]),
-    );
+    let tags = common::engine::base_on_standin("abox-test-vmlayer", "vm");
+    let image = tags[0].clone();
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("base.qcow2");
     let o = run_ok(

@@ -767,21 +767,8 @@ fn cloud_init_on_the_standin_takes_the_hostname_from_a_seed() {
         require_tool(t);
     }
     let _l = common::engine::engine_lock();
-    let standin = common::engine::standin_with_kernel(&common::boot::kernel_file());
-    let prefix = "abox-test-cloud";
-    let image = format!("{prefix}/base:{}", common::engine::pinned());
-    let tags = [
-        image.clone(),
-        format!("{prefix}/base:latest"),
-        format!("{image}-vm-cloud"),
-    ];
-    common::engine::rmi(&tags);
-    run_ok(
-        abox()
-            .args(["build", "base", "--dir"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfiles"))
-            .args(["--base-image", standin, "--registry", prefix]),
-    );
+    let tags = common::engine::base_on_standin("abox-test-cloud", "vm-cloud");
+    let image = tags[0].clone();
     let i = inputs();
     let d = i.dir.path();
     std::fs::write(d.join("user-data"), "#cloud-config\n{}\n").unwrap();

@@ -146,6 +146,27 @@ fn standin_image(kernel: Option<&std::path::Path>) -> String {
     }
 }
 
+/// The base recipe built on the stand-in with a real kernel (`abox build base`), tagged
+/// `PREFIX/base:VERSION` and `PREFIX/base:latest`: returns those two and the VM layer's tag
+/// `PREFIX/base:VERSION-SUFFIX`, all three removed first.
+pub fn base_on_standin(prefix: &str, layer_suffix: &str) -> [String; 3] {
+    let standin = standin_with_kernel(&super::boot::kernel_file());
+    let image = format!("{prefix}/base:{}", pinned());
+    let tags = [
+        image.clone(),
+        format!("{prefix}/base:latest"),
+        format!("{image}-{layer_suffix}"),
+    ];
+    rmi(&tags);
+    super::run_ok(
+        super::abox()
+            .args(["build", "base", "--dir"])
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfiles"))
+            .args(["--base-image", standin, "--registry", prefix]),
+    );
+    tags
+}
+
 /// Remove images (ignoring the ones that are not there), then the test images left dangling
 /// by tags that moved (fixtures carry the `org.alpine-boxes.test` label; nothing else is
 /// touched).
