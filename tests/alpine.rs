@@ -164,7 +164,10 @@ fn real_alpine_boots_with_the_identity() {
          id alice\nstat -c 'keys=%u:%g:%a' /home/alice/.ssh/authorized_keys\n\
          stat -c 'ssh=%u:%g:%a' /home/alice/.ssh\ncat /home/alice/.ssh/authorized_keys\n\
          echo \"localtime=$(readlink /etc/localtime) zone=$(date +%Z)\"\n\
-         grep '^127.0.1.1' /etc/hosts\necho ABOX-ID-END\n} > /dev/ttyS0 2>&1\n",
+         grep '^127.0.1.1' /etc/hosts\n\
+         mkdir -p /run/seed && mount -o ro -t iso9660 LABEL=cidata /run/seed \
+         && echo \"seed=$(sed -n 's/^local-hostname: *//p' /run/seed/meta-data)\" && umount /run/seed\n\
+         echo ABOX-ID-END\n} > /dev/ttyS0 2>&1\n",
     )
     .unwrap();
     sh(&format!("chmod 755 {}/abox-identity.start", w.display()));
@@ -211,9 +214,41 @@ fn real_alpine_boots_with_the_identity() {
                 "home.arpa",
             ]),
     );
-    let log = boot::boot_fw_until(&disk, "qcow2", Bus::Virtio, Fw::Bios, &|t| {
-        t.contains("ABOX-PROBE-END")
-    });
+    // A seed from `abox seed`, attached as a second disk: the guest finds and mounts it the way
+    // tiny-cloud's NoCloud datasource does (LABEL=cidata, iso9660, read-only).
+    std::fs::write(w.join("user-data"), "#cloud-config\n{}\n").unwrap();
+    std::fs::write(
+        w.join("meta-data"),
+        "instance-id: i-1\nlocal-hostname: seeded\n",
+    )
+    .unwrap();
+    let seed = w.join("seed.iso");
+    run_ok(
+        common::abox()
+            .current_dir(w)
+            .args([
+                "seed",
+                "--user-data",
+                "user-data",
+                "--meta-data",
+                "meta-data",
+                "-o",
+            ])
+            .arg(&seed),
+    );
+    let seed_drive = [
+        "-drive".to_string(),
+        format!("file={},format=raw,if=virtio,readonly=on", seed.display()),
+    ];
+    let log = boot::boot_nic_until(
+        &disk,
+        "qcow2",
+        Bus::Virtio,
+        Fw::Bios,
+        "none",
+        &seed_drive,
+        &|t| t.contains("ABOX-PROBE-END"),
+    );
     let start = log.find("ABOX-ID-BEGIN").expect("the identity probe ran");
     let end = log[start..].find("ABOX-ID-END").unwrap() + start;
     let p = log[start..end].replace('\r', "");
