@@ -477,6 +477,29 @@ APKCACHEOPTS=none
         s.resolve(&mut super::super::Resolver::default()).unwrap();
     }
 
+    /// Golden files: an answer file written for this repo, the abox.toml that says the same, and
+    /// the options abox reports as ignored (tests/fixtures/identity/).
+    #[test]
+    fn the_homelab_answer_file_equals_its_toml() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/identity");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let a = parse(&read("homelab.answers")).unwrap();
+        let toml =
+            super::super::ConfigFile::parse(&read("homelab.toml"), &dir.join("homelab.toml"))
+                .unwrap();
+        assert_eq!(a.settings, toml.settings("any", "disk"));
+        let ignored: String = a
+            .ignored
+            .iter()
+            .map(|(k, why)| format!("{k}: {why}\n"))
+            .collect();
+        assert_eq!(ignored, read("homelab.ignored"));
+        let mut r = super::super::Resolver::default();
+        let id = a.settings.resolve(&mut r).unwrap();
+        assert_eq!(id.user.unwrap().keys.len(), 1);
+        assert_eq!(id.keymap, Some(("de".into(), "de-nodeadkeys".into())));
+    }
+
     #[test]
     fn option_forms() {
         let a = parse("HOSTNAMEOPTS=\"-n box\"\nTIMEZONEOPTS=\"-z Europe/Berlin\"\nDNSOPTS=\"-n 1.1.1.1 9.9.9.9\"\nUSEROPTS=none\nKEYMAPOPTS=none\n").unwrap();
