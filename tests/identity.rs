@@ -412,6 +412,61 @@ fn cloud_init_without_tiny_cloud_says_what_to_add() {
     }
 }
 
+/// A home the image points elsewhere with a symlink is refused (following it would hand the
+/// user another folder, root's `.ssh` for `/home/alice -> /root`); a home the image has as a
+/// real folder is left as it is, its `.ssh` the user's.
+#[test]
+fn homes_are_real_folders_or_refused() {
+    let i = inputs();
+    let d = i.dir.path();
+    let linked = d.join("linked");
+    ImageSpec::new(&[
+        &image_desc(false),
+        "d root/.ssh 0700\nf root/.ssh/authorized_keys 0600 root-key\\n\nl home/alice -> /root\n",
+    ])
+    .write_oci(&linked, "t");
+    let out = d.join("out-linked");
+    let err = run_err(
+        abox()
+            .current_dir(d)
+            .arg("export")
+            .arg(format!("oci:{}:t", linked.display()))
+            .args(["--lxd", "-o"])
+            .arg(&out)
+            .args(["--user", "alice", "--ssh-key", "alice.pub"]),
+    );
+    assert!(
+        err.contains("the user's home /home/alice") && err.contains("not a folder"),
+        "{err}"
+    );
+    assert!(files_in(&out).is_empty(), "{:?}", files_in(&out));
+
+    let made = d.join("made");
+    ImageSpec::new(&[&image_desc(false), "d home/alice 0755\n"]).write_oci(&made, "t");
+    let out = d.join("out-made");
+    run_ok(
+        abox()
+            .current_dir(d)
+            .arg("export")
+            .arg(format!("oci:{}:t", made.display()))
+            .args(["--lxd", "--name", "m", "-o"])
+            .arg(&out)
+            .args(["--user", "alice", "--ssh-key", "alice.pub"]),
+    );
+    let t = read_tar_file(&out.join("m.lxd.tar.gz"));
+    let node = |p: &str| t.get(p).unwrap_or_else(|| panic!("{p} missing"));
+    let h = node("rootfs/home/alice");
+    assert_eq!(
+        (h.uid, h.gid, h.mode & 0o7777),
+        (0, 0, 0o755),
+        "the image's home kept"
+    );
+    let s = node("rootfs/home/alice/.ssh");
+    assert_eq!((s.uid, s.gid, s.mode & 0o7777), (1000, 1000, 0o700));
+    let k = node("rootfs/home/alice/.ssh/authorized_keys");
+    assert_eq!((k.uid, k.gid, k.mode & 0o7777), (1000, 1000, 0o600));
+}
+
 /// LXD launches the image: inside, the hostname file, the user and its keys are there.
 #[test]
 fn lxd_launch_shows_the_identity_inside() {
@@ -845,4 +900,44 @@ fn cloud_init_on_the_standin_takes_the_hostname_from_a_seed() {
         "{log}"
     );
     common::engine::rmi(&tags);
+}
+
+/// `--wsl-user` names WSL's default user; `--user` is still created.
+#[test]
+fn wsl_user_flag_wins_over_the_identity_user() {
+    let i = inputs();
+    let out = i.dir.path().join("out");
+    run_ok(
+        abox()
+            .current_dir(i.dir.path())
+            .arg("export")
+            .arg(format!("oci:{}:t", i.layout.display()))
+            .args(["--wsl", "--name", "w", "-o"])
+            .arg(&out)
+            .args(["--user", "alice", "--wsl-user", "root"]),
+    );
+    let (_, _, _, conf) = entry(&out.join("w.rootfs.tar.gz"), "etc/wsl.conf");
+    let conf = String::from_utf8(conf).unwrap();
+    assert!(conf.contains("[user]\ndefault=root\n"), "{conf}");
+    let (_, _, _, passwd) = entry(&out.join("w.rootfs.tar.gz"), "etc/passwd");
+    assert!(String::from_utf8(passwd)
+        .unwrap()
+        .contains("\nalice:x:1000:1000:"));
+}
+
+/// (uid, gid, mode, content) of one entry of a (gzip) tar.
+fn entry(tar: &Path, name: &str) -> (u64, u64, u32, Vec<u8>) {
+    use std::io::Read;
+    let f = std::fs::File::open(tar).unwrap();
+    let mut ar = tar::Archive::new(flate2::read::MultiGzDecoder::new(f));
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_str() == Some(name) {
+            let h = e.header().clone();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            return (h.uid().unwrap(), h.gid().unwrap(), h.mode().unwrap(), data);
+        }
+    }
+    panic!("{name} not in {}", tar.display());
 }

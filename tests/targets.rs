@@ -222,7 +222,7 @@ fn lxd_unified_image_layout() {
         meta.contains("os: \"alpine\"") && meta.contains("release: \"3.20.3\""),
         "os-release read through its symlink\n{meta}"
     );
-    assert!(meta.contains("/etc/hostname:") && meta.contains("template: hostname.tpl"));
+    assert!(meta.contains("\"/etc/hostname\":") && meta.contains("template: hostname.tpl"));
     // The rootfs keeps what a container needs (resolv.conf is LXD's business) minus .dockerenv.
     assert!(names.contains(&"rootfs/etc/resolv.conf".to_string()));
     assert!(!names.contains(&"rootfs/.dockerenv".to_string()));

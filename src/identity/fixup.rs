@@ -117,11 +117,14 @@ pub struct IdentityFixup {
     /// Owned paths the image had in the right kind (rewritten or kept in place).
     seen: HashSet<String>,
     facts: Facts,
+    /// WSL: the default user when `--wsl-user` names one (else the identity's user).
+    wsl_user: Option<String>,
 }
 
-/// Where `rel` (a path in the image) is once the symlinks on its way are followed inside the
-/// tree: (path, whether a folder is there). Errors when something other than a folder is on
-/// the way or at the end.
+/// Where `rel` (a path in the image) is: (path, whether a folder is there). Every component
+/// that exists must be a real folder: a symlink on the way is refused, since following it would
+/// let the image choose where abox writes keys and whose folder it hands to the user (a
+/// `/home/alice -> /root` would give alice root's `.ssh`).
 fn place(tree: &Tree, rel: &str, what: &str) -> Result<(String, bool)> {
     let mut done = String::new();
     let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
@@ -133,17 +136,16 @@ fn place(tree: &Tree, rel: &str, what: &str) -> Result<(String, bool)> {
         match tree.entries.get(&here).map(|e| &e.node) {
             None => {
                 let rest: Vec<&str> = parts[i..].to_vec();
-                return Ok((crate::flatten::path::join(&here_parent(&here), &rest.join("/")), false));
+                return Ok((
+                    crate::flatten::path::join(&here_parent(&here), &rest.join("/")),
+                    false,
+                ));
             }
             Some(Node::Dir(_)) => done = here,
-            Some(Node::Inode(_)) => match tree.resolve(&here) {
-                Some(real) if matches!(tree.entries.get(&real).map(|e| &e.node), Some(Node::Dir(_))) => {
-                    done = real
-                }
-                _ => bail!(
-                    "{what}: /{here} in the image is not a folder (nor a symlink to one inside the image)"
-                ),
-            },
+            Some(Node::Inode(_)) => bail!(
+                "{what} /{rel}: /{here} in the image is not a folder (a symlink or a file); abox \
+                 writes there only through real folders — make it one in the image"
+            ),
         }
     }
     Ok((done, true))
@@ -183,7 +185,14 @@ impl IdentityFixup {
             order: Vec::new(),
             seen: HashSet::new(),
             facts: Facts::default(),
+            wsl_user: None,
         }
+    }
+
+    /// WSL: `--wsl-user` names the default user; it wins over the identity's user.
+    pub fn with_wsl_user(mut self, user: Option<String>) -> Self {
+        self.wsl_user = user;
+        self
     }
 
     fn own(&mut self, path: &str, w: What) {
@@ -239,14 +248,7 @@ impl IdentityFixup {
             self.own("etc/passwd", What::Passwd);
             self.own("etc/group", What::Group);
             if !u.keys.is_empty() {
-                self.home_keys(
-                    tree,
-                    &a.home.clone(),
-                    a.uid as u64,
-                    a.gid as u64,
-                    a.new,
-                    false,
-                )?;
+                self.home_keys(tree, &a.home.clone(), a.uid as u64, a.gid as u64, false)?;
             }
             self.account = Some(a);
         }
@@ -256,7 +258,7 @@ impl IdentityFixup {
                 .find(|e| e.name == "root")
                 .map(|e| e.home)
                 .unwrap_or_else(|| "/root".into());
-            self.home_keys(tree, &home, 0, 0, false, true)?;
+            self.home_keys(tree, &home, 0, 0, true)?;
         }
         if let Some(tz) = &id.timezone {
             let zone = format!("usr/share/zoneinfo/{tz}");
@@ -368,22 +370,16 @@ impl IdentityFixup {
         Ok(())
     }
 
-    fn home_keys(
-        &mut self,
-        tree: &Tree,
-        home: &str,
-        uid: u64,
-        gid: u64,
-        new: bool,
-        root: bool,
-    ) -> Result<()> {
+    fn home_keys(&mut self, tree: &Tree, home: &str, uid: u64, gid: u64, root: bool) -> Result<()> {
         let who = if root { "root" } else { "the user" };
         let rel = home.trim_start_matches('/');
         if rel.is_empty() || !home.starts_with('/') {
             bail!("{who}'s home in /etc/passwd is {home:?}: abox writes SSH keys only into a home folder of its own");
         }
         let (at, exists) = place(tree, rel, &format!("{who}'s home"))?;
-        if !exists || new {
+        // A home the image has is left as it is (a root-owned 0755 home passes sshd's
+        // StrictModes); a missing one is made, owned by the user.
+        if !exists {
             self.own(&at, What::Dir(uid, gid, if root { 0o700 } else { 0o755 }));
         }
         let ssh = format!("{at}/.ssh");
@@ -553,8 +549,12 @@ impl IdentityFixup {
             }
             What::WslConf => {
                 let mut t = text;
-                if let Some(a) = &self.account {
-                    t = writers::ini_set(&t, "[user]", "default", &a.name);
+                let default = self
+                    .wsl_user
+                    .as_deref()
+                    .or(self.account.as_ref().map(|a| a.name.as_str()));
+                if let Some(name) = default {
+                    t = writers::ini_set(&t, "[user]", "default", name);
                 }
                 if let Some(h) = &id.hostname {
                     t = writers::ini_set(&t, "[network]", "hostname", h);

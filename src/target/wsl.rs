@@ -240,7 +240,7 @@ fn fixup(opts: &WslOptions, package: bool) -> Result<Identified<WslFixup>> {
     let id = opts
         .identity
         .clone()
-        .map(|i| IdentityFixup::new(i, flavor, opts.mtime));
+        .map(|i| IdentityFixup::new(i, flavor, opts.mtime).with_wsl_user(opts.user.clone()));
     Ok(Identified::new(WslFixup::new(o, package)?, id))
 }
 
