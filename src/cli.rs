@@ -348,8 +348,12 @@ pub struct ExportArgs {
 pub struct IdentityArgs {
     /// Identity settings file [default: ./abox.toml when present]: top-level keys, [recipe.NAME]
     /// and [target.disk|wsl|lxd] tables, the flags' names as keys.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "no_config")]
     pub config: Option<PathBuf>,
+
+    /// Do not read ./abox.toml.
+    #[arg(long)]
+    pub no_config: bool,
 
     /// A setup-alpine answer file (HOSTNAMEOPTS, USEROPTS, USERSSHKEY, ROOTSSHKEY, TIMEZONEOPTS,
     /// DNSOPTS, INTERFACESOPTS, KEYMAPOPTS); options that cannot apply offline are listed.
@@ -442,6 +446,7 @@ impl IdentityArgs {
     pub fn sources(&self, progress: &Progress) -> Result<crate::identity::Sources> {
         let s = crate::identity::Sources::load(
             self.config.as_deref(),
+            self.no_config,
             self.answers.as_deref(),
             self.settings(),
             &|m| progress.note(m),

@@ -65,13 +65,17 @@ impl Identities {
         progress: &Progress,
     ) -> Result<Self> {
         let mut ids = Identities::default();
+        let mut said = std::collections::HashSet::new();
         for f in flavors {
             let id = src.resolve(name, f.kind())?;
             if id.is_empty() {
                 continue;
             }
             for what in f.unused(&id) {
-                progress.note(&format!("{name}: {}: {what}: left out", f.kind()));
+                let note = format!("{name}: {}: {what}: left out", f.label());
+                if said.insert(note.clone()) {
+                    progress.note(&note);
+                }
             }
             let slot = match f.kind() {
                 "disk" => &mut ids.disk,
@@ -295,6 +299,11 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
         flavors.push(Flavor::Lxd);
     }
     let ids = Identities::resolve(&opts.identity, &name, &flavors, progress)?;
+    if t.rootfs && !opts.identity.settings(&name, "disk").is_empty() {
+        progress.note(&format!(
+            "{name}: the plain rootfs tar (--rootfs) is the image as it is: no identity in it"
+        ));
+    }
     let out_dir = opts
         .out_dir
         .clone()

@@ -531,8 +531,9 @@ fn lxd_launch_shows_the_identity_inside() {
     assert_eq!(parts[0].trim_end(), user_data.trim_end(), "{cloud}");
     assert_eq!(parts[1].trim_end(), user_data.trim_end(), "{cloud}");
     assert!(
-        parts[2].contains(&format!("local-hostname: {name}\n")),
-        "meta-data from the instance: {cloud}"
+        parts[2].contains(&format!("instance-id: {name}\n"))
+            && parts[2].contains("local-hostname: box1\n"),
+        "meta-data: the instance, the --hostname: {cloud}"
     );
     assert!(parts[3].contains(".nocloud_loaded"), "{cloud}");
     assert!(
@@ -940,4 +941,196 @@ fn entry(tar: &Path, name: &str) -> (u64, u64, u32, Vec<u8>) {
         }
     }
     panic!("{name} not in {}", tar.display());
+}
+
+/// On a disk: the keymap (the image's kbd-bkeymaps map linked, loadkmap configured and in the
+/// boot runlevel), the hostname in /etc/hostname and /etc/hosts, root's key with sshd allowing
+/// root by key only — read back from the disk's root filesystem with debugfs.
+#[test]
+fn keymap_hostname_and_root_key_on_a_disk() {
+    require_root();
+    for t in ["qemu-img", "syslinux", "mtype", "debugfs", "sfdisk"] {
+        require_tool(t);
+    }
+    let i = inputs();
+    let d = i.dir.path();
+    let lay = d.join("kbd");
+    ImageSpec::new(&[
+        &image_desc(false),
+        "d usr/share/bkeymaps 0755\nd usr/share/bkeymaps/de 0755\n\
+         f usr/share/bkeymaps/de/de-nodeadkeys.bmap.gz 0644 bmap\n\
+         f etc/init.d/loadkmap 0755 #!/sbin/openrc-run\\n\n",
+    ])
+    .write_oci(&lay, "t");
+    let disk = d.join("kbd.img");
+    run_ok(
+        abox()
+            .current_dir(d)
+            .arg("disk")
+            .arg(format!("oci:{}:t", lay.display()))
+            .arg("-o")
+            .arg(&disk)
+            .args(["--keymap", "de de-nodeadkeys", "--hostname", "kbd1"])
+            .args(["--root-ssh-key", "root.pub"]),
+    );
+    let fs = d.join("root.ext4");
+    common::boot::extract_partition(&disk, &fs);
+    let cat = |p: &str| common::boot::debugfs(&fs, &format!("cat {p}"));
+    let stat = |p: &str| common::boot::debugfs(&fs, &format!("stat {p}"));
+    let link = stat("/etc/keymap/de-nodeadkeys.bmap.gz");
+    assert!(
+        link.contains("Type: symlink")
+            && link.contains("/usr/share/bkeymaps/de/de-nodeadkeys.bmap.gz"),
+        "{link}"
+    );
+    assert_eq!(
+        cat("/etc/conf.d/loadkmap"),
+        "KEYMAP=/etc/keymap/de-nodeadkeys.bmap.gz\n"
+    );
+    assert!(stat("/etc/runlevels/boot/loadkmap").contains("/etc/init.d/loadkmap"));
+    assert_eq!(cat("/etc/hostname"), "kbd1\n");
+    assert!(cat("/etc/hosts").ends_with("127.0.1.1\tkbd1\n"));
+    assert_eq!(cat("/root/.ssh/authorized_keys"), format!("{}\n", i.root));
+    let keys = stat("/root/.ssh/authorized_keys");
+    assert!(
+        keys.contains("Mode:  0600") && keys.contains("User:     0"),
+        "{keys}"
+    );
+    assert!(cat("/etc/ssh/sshd_config").contains(
+        "PermitRootLogin prohibit-password\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
+    ));
+}
+
+/// Hostile or odd images: what the identity would write through links, into folders, into
+/// files shared with others, or over another account's home is refused with a message naming
+/// it; a .wsl package never carries a hash the image kept behind a link; a new user without
+/// keys still gets a home.
+#[test]
+fn odd_images_are_refused_or_handled_safely() {
+    let i = inputs();
+    let d = i.dir.path();
+    let base = image_desc(false);
+    let drop_line = |prefix: &str| -> String {
+        base.lines()
+            .filter(|l| !l.starts_with(prefix))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let run = |name: &str, layers: &[&str], target: &str, args: &[&str]| {
+        let lay = d.join(format!("odd-{name}"));
+        ImageSpec::new(layers).write_oci(&lay, "t");
+        let out = d.join(format!("out-{name}"));
+        let o = abox()
+            .current_dir(d)
+            .arg("export")
+            .arg(format!("oci:{}:t", lay.display()))
+            .args([target, "--name", "o", "-o"])
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap();
+        (o, out)
+    };
+    let refused = |name: &str, layers: &[&str], args: &[&str], says: &[&str]| {
+        let (o, out) = run(name, layers, "--lxd", args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        for s in says {
+            assert!(err.contains(s), "{name}: {s:?} not in: {err}");
+        }
+        assert!(files_in(&out).is_empty(), "{name}: {:?}", files_in(&out));
+    };
+    let no_shadow = drop_line("f etc/shadow ");
+    let no_passwd = drop_line("f etc/passwd ");
+    refused(
+        "passwd-link",
+        &[
+            &no_passwd,
+            "f etc/passwd.real 0644 root:x:0:0::/root:/bin/sh\\n\nl etc/passwd -> passwd.real\n",
+        ],
+        &["--user", "alice"],
+        &["/etc/passwd is not a regular", "--user"],
+    );
+    refused(
+        "sshd-is-shadow",
+        &[
+            &drop_line("f etc/ssh/sshd_config "),
+            "l etc/ssh/sshd_config -> ../shadow\n",
+        ],
+        &[
+            "--user",
+            "alice",
+            "--ssh-key",
+            "alice.pub",
+            "--password-file",
+            "alice.pw",
+        ],
+        &["/etc/shadow would be written twice"],
+    );
+    refused(
+        "shadow-folder",
+        &[&no_shadow, "d etc/shadow 0755\nf etc/shadow/x 0644 x\n"],
+        &["--root-password-file", "alice.pw"],
+        &["/etc/shadow is a folder in the image"],
+    );
+    refused(
+        "runlevel-link",
+        &[
+            &drop_line("d etc/runlevels/default "),
+            "d elsewhere 0755\nl etc/runlevels/default -> /elsewhere\n",
+        ],
+        &["--ntp", "10.0.0.1"],
+        &["/etc/runlevels/default in the image is not a folder"],
+    );
+    refused(
+        "keys-shared",
+        &[
+            &no_passwd,
+            "f etc/passwd 0644 root:x:0:0::/root:/bin/sh\\nbob:x:1000:1000::/home/bob:/bin/sh\\n\n\
+             f etc/doas.conf 0400 permit nopass :wheel\\n\nd home/bob 0755\nd home/bob/.ssh 0700\n\
+             h home/bob/.ssh/authorized_keys => etc/doas.conf\n",
+        ],
+        &["--user", "bob", "--ssh-key", "alice.pub"],
+        &["authorized_keys shares its file with other names"],
+    );
+    refused(
+        "home-is-roots",
+        &[
+            &no_passwd,
+            "f etc/passwd 0644 root:x:0:0::/root:/bin/sh\\nbob:x:1000:1000::/root:/bin/sh\\n\n",
+        ],
+        &["--user", "bob", "--ssh-key", "alice.pub"],
+        &["home /root is also root's"],
+    );
+
+    // The .wsl package: a hash behind a link to a path the package drops stays out.
+    let (o, out) = run(
+        "wsl-hash",
+        &[&no_shadow, "f .dockerenv 0640 root:$6$IMAGEsalt$IMAGEHASH:19000:0:::::\\n\nl etc/shadow -> ../.dockerenv\n"],
+        "--wsl-package",
+        &["--root-ssh-key", "root.pub"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pkg = std::fs::read(out.join("o.wsl")).unwrap();
+    let mut all = Vec::new();
+    use std::io::Read;
+    flate2::read::MultiGzDecoder::new(&pkg[..])
+        .read_to_end(&mut all)
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&all).contains("IMAGEHASH"),
+        "no image hash in the package"
+    );
+
+    // A new user with a password and no keys: a home of its own all the same.
+    let (o, out) = run(
+        "no-keys",
+        &[&base],
+        "--wsl",
+        &["--user", "alice", "--password-file", "alice.pw"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = read_tar_file(&out.join("o.rootfs.tar.gz"));
+    let h = t.get("home/alice").expect("a home for alice");
+    assert_eq!((h.kind, h.uid, h.gid, h.mode), ('d', 1000, 1000, 0o755));
 }

@@ -26,17 +26,28 @@ pub struct Answers {
 
 /// The shell assignments of `text`, in order.
 pub fn assignments(text: &str) -> Result<Vec<(String, String)>> {
+    // A file saved on Windows: CRLF line ends are plain line ends here (a shell would keep the
+    // \r in the values; setup-alpine would then write it into the files).
+    let text = text.replace("\r\n", "\n");
     let chars: Vec<char> = text.chars().collect();
     let mut i = 0;
     let mut line = 1;
     let mut out: Vec<(String, String)> = Vec::new();
-    let lookup = |out: &Vec<(String, String)>, name: &str| -> String {
-        out.iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    // `$NAME` of a variable assigned earlier; a lone `$` is itself; anything else is an error
+    // (the variable would come from setup-alpine's environment, which abox does not have).
+    let lookup =
+        |out: &Vec<(String, String)>, name: &str, line: usize, word: &str| -> Result<String> {
+            if name.is_empty() {
+                return Ok("$".into());
+            }
+            match out.iter().rev().find(|(k, _)| k == name) {
+                Some((_, v)) => Ok(v.clone()),
+                None => bail!(
+                    "line {line}: {word} uses ${name}, which the answer file does not set \
+                 (abox runs no shell); write the value itself"
+                ),
+            }
+        };
     while i < chars.len() {
         // Blank space, ';', comments.
         match chars[i] {
@@ -112,7 +123,7 @@ pub fn assignments(text: &str) -> Result<Vec<(String, String)>> {
                             }
                             '$' => {
                                 let (v, n) = expand(&chars[i..], line, &word)?;
-                                value.push_str(&lookup(&out, &v));
+                                value.push_str(&lookup(&out, &v, line, &word)?);
                                 i += n;
                             }
                             '`' => bail!("line {line}: {word}: command substitution (`…`) is not run; write the value itself"),
@@ -136,7 +147,7 @@ pub fn assignments(text: &str) -> Result<Vec<(String, String)>> {
                 }
                 '$' => {
                     let (v, n) = expand(&chars[i..], line, &word)?;
-                    value.push_str(&lookup(&out, &v));
+                    value.push_str(&lookup(&out, &v, line, &word)?);
                     i += n;
                 }
                 '`' | '(' | ')' | '|' | '&' | '<' | '>' => bail!(
@@ -331,9 +342,8 @@ fn push_key(
         ignore(var, &format!("{value}: keys are not fetched from URLs; put the key itself there or use --ssh-key FILE"));
         return;
     }
-    keys.get_or_insert_with(Vec::new).push(KeySource::Text {
-        key: value.to_string(),
-    });
+    keys.get_or_insert_with(Vec::new)
+        .push(KeySource::text(value));
 }
 
 #[cfg(test)]
@@ -342,6 +352,11 @@ mod tests {
 
     #[test]
     fn shell_quoting_as_setup_alpine_sources_it() {
+        assert_eq!(
+            assignments("A=\"box$\"\r\nB='x\r\ny'\r\n").unwrap(),
+            vec![("A".into(), "box$".into()), ("B".into(), "x\ny".into())],
+            "a lone $ is itself; CRLF read as LF"
+        );
         let a = assignments(
             "# comment\nA=plain\nexport B=\"two words\" C='it''s'\nD=\"multi\nline \\\"q\\\" \\$x\"\nE=${A}-$A; F=a\\ b\nG=\n",
         )
@@ -366,6 +381,10 @@ mod tests {
             ("setup-alpine -f x\n", "line 1: not a variable assignment"),
             ("\n\nrm -rf /\n", "line 3"),
             ("A=1|b\n", "shell syntax"),
+            (
+                "HOSTNAMEOPTS=$HOSTNAME\n",
+                "uses $HOSTNAME, which the answer file does not set",
+            ),
         ] {
             let e = assignments(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad:?}: {e}");

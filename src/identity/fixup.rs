@@ -1,10 +1,13 @@
 //! The identity applied to a rootfs stream: [`Identified`] puts an [`IdentityFixup`] over a
 //! target's own fix-ups (disk, LXD/Incus, WSL). Everything is decided in `start`, from the
 //! image's tree and its captured `/etc/passwd` and `/etc/group`: which account is created or
-//! completed and where its home is (symlinks followed inside the tree only), that the time zone
-//! and keymap are in the image, which NTP client it has. A file the identity rewrites must be a
-//! regular file (anything else at its name is dropped and the file written afresh); a file the
-//! target's fix-ups also rewrite gets theirs first, then the identity's.
+//! completed and where its home is (real folders only: a symlink on the way is refused), that
+//! the time zone and keymap are in the image, which NTP client it has; then every path claimed
+//! is checked against the tree (no parent that is not a folder, no file over a folder, no two
+//! claims on one path, no authorized_keys shared by hard links). A file the identity rewrites
+//! must be a regular file (anything else at its name is dropped and the file written afresh); a
+//! file the target's fix-ups also rewrite gets theirs first, then the identity's; what the
+//! target drops stays dropped.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -44,6 +47,15 @@ impl Flavor {
             Flavor::Wsl | Flavor::WslPackage => "wsl",
         }
     }
+    /// The artifact's name in notes.
+    pub fn label(self) -> &'static str {
+        match self {
+            Flavor::Disk => "disk",
+            Flavor::Lxd => "LXD/Incus container",
+            Flavor::Wsl | Flavor::WslPackage => "WSL",
+        }
+    }
+
     /// Settings that do not apply to this flavor, to be said when given.
     pub fn unused(self, id: &Identity) -> Vec<&'static str> {
         let mut v = Vec::new();
@@ -62,7 +74,7 @@ impl Flavor {
             v.push("cloud-init (WSL distributions start without tiny-cloud)");
         }
         if id.keymap.is_some() && self != Flavor::Disk {
-            v.push("keymap (only disks have a console of their own)");
+            v.push("keymap (containers have no console of their own; disks, the LXD VM image's too, get it)");
         }
         if self == Flavor::WslPackage
             && (id.root_hash.is_some() || id.user.as_ref().is_some_and(|u| u.hash.is_some()))
@@ -104,6 +116,33 @@ enum What {
     Dir(u64, u64, u32),
 }
 
+impl What {
+    /// What it is, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            What::Hostname => "hostname",
+            What::Hosts => "hosts file",
+            What::Passwd => "passwd",
+            What::Group => "group file",
+            What::Shadow => "shadow file",
+            What::Keys(_) => "authorized_keys",
+            What::Timezone => "time zone",
+            What::Resolv => "resolv.conf",
+            What::Udhcpc => "udhcpc.conf",
+            What::Interfaces => "interfaces",
+            What::Chrony => "chrony.conf",
+            What::Ntpd => "ntpd settings",
+            What::Sshd => "sshd_config",
+            What::WslConf => "wsl.conf",
+            What::Loadkmap => "loadkmap settings",
+            What::TinyCloud => "tiny-cloud.conf",
+            What::Gone => "runlevel link",
+            What::Link(_) => "symlink",
+            What::Dir(..) => "folder",
+        }
+    }
+}
+
 /// The identity's fix-ups for one artifact.
 pub struct IdentityFixup {
     id: Arc<Identity>,
@@ -119,6 +158,8 @@ pub struct IdentityFixup {
     facts: Facts,
     /// WSL: the default user when `--wsl-user` names one (else the identity's user).
     wsl_user: Option<String>,
+    /// The first conflicting claim ([`IdentityFixup::own`]).
+    conflict: Option<String>,
 }
 
 /// Where `rel` (a path in the image) is: (path, whether a folder is there). Every component
@@ -186,6 +227,7 @@ impl IdentityFixup {
             seen: HashSet::new(),
             facts: Facts::default(),
             wsl_user: None,
+            conflict: None,
         }
     }
 
@@ -195,10 +237,70 @@ impl IdentityFixup {
         self
     }
 
+    /// Claim `path` for `w`. Two different claims on one path (a shadow file that is also
+    /// sshd_config through links, a user's home that is root's) are recorded and refused at
+    /// the end of `start`.
     fn own(&mut self, path: &str, w: What) {
-        if self.owned.insert(path.to_string(), w).is_none() {
-            self.order.push(path.to_string());
+        match self.owned.get(path) {
+            Some(old) if *old != w => {
+                if self.conflict.is_none() {
+                    self.conflict = Some(format!(
+                        "/{path} would be written twice ({} and {}): the image's links or \
+                         accounts lead two of abox's files to one place",
+                        old.name(),
+                        w.name()
+                    ));
+                }
+            }
+            Some(_) => {}
+            None => {
+                self.owned.insert(path.to_string(), w);
+                self.order.push(path.to_string());
+            }
         }
+    }
+
+    /// Refuse what cannot be written as a plain entry: a claim conflict, a path whose existing
+    /// parent is not a real folder (a symlink or a file: the entry would go through it or clash
+    /// with it), a file where the image has a folder, authorized_keys sharing its inode with
+    /// other names (it is handed to the user).
+    fn check_paths(&self, plan: &Plan) -> Result<()> {
+        if let Some(c) = &self.conflict {
+            bail!("{c}");
+        }
+        let tree = plan.tree();
+        let linked: HashSet<&str> = plan.hard_links().flat_map(|(a, b)| [a, b]).collect();
+        for (path, w) in &self.owned {
+            let mut parent = crate::flatten::path::parent(path);
+            while !parent.is_empty() {
+                if let Some(Node::Inode(_)) = tree.entries.get(parent).map(|e| &e.node) {
+                    bail!(
+                        "/{parent} in the image is not a folder (a symlink or a file): abox \
+                         writes /{path} ({}) only through real folders; make it one in the image",
+                        w.name()
+                    );
+                }
+                parent = crate::flatten::path::parent(parent);
+            }
+            let is_dir = matches!(
+                tree.entries.get(path.as_str()).map(|e| &e.node),
+                Some(Node::Dir(_))
+            );
+            if is_dir && !matches!(w, What::Dir(..)) {
+                bail!(
+                    "/{path} is a folder in the image: abox writes its {} there as a file; \
+                     remove the folder from the image",
+                    w.name()
+                );
+            }
+            if matches!(w, What::Keys(_)) && linked.contains(path.as_str()) {
+                bail!(
+                    "/{path} shares its file with other names in the image (hard links): abox \
+                     hands it to the account it belongs to, so it must be a file of its own"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The account, if any (after `start`).
@@ -215,17 +317,30 @@ impl IdentityFixup {
         self.facts = facts.clone();
         let id = self.id.clone();
         let flavor = self.flavor;
-        if let Some(h) = &id.hostname {
+        if id.hostname.is_some() {
             if flavor.wsl() {
                 self.own("etc/wsl.conf", What::WslConf);
             } else {
                 self.own("etc/hostname", What::Hostname);
                 self.own("etc/hosts", What::Hosts);
             }
-            let _ = h;
         }
         if flavor.wsl() && id.user.is_some() {
             self.own("etc/wsl.conf", What::WslConf);
+        }
+        // passwd and group are rewritten from what pass 1 kept of them: a regular file of at
+        // most 1 MiB at that very path. Anything else there (a link, a second name of another
+        // file, a bigger file) would be rebuilt from nothing, losing the image's accounts.
+        if id.user.is_some() {
+            for f in ["etc/passwd", "etc/group"] {
+                if tree.entries.contains_key(f) && facts.text(f).is_none() {
+                    bail!(
+                        "the image's /{f} is not a regular UTF-8 file of at most 1 MiB (a link, \
+                         a hard link's second name, or bigger): abox adds --user only to a plain \
+                         /{f}"
+                    );
+                }
+            }
         }
         let passwd = facts.text("etc/passwd").unwrap_or("");
         let group = facts.text("etc/group").unwrap_or("");
@@ -244,11 +359,26 @@ impl IdentityFixup {
             self.own(&shadow_at, What::Shadow);
         }
         if let Some(u) = &id.user {
-            let a = writers::plan_account(&u.name, passwd, group);
+            let a = writers::plan_account(&u.name, passwd, group)?;
             self.own("etc/passwd", What::Passwd);
             self.own("etc/group", What::Group);
+            if a.new || !u.keys.is_empty() {
+                // Another account's home (root's, say) is not handed to this one.
+                if let Some(other) = writers::passwd_entries(passwd).into_iter().find(|e| {
+                    e.name != a.name && e.home.trim_end_matches('/') == a.home.trim_end_matches('/')
+                }) {
+                    bail!(
+                        "the user {}'s home {} is also {}'s in the image's /etc/passwd: abox \
+                         writes keys only into a home of the user's own",
+                        a.name,
+                        a.home,
+                        other.name
+                    );
+                }
+                self.home(tree, &a.home.clone(), a.uid as u64, a.gid as u64, false)?;
+            }
             if !u.keys.is_empty() {
-                self.home_keys(tree, &a.home.clone(), a.uid as u64, a.gid as u64, false)?;
+                self.keys(&a.home.clone(), a.uid as u64, a.gid as u64, false, tree)?;
             }
             self.account = Some(a);
         }
@@ -258,7 +388,8 @@ impl IdentityFixup {
                 .find(|e| e.name == "root")
                 .map(|e| e.home)
                 .unwrap_or_else(|| "/root".into());
-            self.home_keys(tree, &home, 0, 0, true)?;
+            self.home(tree, &home, 0, 0, true)?;
+            self.keys(&home, 0, 0, true, tree)?;
         }
         if let Some(tz) = &id.timezone {
             let zone = format!("usr/share/zoneinfo/{tz}");
@@ -321,7 +452,7 @@ impl IdentityFixup {
         if id.cloud_init && !flavor.wsl() {
             self.tiny_cloud(tree)?;
         }
-        Ok(())
+        self.check_paths(plan)
     }
 
     /// tiny-cloud enabled as `tiny-cloud --setup` does (early in boot; net, main and final in
@@ -370,18 +501,25 @@ impl IdentityFixup {
         Ok(())
     }
 
-    fn home_keys(&mut self, tree: &Tree, home: &str, uid: u64, gid: u64, root: bool) -> Result<()> {
+    /// The home folder: made (owned by the account) when the image has none; one the image
+    /// has is left as it is (a root-owned 0755 home passes sshd's StrictModes).
+    fn home(&mut self, tree: &Tree, home: &str, uid: u64, gid: u64, root: bool) -> Result<()> {
         let who = if root { "root" } else { "the user" };
         let rel = home.trim_start_matches('/');
         if rel.is_empty() || !home.starts_with('/') {
             bail!("{who}'s home in /etc/passwd is {home:?}: abox writes SSH keys only into a home folder of its own");
         }
         let (at, exists) = place(tree, rel, &format!("{who}'s home"))?;
-        // A home the image has is left as it is (a root-owned 0755 home passes sshd's
-        // StrictModes); a missing one is made, owned by the user.
         if !exists {
             self.own(&at, What::Dir(uid, gid, if root { 0o700 } else { 0o755 }));
         }
+        Ok(())
+    }
+
+    /// `~/.ssh` (0700) and `authorized_keys` (0600), the account's.
+    fn keys(&mut self, home: &str, uid: u64, gid: u64, root: bool, tree: &Tree) -> Result<()> {
+        let who = if root { "root" } else { "the user" };
+        let (at, _) = place(tree, home.trim_start_matches('/'), &format!("{who}'s home"))?;
         let ssh = format!("{at}/.ssh");
         self.own(&ssh, What::Dir(uid, gid, 0o700));
         self.own(&format!("{ssh}/authorized_keys"), What::Keys(root));
@@ -539,8 +677,9 @@ impl IdentityFixup {
                     ("PermitRootLogin", root_login),
                     ("PubkeyAuthentication", "yes"),
                 ];
-                let any_password =
-                    id.root_hash.is_some() || id.user.as_ref().is_some_and(|u| u.hash.is_some());
+                let any_password = self.flavor != Flavor::WslPackage
+                    && (id.root_hash.is_some()
+                        || id.user.as_ref().is_some_and(|u| u.hash.is_some()));
                 if !any_password {
                     set.push(("PasswordAuthentication", "no"));
                     set.push(("KbdInteractiveAuthentication", "no"));
@@ -705,9 +844,12 @@ impl<F: Fixup> Fixup for Identified<F> {
         };
         match (id.action(path, meta), a) {
             (None, a) => a,
-            (Some(Action::Drop), _) => Action::Drop,
-            (Some(Action::Rewrite), _) => Action::Rewrite,
-            (Some(_), Action::Drop) => Action::Drop,
+            // What the target drops stays dropped (the .wsl package drops what its rules
+            // forbid; the identity writes its own file at the end if it needs one).
+            (Some(_), Action::Drop) => {
+                id.seen.remove(path);
+                Action::Drop
+            }
             (Some(mine), _) => mine,
         }
     }

@@ -63,12 +63,31 @@ pub struct Settings {
 #[serde(untagged)]
 pub enum KeySource {
     File(PathBuf),
-    Text { key: String },
+    Text(KeyText),
+}
+
+/// `{ key = "ssh-ed25519 …" }`: authorized_keys lines given in place.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyText {
+    pub key: String,
+}
+
+impl KeySource {
+    /// Key lines given in place.
+    pub fn text(key: &str) -> Self {
+        KeySource::Text(KeyText { key: key.into() })
+    }
 }
 
 impl Settings {
-    /// `self` with every field `over` gives replaced.
+    /// `self` with every field `over` gives replaced. A layer that names another user starts
+    /// that user's keys and password afresh (they were the other user's).
     pub fn overlay(mut self, over: &Settings) -> Settings {
+        if over.user.is_some() && over.user != self.user {
+            self.ssh_keys = None;
+            self.password_file = None;
+        }
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f.clone(); } )* };
         }
@@ -126,50 +145,102 @@ pub const TARGET_KINDS: &[&str] = &["disk", "wsl", "lxd"];
 /// `abox.toml`: identity settings at the top, per recipe (`[recipe.NAME]`, NAME = the image's
 /// name, as in `out/NAME/`) and per artifact kind (`[target.disk]`, `[target.wsl]`,
 /// `[target.lxd]`; the LXD/Incus VM image is `lxd`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct ConfigFile {
-    #[serde(flatten)]
     pub top: Settings,
-    #[serde(default)]
     pub recipe: BTreeMap<String, Settings>,
-    #[serde(default)]
     pub target: BTreeMap<String, Settings>,
+}
+
+/// The file as written: [`Settings`]' keys at the top level, typed (serde's `flatten` would
+/// lose the position of a type error and the list of keys of an unknown one).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    hostname: Option<String>,
+    user: Option<String>,
+    ssh_keys: Option<Vec<KeySource>>,
+    root_ssh_keys: Option<Vec<KeySource>>,
+    password_file: Option<PathBuf>,
+    root_password_file: Option<PathBuf>,
+    timezone: Option<String>,
+    dns: Option<Vec<String>>,
+    search_domain: Option<String>,
+    ntp: Option<Vec<String>>,
+    keymap: Option<String>,
+    interfaces: Option<String>,
+    cloud_init: Option<bool>,
+    #[serde(default)]
+    recipe: BTreeMap<String, Settings>,
+    #[serde(default)]
+    target: BTreeMap<String, Settings>,
 }
 
 /// The config file's name in the project root.
 pub const CONFIG_NAME: &str = "abox.toml";
 
+/// A TOML error as `PATH: line L, column C: MESSAGE`, without the source line (a value typed
+/// where it does not belong may be a password).
+fn toml_error(e: toml::de::Error, text: &str, path: &Path) -> anyhow::Error {
+    let at = e
+        .span()
+        .map(|s| {
+            let before = &text[..s.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+            let col = before.len() - start + 1;
+            // The key the line assigns (never its value).
+            let key = text[start..]
+                .lines()
+                .next()
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                })
+                .map(|k| format!("key `{k}`: "))
+                .unwrap_or_default();
+            format!("line {line}, column {col}: {key}")
+        })
+        .unwrap_or_default();
+    let msg = e.message().trim();
+    let hint = if msg.contains("unknown field `password`")
+        || msg.contains("unknown field `root-password`")
+    {
+        "; a password goes in a file of its own: password-file = \"FILE\""
+    } else {
+        ""
+    };
+    anyhow::anyhow!("{}: {at}{msg}{hint}", path.display())
+}
+
 impl ConfigFile {
     /// Parse `text` (from `path`, named in errors; relative paths in it are taken from its
-    /// folder). Errors: TOML syntax and unknown keys, with line and column; a `[target.X]` that
-    /// is not one of [`TARGET_KINDS`].
+    /// folder). Errors: TOML syntax, unknown keys and wrong types, with line and column (never
+    /// the line's text); a `[target.X]` that is not one of [`TARGET_KINDS`].
     pub fn parse(text: &str, path: &Path) -> Result<ConfigFile> {
-        // `flatten` loses deny_unknown_fields' key list, so the top level is checked by a
-        // strict pass first (its error names the key and line).
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-        #[allow(dead_code)]
-        struct Strict {
-            hostname: Option<toml::Value>,
-            user: Option<toml::Value>,
-            ssh_keys: Option<toml::Value>,
-            root_ssh_keys: Option<toml::Value>,
-            password_file: Option<toml::Value>,
-            root_password_file: Option<toml::Value>,
-            timezone: Option<toml::Value>,
-            dns: Option<toml::Value>,
-            search_domain: Option<toml::Value>,
-            ntp: Option<toml::Value>,
-            keymap: Option<toml::Value>,
-            interfaces: Option<toml::Value>,
-            cloud_init: Option<toml::Value>,
-            recipe: Option<BTreeMap<String, Settings>>,
-            target: Option<BTreeMap<String, Settings>>,
-        }
-        let bad = |e: toml::de::Error| anyhow::anyhow!("{}: {e}", path.display());
-        toml::from_str::<Strict>(text).map_err(bad)?;
-        let mut c: ConfigFile = toml::from_str(text).map_err(bad)?;
+        let r: RawConfig = toml::from_str(text).map_err(|e| toml_error(e, text, path))?;
+        let mut c = ConfigFile {
+            top: Settings {
+                hostname: r.hostname,
+                user: r.user,
+                ssh_keys: r.ssh_keys,
+                root_ssh_keys: r.root_ssh_keys,
+                password_file: r.password_file,
+                root_password_file: r.root_password_file,
+                timezone: r.timezone,
+                dns: r.dns,
+                search_domain: r.search_domain,
+                ntp: r.ntp,
+                keymap: r.keymap,
+                interfaces: r.interfaces,
+                cloud_init: r.cloud_init,
+            },
+            recipe: r.recipe,
+            target: r.target,
+        };
         for k in c.target.keys() {
             if !TARGET_KINDS.contains(&k.as_str()) {
                 bail!(
@@ -238,18 +309,23 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Load the config (`explicit`, else `./abox.toml` if present) and the answer file; notes
-    /// (ignored answer-file options) go to `note`.
+    /// Load the config (`explicit`, else `./abox.toml` if present and not `no_config`) and the
+    /// answer file; notes (ignored answer-file options) go to `note`.
     pub fn load(
         explicit: Option<&Path>,
+        no_config: bool,
         answers: Option<&Path>,
         flags: Settings,
         note: &dyn Fn(&str),
     ) -> Result<Sources> {
         let config = match explicit {
             Some(p) => Some(ConfigFile::load(p)?),
-            None if Path::new(CONFIG_NAME).is_file() => {
-                note(&format!("identity settings from ./{CONFIG_NAME}"));
+            None if !no_config && Path::new(CONFIG_NAME).is_file() => {
+                // Said whatever the progress mode: it puts users and keys into every artifact.
+                log::warn!(
+                    "identity settings (users, keys, hostname…) from ./{CONFIG_NAME} go into \
+                     every artifact; --no-config leaves it out"
+                );
                 Some(ConfigFile::load(Path::new(CONFIG_NAME))?)
             }
             None => None,
@@ -413,7 +489,7 @@ impl Resolver {
                         k
                     }
                 }
-                KeySource::Text { key } => {
+                KeySource::Text(KeyText { key }) => {
                     writers::key_lines(key).with_context(|| format!("{flag}: {key:?}"))?
                 }
             };
@@ -522,6 +598,7 @@ pub fn password_hash(file: &Path, whose: &str) -> Result<String> {
     use sha_crypt::password_hash::PasswordHasher;
     use std::io::Read;
     let text = read_small(file, &format!("{whose}'s password file"))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
     if line.is_empty() {
         bail!(
@@ -529,7 +606,7 @@ pub fn password_hash(file: &Path, whose: &str) -> Result<String> {
             file.display()
         );
     }
-    if line.starts_with('$') && line.matches('$').count() >= 3 && !line.contains(':') {
+    if is_crypt_hash(line) {
         return Ok(line.to_string());
     }
     let mut salt = [0u8; 12];
@@ -540,6 +617,37 @@ pub fn password_hash(file: &Path, whose: &str) -> Result<String> {
         .hash_password_with_salt(line.as_bytes(), &salt)
         .map_err(|e| anyhow::anyhow!("hashing {whose}'s password: {e}"))?;
     Ok(h.to_string())
+}
+
+/// Whether `s` is a crypt(3) hash a Linux C library checks: `$ID$[rounds=N$]SALT$HASH` with ID
+/// one of MD5 (1), bcrypt (2a, 2b, 2y), SHA-256 (5), SHA-512 (6), yescrypt (y) — salt and hash
+/// in crypt's base64 alphabet (`./0-9A-Za-z`; yescrypt's parameters too). Anything else in a
+/// password file is the password itself.
+pub fn is_crypt_hash(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('$').collect();
+    let b64 = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/')
+    };
+    match parts.as_slice() {
+        ["", "1" | "5" | "6", salt, hash] => b64(salt) && b64(hash),
+        ["", "5" | "6", rounds, salt, hash] => {
+            rounds
+                .strip_prefix("rounds=")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                && b64(salt)
+                && b64(hash)
+        }
+        ["", "2a" | "2b" | "2y", cost, rest] => {
+            cost.len() == 2
+                && cost.bytes().all(|b| b.is_ascii_digit())
+                && rest.len() == 53
+                && b64(rest)
+        }
+        ["", "y", params, salt, hash] => b64(params) && b64(salt) && b64(hash),
+        _ => false,
+    }
 }
 
 /// A host name as `hostname(1)` and setup-alpine take it: labels of letters, digits and `-`
@@ -676,6 +784,28 @@ mod tests {
         assert!(e.to_string().contains("disk, wsl, lxd"), "{e}");
         let e = ConfigFile::parse("user = 3\n", Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
+        // A type error at the top level: its own line and key.
+        let e =
+            ConfigFile::parse("user = \"a\"\n\nntp = \"x\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(
+            e.to_string().contains("line 3") && e.to_string().contains("key `ntp`"),
+            "{e}"
+        );
+        // A password typed in: never repeated, and where it goes instead.
+        let e = ConfigFile::parse("password = \"Hunter2-Secret\"\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("Hunter2") && e.contains("password-file"), "{e}");
+        let e = ConfigFile::parse("user = \"Hunter2-Secret\"\nx = 1\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("Hunter2"), "{e}");
+        // Unknown keys inside a key table too.
+        assert!(ConfigFile::parse(
+            "ssh-keys = [{ key = \"k\", typo = 1 }]\n",
+            Path::new("x.toml")
+        )
+        .is_err());
     }
 
     #[test]
@@ -754,9 +884,9 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
         let e = Settings {
-            ssh_keys: Some(vec![KeySource::Text {
-                key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ5 x".into(),
-            }]),
+            ssh_keys: Some(vec![KeySource::text(
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ5 x",
+            )]),
             ..Default::default()
         }
         .resolve(&mut r)
@@ -783,6 +913,13 @@ mod tests {
         assert!(a.starts_with("$6$"));
         std::fs::write(&p, "$6$abc$def\n").unwrap();
         assert_eq!(password_hash(&p, "x").unwrap(), "$6$abc$def");
+        // A password that merely has dollars is a password; a BOM is not part of it.
+        std::fs::write(&p, "$uper$ecret$pass\n").unwrap();
+        assert!(password_hash(&p, "x").unwrap().starts_with("$6$"));
+        std::fs::write(&p, "\u{feff}$6$rounds=5000$salt$hash\n").unwrap();
+        assert_eq!(password_hash(&p, "x").unwrap(), "$6$rounds=5000$salt$hash");
+        assert!(is_crypt_hash("$y$j9T$salt$hash"));
+        assert!(!is_crypt_hash("$6$a b$c"));
         std::fs::write(&p, "\n").unwrap();
         assert!(password_hash(&p, "x").is_err());
     }

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use base64::Engine;
 
 /// Lines of a text with CRLF and a missing final newline made regular.
@@ -71,31 +71,26 @@ pub fn key_lines(text: &str) -> Result<Vec<String>> {
             continue;
         }
         let w = words(l);
+        // The line itself is never repeated in an error: a wrong file given here may hold a
+        // secret (a password file, say).
         let Some(at) = w.iter().position(|t| KEY_TYPES.contains(t)) else {
             bail!(
-                "line {}: no key type (ssh-ed25519, ssh-rsa, ecdsa-sha2-…): {:?}",
-                n + 1,
-                short(l)
+                "line {}: not a public key line (no key type like ssh-ed25519, ssh-rsa, \
+                 ecdsa-sha2-…); give the .pub file",
+                n + 1
             );
         };
         if at > 1 {
             bail!(
-                "line {}: not an authorized_keys line: {:?}",
-                n + 1,
-                short(l)
+                "line {}: not an authorized_keys line ([options] TYPE KEY [comment])",
+                n + 1
             );
         }
         let ty = w[at];
         let blob = w.get(at + 1).copied().unwrap_or("");
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(blob)
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "line {}: the {ty} key is not valid base64: {:?}",
-                    n + 1,
-                    short(l)
-                )
-            })?;
+            .map_err(|_| anyhow::anyhow!("line {}: the {ty} key is not valid base64", n + 1))?;
         // The blob is SSH strings (RFC 4251 §5) end to end: the type name first, then the
         // key's fields; one cut short or with bytes left over is not a key.
         let mut fields = Vec::new();
@@ -110,9 +105,8 @@ pub fn key_lines(text: &str) -> Result<Vec<String>> {
         }
         if fields.first() != Some(&ty.as_bytes()) || fields.len() < 2 || !rest.is_empty() {
             bail!(
-                "line {}: the key's data is not a whole {ty} key (truncated or pasted wrongly): {:?}",
-                n + 1,
-                short(l)
+                "line {}: the key's data is not a whole {ty} key (truncated or pasted wrongly)",
+                n + 1
             );
         }
         out.push(l.to_string());
@@ -121,14 +115,6 @@ pub fn key_lines(text: &str) -> Result<Vec<String>> {
         bail!("no key in it (expected lines like `ssh-ed25519 AAAA… user@host`)");
     }
     Ok(out)
-}
-
-fn short(l: &str) -> String {
-    if l.chars().count() > 60 {
-        format!("{}…", l.chars().take(60).collect::<String>())
-    } else {
-        l.to_string()
-    }
 }
 
 /// `~/.ssh/authorized_keys`: the existing lines, then each of `keys` not already there.
@@ -210,35 +196,49 @@ pub struct Account {
 /// The account `name` in `passwd`, or a new one as busybox `adduser -D` makes it: uid 1000 or
 /// the lowest free one above it, a group of the same name whose gid is the uid when free
 /// (else the lowest free from 1000), home `/home/NAME`.
-pub fn plan_account(name: &str, passwd: &str, group: &str) -> Account {
+///
+/// Errors: a line for `name` that does not parse (the account would be added twice), or no
+/// free id below 60000.
+pub fn plan_account(name: &str, passwd: &str, group: &str) -> anyhow::Result<Account> {
     let users = passwd_entries(passwd);
     if let Some(u) = users.iter().find(|u| u.name == name) {
-        return Account {
+        return Ok(Account {
             name: name.into(),
             uid: u.uid,
             gid: u.gid,
             home: u.home.clone(),
             new: false,
-        };
+        });
     }
+    if lines(passwd).any(|l| l.split(':').next() == Some(name)) {
+        bail!(
+            "the image's /etc/passwd has a line for {name} that is not NAME:PASSWORD:UID:GID:\
+             GECOS:HOME:SHELL; fix it in the image"
+        );
+    }
+    // Ids taken: those of every line with a number in the field, parsed or not.
+    let taken = |text: &str, field: usize| -> Vec<u32> {
+        lines(text)
+            .filter_map(|l| l.split(':').nth(field)?.parse().ok())
+            .collect()
+    };
+    let uids = taken(passwd, 2);
+    let gids = taken(group, 2);
     let groups = group_entries(group);
-    let uid = (1000..)
-        .find(|n| !users.iter().any(|u| u.uid == *n))
-        .expect("a free uid");
+    let free = |ids: &[u32]| (1000..60000).find(|n| !ids.contains(n));
+    let uid = free(&uids).context("no free uid between 1000 and 59999")?;
     let gid = match groups.iter().find(|(g, _, _)| g == name) {
         Some((_, gid, _)) => *gid,
-        None if !groups.iter().any(|(_, g, _)| *g == uid) => uid,
-        None => (1000..)
-            .find(|n| !groups.iter().any(|(_, g, _)| g == n))
-            .expect("a free gid"),
+        None if !gids.contains(&uid) => uid,
+        None => free(&gids).context("no free gid between 1000 and 59999")?,
     };
-    Account {
+    Ok(Account {
         name: name.into(),
         uid,
         gid,
         home: format!("/home/{name}"),
         new: true,
-    }
+    })
 }
 
 fn normalized(text: &str) -> String {
@@ -266,8 +266,9 @@ pub fn passwd(text: &str, a: &Account) -> String {
     s
 }
 
-/// group with the account's own group (when new; no members listed, as addgroup makes it) and the account in `wheel` (the group made,
-/// gid 10 or the lowest free under 1000, when the image has none).
+/// group with the account's own group (when new; no members listed, as addgroup makes it) and
+/// the account in `wheel` (the group made, gid 10 or the lowest free under 1000, when the image
+/// has none; a `wheel` line the image has in a shape abox cannot read is left alone).
 pub fn group(text: &str, a: &Account) -> String {
     let text = normalized(text);
     let groups = group_entries(&text);
@@ -275,6 +276,10 @@ pub fn group(text: &str, a: &Account) -> String {
     let mut wheel = false;
     for l in text.lines() {
         let mut f: Vec<String> = l.split(':').map(str::to_string).collect();
+        if f.len() == 3 && f[0] == "wheel" {
+            // `wheel:x:10` without its member field: the same group, no members yet.
+            f.push(String::new());
+        }
         if f.len() >= 4 && f[0] == "wheel" {
             wheel = true;
             let mut m: Vec<&str> = f[3].split(',').filter(|m| !m.is_empty()).collect();
@@ -288,11 +293,12 @@ pub fn group(text: &str, a: &Account) -> String {
         }
         out.push('\n');
     }
-    if !groups.iter().any(|(g, _, _)| *g == a.name) && !groups.iter().any(|(_, g, _)| *g == a.gid) {
+    let named = |n: &str| text.lines().any(|l| l.split(':').next() == Some(n));
+    if !named(&a.name) && !groups.iter().any(|(_, g, _)| *g == a.gid) {
         // As busybox addgroup makes it: the user's primary group lists no members.
         out.push_str(&format!("{}:x:{}:\n", a.name, a.gid));
     }
-    if !wheel {
+    if !wheel && !named("wheel") {
         let gid = std::iter::once(10)
             .chain(100..1000)
             .find(|n| !groups.iter().any(|(_, g, _)| g == n))
@@ -415,8 +421,9 @@ pub fn udhcpc_conf(existing: &str) -> String {
     out
 }
 
-/// chrony.conf(5): the image's `server`/`pool`/`peer` lines (and `initstepslew` naming them)
-/// replaced by one `server NAME iburst` per server; other lines kept.
+/// chrony.conf(5): the image's `server`/`pool`/`peer` lines replaced by one `server NAME
+/// iburst` per server, and its `initstepslew` (Alpine's: step a clock that is far off at
+/// start) kept with the new servers; other lines kept.
 pub fn chrony_conf(existing: &str, servers: &[String]) -> String {
     let mut out = String::new();
     let mut placed = false;
@@ -426,8 +433,14 @@ pub fn chrony_conf(existing: &str, servers: &[String]) -> String {
         }
     };
     for l in lines(existing) {
-        let key = l.split_whitespace().next().unwrap_or("");
-        if matches!(key, "server" | "pool" | "peer" | "initstepslew") {
+        let mut words = l.split_whitespace();
+        let key = words.next().unwrap_or("");
+        if key == "initstepslew" {
+            let threshold = words.next().unwrap_or("10");
+            out.push_str(&format!("initstepslew {threshold} {}\n", servers.join(" ")));
+            continue;
+        }
+        if matches!(key, "server" | "pool" | "peer") {
             if !placed {
                 place(&mut out);
                 placed = true;
@@ -489,17 +502,16 @@ pub fn loadkmap_conf(variant: &str) -> String {
     format!("KEYMAP=/etc/keymap/{variant}.bmap.gz\n")
 }
 
-/// A shell-variable config file (`KEY=value` lines, as tiny-cloud and OpenRC's conf.d read
-/// them) with `key` set: its active assignments replaced by one, at the first one's place, else
-/// appended.
+/// A shell-variable config file (`KEY=value` lines, as tiny-cloud and OpenRC's conf.d source
+/// them) with `key` set to `value` — which the caller keeps to characters that need no quoting
+/// beyond double quotes (names, words): its active assignments are replaced by one, at the
+/// first one's place, else it is appended.
 pub fn conf_set(text: &str, key: &str, value: &str) -> String {
     let mut out = String::new();
     let mut placed = false;
     let line = format!("{key}=\"{value}\"\n");
     for l in lines(text) {
-        let t = l.trim_start();
-        let t = t.strip_prefix("export ").unwrap_or(t);
-        if t.strip_prefix(key).is_some_and(|r| r.starts_with('=')) {
+        if assigns(l, key).is_some() {
             if !placed {
                 out.push_str(&line);
                 placed = true;
@@ -515,33 +527,44 @@ pub fn conf_set(text: &str, key: &str, value: &str) -> String {
     out
 }
 
-/// The value of `key` in a shell-variable config file (last active assignment, quotes removed).
-fn conf_get(text: &str, key: &str) -> Option<String> {
-    lines(text)
-        .filter_map(|l| {
-            let t = l.trim_start();
-            let t = t.strip_prefix("export ").unwrap_or(t);
-            t.strip_prefix(key)?
-                .strip_prefix('=')
-                .map(|v| v.trim().trim_matches('"').trim_matches('\'').to_string())
-        })
-        .last()
+/// The value part of `l` when it assigns `key` (`KEY=…`, `export KEY=…`).
+fn assigns<'a>(l: &'a str, key: &str) -> Option<&'a str> {
+    let t = l.trim_start();
+    let t = t.strip_prefix("export ").unwrap_or(t);
+    t.strip_prefix(key)?.strip_prefix('=')
+}
+
+/// The words of `key`'s last active assignment: a quoted value up to its closing quote, an
+/// unquoted one up to blank space; a trailing comment is not part of it.
+fn conf_words(text: &str, key: &str) -> Vec<String> {
+    let Some(v) = lines(text).filter_map(|l| assigns(l, key)).last() else {
+        return Vec::new();
+    };
+    let value = match v.chars().next() {
+        Some(q @ ('"' | '\'')) => v[1..].split(q).next().unwrap_or(""),
+        _ => v.split(char::is_whitespace).next().unwrap_or(""),
+    };
+    value.split_whitespace().map(str::to_string).collect()
 }
 
 /// `/etc/tiny-cloud.conf` for NoCloud: `CLOUD=nocloud`, `CLOUD_USER` the given user (whose
 /// authorized_keys tiny-cloud fills from the seed); on a disk `expand_root` is skipped (abox's
-/// growroot service grows the root).
+/// growroot service grows the root). The image's `SKIP_INIT_ACTIONS` names are kept (action
+/// names only: letters, digits, `_`).
 pub fn tiny_cloud_conf(existing: &str, user: Option<&str>, disk: bool) -> String {
     let mut t = conf_set(existing, "CLOUD", "nocloud");
     if let Some(u) = user {
         t = conf_set(&t, "CLOUD_USER", u);
     }
     if disk {
-        let skip = conf_get(&t, "SKIP_INIT_ACTIONS").unwrap_or_default();
-        if !skip.split_whitespace().any(|a| a == "expand_root") {
-            let v = format!("{skip} expand_root");
-            t = conf_set(&t, "SKIP_INIT_ACTIONS", v.trim());
+        let mut skip: Vec<String> = conf_words(&t, "SKIP_INIT_ACTIONS")
+            .into_iter()
+            .filter(|w| w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .collect();
+        if !skip.iter().any(|a| a == "expand_root") {
+            skip.push("expand_root".into());
         }
+        t = conf_set(&t, "SKIP_INIT_ACTIONS", &skip.join(" "));
     }
     t
 }
@@ -621,7 +644,7 @@ mod tests {
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9\n",
                 "not a whole ssh-ed25519 key",
             ),
-            ("hello world\n", "line 1: no key type"),
+            ("hello world\n", "line 1: not a public key line"),
             (
                 "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n",
                 "private key",
@@ -629,6 +652,10 @@ mod tests {
         ] {
             let e = key_lines(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad:?}: {e}");
+            assert!(
+                !e.contains("hello") && !e.contains("notbase64"),
+                "never echoed: {e}"
+            );
         }
     }
 
@@ -646,7 +673,7 @@ mod tests {
 
     #[test]
     fn accounts_are_planned_like_adduser() {
-        let a = plan_account("alice", PASSWD, GROUP);
+        let a = plan_account("alice", PASSWD, GROUP).unwrap();
         assert_eq!(
             a,
             Account {
@@ -657,18 +684,29 @@ mod tests {
                 new: true
             }
         );
-        let b = plan_account("bob", PASSWD, GROUP);
+        let b = plan_account("bob", PASSWD, GROUP).unwrap();
         assert!(!b.new && b.uid == 1000 && b.home == "/home/bob");
-        let fresh = plan_account("alice", "root:x:0:0:root:/root:/bin/sh\n", "");
+        let fresh = plan_account("alice", "root:x:0:0:root:/root:/bin/sh\n", "").unwrap();
         assert_eq!((fresh.uid, fresh.gid), (1000, 1000));
         // The uid's number is taken as a gid: the next free gid.
-        let g = plan_account("alice", "root:x:0:0::/root:/bin/sh\n", "other:x:1000:\n");
+        let g = plan_account("alice", "root:x:0:0::/root:/bin/sh\n", "other:x:1000:\n").unwrap();
         assert_eq!((g.uid, g.gid), (1000, 1001));
+        // A malformed line for the name: refused (not added twice); a malformed line's uid
+        // still counts as taken.
+        let e = plan_account("bob", "bob:x:1000:1000:/home/bob:/bin/sh\n", "").unwrap_err();
+        assert!(e.to_string().contains("line for bob"), "{e}");
+        let m = plan_account("alice", "bob:x:1000:1000:/home/bob:/bin/sh\n", "").unwrap();
+        assert_eq!(m.uid, 1001);
+        // wheel without its member field is the same group.
+        assert_eq!(
+            group("wheel:x:10\n", &m),
+            "wheel:x:10:alice\nalice:x:1001:\n"
+        );
     }
 
     #[test]
     fn passwd_and_group_gain_the_user() {
-        let a = plan_account("alice", PASSWD, GROUP);
+        let a = plan_account("alice", PASSWD, GROUP).unwrap();
         let p = passwd(PASSWD, &a);
         assert!(p.ends_with("bob:x:1000:1000::/home/bob:/bin/sh\nalice:x:1001:1001:Linux User,,,:/home/alice:/bin/sh\n"), "{p}");
         assert_eq!(passwd(&p, &a), p, "idempotent");
@@ -684,7 +722,7 @@ mod tests {
             "root:x:0:\nalice:x:1001:\nwheel:x:10:alice\n"
         );
         // An existing user keeps its line; still joins wheel.
-        let b = plan_account("bob", PASSWD, GROUP);
+        let b = plan_account("bob", PASSWD, GROUP).unwrap();
         assert_eq!(passwd(PASSWD, &b), format!("{PASSWD}\n"));
         assert!(group(GROUP, &b).contains("wheel:x:10:root,bob\n"));
     }
@@ -753,7 +791,7 @@ mod tests {
         let alpine = "# default\npool pool.ntp.org iburst\ninitstepslew 10 pool.ntp.org\ndriftfile /var/lib/chrony/chrony.drift\nrtcsync\ncmdport 0\n";
         assert_eq!(
             chrony_conf(alpine, &["ntp1".into(), "10.0.0.1".into()]),
-            "# default\nserver ntp1 iburst\nserver 10.0.0.1 iburst\ndriftfile /var/lib/chrony/chrony.drift\nrtcsync\ncmdport 0\n"
+            "# default\nserver ntp1 iburst\nserver 10.0.0.1 iburst\ninitstepslew 10 ntp1 10.0.0.1\ndriftfile /var/lib/chrony/chrony.drift\nrtcsync\ncmdport 0\n"
         );
         assert_eq!(
             chrony_conf("", &["a".into()]),
@@ -804,6 +842,15 @@ mod tests {
             "CLOUD=\"nocloud\"\nSKIP_INIT_ACTIONS=\"set_hostname expand_root\"\n"
         );
         assert_eq!(tiny_cloud_conf("", None, false), "CLOUD=\"nocloud\"\n");
+        // A comment after the value, single quotes: the value's words, written safely.
+        assert_eq!(
+            tiny_cloud_conf("SKIP_INIT_ACTIONS=\"set_hostname\" # note\n", None, true),
+            "SKIP_INIT_ACTIONS=\"set_hostname expand_root\"\nCLOUD=\"nocloud\"\n"
+        );
+        assert_eq!(
+            tiny_cloud_conf("SKIP_INIT_ACTIONS='$(reboot) save_userdata'\n", None, true),
+            "SKIP_INIT_ACTIONS=\"save_userdata expand_root\"\nCLOUD=\"nocloud\"\n"
+        );
         let once = tiny_cloud_conf("", Some("a"), true);
         assert_eq!(tiny_cloud_conf(&once, Some("a"), true), once, "idempotent");
     }

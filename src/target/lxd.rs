@@ -111,7 +111,7 @@ pub fn metadata_yaml(opts: &LxdOptions, facts: &Facts) -> String {
 struct Template {
     path: String,
     name: &'static str,
-    content: &'static str,
+    content: String,
     /// `properties.default` (pongo2 string literals cannot hold a newline).
     default: Option<&'static str>,
 }
@@ -128,20 +128,20 @@ ff02::2     ip6-allrouters\n";
 
 /// The NoCloud seed from the instance's config, as distrobuilder's `cloud` variants write it:
 /// `cloud-init.user-data` (or the older `user.user-data`), `cloud-init.vendor-data`,
-/// `cloud-init.network-config` (default: DHCP on eth0, enp5s0 in a VM), meta-data from the
-/// instance name.
+/// `cloud-init.network-config` (or `user.network-config`; default: DHCP on eth0, enp5s0 in a
+/// VM), meta-data from the instance name (the `--hostname` when given).
 const CLOUD_META_TPL: &str = "instance-id: {{ container.name }}\nlocal-hostname: {{ container.name }}\n{{ config_get(\"user.meta-data\", \"\") }}\n";
 const CLOUD_USER_TPL: &str = "{{ config_get(\"cloud-init.user-data\", config_get(\"user.user-data\", properties.default)) }}\n";
 const CLOUD_VENDOR_TPL: &str = "{{ config_get(\"cloud-init.vendor-data\", config_get(\"user.vendor-data\", properties.default)) }}\n";
 const CLOUD_NETWORK_TPL: &str =
-    "{% if config_get(\"cloud-init.network-config\", \"\") == \"\" %}version: 1\n\
+    "{% if config_get(\"cloud-init.network-config\", config_get(\"user.network-config\", \"\")) == \"\" %}version: 1\n\
 config:\n\
 \x20 - type: physical\n\
 \x20   name: {% if instance.type == \"virtual-machine\" %}enp5s0{% else %}eth0{% endif %}\n\
 \x20   subnets:\n\
 \x20     - type: dhcp\n\
 \x20       control: auto\n\
-{% else %}{{ config_get(\"cloud-init.network-config\", \"\") }}{% endif %}\n";
+{% else %}{{ config_get(\"cloud-init.network-config\", config_get(\"user.network-config\", \"\")) }}{% endif %}\n";
 /// Marks tiny-cloud's NoCloud data as loaded: tiny-cloud then reads the files the templates
 /// wrote in its folder instead of looking for a `cidata` volume (tiny-cloud's nocloud/imds).
 const LOADED_TPL: &str = "";
@@ -151,12 +151,22 @@ const LOADED_TPL: &str = "";
 /// tiny-cloud's (`/var/lib/cloud`).
 fn templates(opts: &LxdOptions) -> Vec<Template> {
     let mut v = Vec::new();
-    let t = |path: &str, name, content| Template {
+    let t = |path: &str, name, content: &str| Template {
         path: path.to_string(),
         name,
-        content,
+        content: content.to_string(),
         default: (content == CLOUD_USER_TPL || content == CLOUD_VENDOR_TPL)
             .then_some(EMPTY_CLOUD_CONFIG),
+    };
+    // With --hostname the seed names that host, not the instance (tiny-cloud and cloud-init
+    // set the hostname from it). The name is checked (letters, digits, '-', '.'): no template
+    // syntax can be in it.
+    let meta = match opts.identity.as_ref().and_then(|i| i.hostname.as_deref()) {
+        Some(h) => CLOUD_META_TPL.replace(
+            "local-hostname: {{ container.name }}",
+            &format!("local-hostname: {h}"),
+        ),
+        None => CLOUD_META_TPL.to_string(),
     };
     if !opts.fixed_hostname() {
         v.push(t("/etc/hostname", "hostname.tpl", HOSTNAME_TPL));
@@ -166,7 +176,7 @@ fn templates(opts: &LxdOptions) -> Vec<Template> {
         for dir in ["/var/lib/cloud/seed/nocloud-net", "/var/lib/cloud"] {
             let tiny = dir == "/var/lib/cloud";
             let p = |f: &str| format!("{dir}/{f}");
-            v.push(t(&p("meta-data"), "cloud-init-meta.tpl", CLOUD_META_TPL));
+            v.push(t(&p("meta-data"), "cloud-init-meta.tpl", &meta));
             v.push(t(&p("user-data"), "cloud-init-user.tpl", CLOUD_USER_TPL));
             v.push(t(
                 &p("network-config"),
@@ -229,7 +239,7 @@ fn meta_entries(opts: &LxdOptions, facts: &Facts) -> Vec<Extra> {
             v.push(Extra::file(
                 &format!("templates/{}", tpl.name),
                 0o644,
-                tpl.content.into(),
+                tpl.content.into_bytes(),
                 t,
             ));
         }
