@@ -443,13 +443,12 @@ impl IdentityArgs {
     /// Load the config and answer files under the flags.
     /// Load the config and answer files under the flags and check every value (before the
     /// image is opened).
-    pub fn sources(&self, progress: &Progress) -> Result<crate::identity::Sources> {
+    pub fn sources(&self) -> Result<crate::identity::Sources> {
         let s = crate::identity::Sources::load(
             self.config.as_deref(),
             self.no_config,
             self.answers.as_deref(),
             self.settings(),
-            &|m| progress.note(m),
         )?;
         s.check()?;
         Ok(s)
@@ -587,7 +586,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 select: SelectOptions {
                     platform: a.platform,
                 },
-                identity: a.identity.sources(&progress)?,
+                identity: a.identity.sources()?,
             };
             let report = export::export(&opts, &progress)?;
             for f in &report.files {
@@ -655,7 +654,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 no_vm_layer: a.no_vm_layer,
                 vm_agent: false,
             };
-            let identity = a.identity.sources(&progress)?;
+            let identity = a.identity.sources()?;
             let path = crate::disk::write_disk(&opts, &identity, &progress)?;
             println!("{}", path.display());
             Ok(())
@@ -674,7 +673,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::All(a) => {
             let opts = factory_options(Vec::new(), a.project, Some(a.build))?;
-            let identity = a.identity.sources(&progress)?;
+            let identity = a.identity.sources()?;
             for f in crate::factory::all(&opts, &identity, &a.output, &progress)? {
                 println!("{}", f.display());
             }

@@ -39,7 +39,7 @@ fn image_desc(tiny_cloud: bool) -> String {
          d etc/chrony 0755\nf etc/chrony/chrony.conf 0644 pool pool.ntp.org iburst\\ndriftfile /var/lib/chrony/chrony.drift\\n\n\
          d etc/init.d 0755\nf etc/init.d/chronyd 0755 #!/sbin/openrc-run\\n\n\
          d etc/runlevels 0755\nd etc/runlevels/default 0755\n\
-         d usr 0755\nd usr/sbin 0755\nf usr/sbin/chronyd 0755 stub\n\
+         d usr 0755\nd usr/sbin 0755\nf usr/sbin/chronyd 0755 stub\nf sbin/dhcpcd 0755 stub\n\
          d usr/share 0755\nd usr/share/zoneinfo 0755\nd usr/share/zoneinfo/Europe 0755\n\
          H usr/share/zoneinfo/Europe/Berlin 0644 /usr/share/zoneinfo/Europe/Berlin\n\
          d boot 0755\nH boot/vmlinuz-virt 0644 /usr/lib/systemd/boot/efi/linuxx64.efi.stub\n\
@@ -224,6 +224,10 @@ fn flags_config_and_answers_write_one_identity_into_wsl_and_lxd() {
     let conf = read(&wsl.join("etc/wsl.conf"));
     assert!(conf.contains("[user]\ndefault=alice\n"), "{conf}");
     assert!(conf.contains("[network]\nhostname=box1\n"), "{conf}");
+    assert!(
+        conf.contains("[time]\nuseWindowsTimezone=false\n"),
+        "the zone given stays: {conf}"
+    );
     assert_eq!(
         read(&wsl.join("etc/hostname")),
         "image-host\n",
@@ -297,6 +301,17 @@ fn flags_config_and_answers_write_one_identity_into_wsl_and_lxd() {
         "# Written by alpine-boxes.\nsearch home.arpa\nnameserver 192.168.1.1\n"
     );
     assert!(read(&r.join("etc/udhcpc/udhcpc.conf")).contains("RESOLV_CONF=\"no\""));
+    assert!(read(&r.join("etc/dhcpcd.conf")).ends_with("\nnohook resolv.conf\n"));
+    // The running hostname in a container: abox's service (LXD names it after the instance).
+    assert!(read(&r.join("etc/init.d/abox-hostname")).contains("hostname -F /etc/hostname"));
+    assert_eq!(
+        owner_mode(&r.join("etc/init.d/abox-hostname")),
+        (0, 0, 0o755)
+    );
+    assert_eq!(
+        std::fs::read_link(r.join("etc/runlevels/boot/abox-hostname")).unwrap(),
+        Path::new("/etc/init.d/abox-hostname")
+    );
     assert_eq!(
         read(&r.join("etc/chrony/chrony.conf")),
         "server 10.0.0.1 iburst\ndriftfile /var/lib/chrony/chrony.drift\n"

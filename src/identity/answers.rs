@@ -270,7 +270,10 @@ pub fn parse(text: &str) -> Result<Answers> {
                         }
                         "-k" => {
                             let key = it.next().copied().unwrap_or("");
-                            push_key(&mut s.ssh_keys, &k, key, &mut ignore);
+                            // setup-user's `-k none`: no key.
+                            if key != "none" {
+                                push_key(&mut s.ssh_keys, &k, key, &mut ignore);
+                            }
                         }
                         o if o.starts_with('-') => {
                             bail!("USEROPTS: unknown option {o} (setup-user takes -a -u -f -g -k)")
@@ -285,6 +288,9 @@ pub fn parse(text: &str) -> Result<Answers> {
                 match user {
                     Some(u) => s.user = Some(u.to_string()),
                     None => bail!("USEROPTS={v:?}: no user name"),
+                }
+                if !args.contains(&"-a") {
+                    ignore(&k, "without -a: abox puts the user in wheel all the same");
                 }
             }
             "USERSSHKEY" if !none(&v) => push_key(&mut s.ssh_keys, &k, &v, &mut ignore),

@@ -100,6 +100,10 @@ enum What {
     Timezone,
     Resolv,
     Udhcpc,
+    /// `/etc/dhcpcd.conf`.
+    Dhcpcd,
+    /// LXD: the OpenRC service that sets the running hostname from /etc/hostname.
+    HostnameService,
     Interfaces,
     Chrony,
     Ntpd,
@@ -129,6 +133,8 @@ impl What {
             What::Timezone => "time zone",
             What::Resolv => "resolv.conf",
             What::Udhcpc => "udhcpc.conf",
+            What::Dhcpcd => "dhcpcd.conf",
+            What::HostnameService => "hostname service",
             What::Interfaces => "interfaces",
             What::Chrony => "chrony.conf",
             What::Ntpd => "ntpd settings",
@@ -324,8 +330,17 @@ impl IdentityFixup {
                 self.own("etc/hostname", What::Hostname);
                 self.own("etc/hosts", What::Hosts);
             }
+            // LXD names a container after its instance, and OpenRC's hostname service does not
+            // run in containers (`keyword -lxc`): a service of abox's sets the name instead.
+            if flavor == Flavor::Lxd && tree.entries.contains_key("etc/runlevels") {
+                self.own("etc/init.d/abox-hostname", What::HostnameService);
+                self.own(
+                    "etc/runlevels/boot/abox-hostname",
+                    What::Link("/etc/init.d/abox-hostname".into()),
+                );
+            }
         }
-        if flavor.wsl() && id.user.is_some() {
+        if flavor.wsl() && (id.user.is_some() || id.timezone.is_some()) {
             self.own("etc/wsl.conf", What::WslConf);
         }
         // passwd and group are rewritten from what pass 1 kept of them: a regular file of at
@@ -408,10 +423,15 @@ impl IdentityFixup {
             }
         }
         if !flavor.wsl() {
-            if !id.dns.is_empty() || id.search_domain.is_some() {
+            // Fixed name servers: resolv.conf, and both DHCP clients Alpine's ifupdown-ng may
+            // run told to leave it (udhcpc: RESOLV_CONF="no"; dhcpcd, when the image has it:
+            // `nohook resolv.conf`). A search domain alone names the host in /etc/hosts and
+            // leaves resolv.conf to DHCP.
+            if !id.dns.is_empty() {
                 self.own("etc/resolv.conf", What::Resolv);
-                if !id.dns.is_empty() {
-                    self.own("etc/udhcpc/udhcpc.conf", What::Udhcpc);
+                self.own("etc/udhcpc/udhcpc.conf", What::Udhcpc);
+                if is_file(tree, "sbin/dhcpcd") || is_file(tree, "usr/sbin/dhcpcd") {
+                    self.own("etc/dhcpcd.conf", What::Dhcpcd);
                 }
             }
             if id.interfaces.is_some() {
@@ -664,6 +684,8 @@ impl IdentityFixup {
             What::Timezone => format!("{}\n", id.timezone.as_deref().unwrap_or("UTC")),
             What::Resolv => writers::resolv_conf(&text, &id.dns, id.search_domain.as_deref()),
             What::Udhcpc => writers::udhcpc_conf(&text),
+            What::Dhcpcd => writers::dhcpcd_conf(&text),
+            What::HostnameService => writers::LXD_HOSTNAME_SERVICE.to_string(),
             What::Interfaces => id.interfaces.clone().unwrap_or_default(),
             What::Chrony => writers::chrony_conf(&text, &id.ntp),
             What::Ntpd => writers::ntpd_conf(&text, &id.ntp),
@@ -697,6 +719,10 @@ impl IdentityFixup {
                 }
                 if let Some(h) = &id.hostname {
                     t = writers::ini_set(&t, "[network]", "hostname", h);
+                }
+                // WSL otherwise sets the zone from Windows' at every start.
+                if id.timezone.is_some() {
+                    t = writers::ini_set(&t, "[time]", "useWindowsTimezone", "false");
                 }
                 t
             }
@@ -783,6 +809,7 @@ impl IdentityFixup {
                     let mode = match w {
                         What::Shadow => 0o640,
                         What::Keys(_) => 0o600,
+                        What::HostnameService => 0o755,
                         _ => 0o644,
                     };
                     let e = Extra::file(&path, mode, data, t);

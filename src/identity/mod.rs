@@ -310,13 +310,12 @@ pub struct Sources {
 
 impl Sources {
     /// Load the config (`explicit`, else `./abox.toml` if present and not `no_config`) and the
-    /// answer file; notes (ignored answer-file options) go to `note`.
+    /// answer file; the answer file's ignored options are warned about.
     pub fn load(
         explicit: Option<&Path>,
         no_config: bool,
         answers: Option<&Path>,
         flags: Settings,
-        note: &dyn Fn(&str),
     ) -> Result<Sources> {
         let config = match explicit {
             Some(p) => Some(ConfigFile::load(p)?),
@@ -335,8 +334,9 @@ impl Sources {
                 let text = read_small(p, "the answer file")?;
                 let a = answers::parse(&text)
                     .with_context(|| format!("the answer file {}", p.display()))?;
+                // Said whatever the progress mode: a dropped option may be one the user relies on.
                 for (var, why) in &a.ignored {
-                    note(&format!("{}: {var} ignored: {why}", p.display()));
+                    log::warn!("{}: {var} ignored: {why}", p.display());
                 }
                 Some(a.settings)
             }
@@ -609,6 +609,16 @@ pub fn password_hash(file: &Path, whose: &str) -> Result<String> {
     if is_crypt_hash(line) {
         return Ok(line.to_string());
     }
+    if ["$1$", "$2a$", "$2b$", "$2y$", "$5$", "$6$", "$y$"]
+        .iter()
+        .any(|p| line.starts_with(p))
+    {
+        bail!(
+            "{}: the first line starts like a crypt hash but is not a whole one (truncated?); \
+             give the password itself or the whole hash (mkpasswd -m sha-512)",
+            file.display()
+        );
+    }
     let mut salt = [0u8; 12];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut salt))
@@ -653,9 +663,8 @@ pub fn is_crypt_hash(s: &str) -> bool {
 /// A host name as `hostname(1)` and setup-alpine take it: labels of letters, digits and `-`
 /// (not at a label's ends), 1–63 characters each, dot-separated, at most 253 in all (RFC 1123).
 pub fn check_hostname(h: &str) -> Result<()> {
-    check_domain(h).with_context(|| {
-        format!("--hostname {h:?}: use letters, digits and '-' (e.g. box1 or box1.home.arpa)")
-    })
+    check_domain(h)
+        .map_err(|e| anyhow::anyhow!("--hostname {h:?}: {e} (e.g. box1 or box1.home.arpa)"))
 }
 
 fn check_domain(d: &str) -> Result<()> {
@@ -914,6 +923,11 @@ mod tests {
         std::fs::write(&p, "$6$abc$def\n").unwrap();
         assert_eq!(password_hash(&p, "x").unwrap(), "$6$abc$def");
         // A password that merely has dollars is a password; a BOM is not part of it.
+        std::fs::write(&p, "$6$bad\n").unwrap();
+        assert!(password_hash(&p, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("not a whole one"));
         std::fs::write(&p, "$uper$ecret$pass\n").unwrap();
         assert!(password_hash(&p, "x").unwrap().starts_with("$6$"));
         std::fs::write(&p, "\u{feff}$6$rounds=5000$salt$hash\n").unwrap();

@@ -61,6 +61,7 @@ fn words(line: &str) -> Vec<&str> {
 /// [comment]`, whose base64 blob must decode and start with TYPE (RFC 4253 §6.6). Errors name
 /// the line; a private key is refused as such; no key at all is an error.
 pub fn key_lines(text: &str) -> Result<Vec<String>> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.contains("PRIVATE KEY-----") {
         bail!("this is a private key: give the public one (the .pub file next to it)");
     }
@@ -420,6 +421,38 @@ pub fn udhcpc_conf(existing: &str) -> String {
     out.push_str("# alpine-boxes: the name servers are fixed (--dns)\nRESOLV_CONF=\"no\"\n");
     out
 }
+
+/// dhcpcd.conf(5) with `nohook resolv.conf`: dhcpcd (which ifupdown-ng runs when installed)
+/// leaves the resolv.conf given with `--dns` alone.
+pub fn dhcpcd_conf(existing: &str) -> String {
+    let mut out = normalized(existing);
+    let has = lines(existing).any(|l| {
+        let mut w = l.split_whitespace();
+        w.next() == Some("nohook") && w.any(|h| h.trim_end_matches(',') == "resolv.conf")
+    });
+    if !has {
+        out.push_str("# alpine-boxes: the name servers are fixed (--dns)\nnohook resolv.conf\n");
+    }
+    out
+}
+
+/// The OpenRC service an LXD/Incus container gets with `--hostname`: the running hostname from
+/// `/etc/hostname` (LXD sets the instance name; OpenRC's own hostname service skips containers).
+pub const LXD_HOSTNAME_SERVICE: &str = "#!/sbin/openrc-run
+# Written by alpine-boxes: the hostname from /etc/hostname, also in a container (LXD names it
+# after the instance, and OpenRC's hostname service does not run in containers).
+description=\"Set the hostname from /etc/hostname\"
+
+depend() {
+\tbefore net
+}
+
+start() {
+\tebegin \"Setting the hostname\"
+\thostname -F /etc/hostname
+\teend $?
+}
+";
 
 /// chrony.conf(5): the image's `server`/`pool`/`peer` lines replaced by one `server NAME
 /// iburst` per server, and its `initstepslew` (Alpine's: step a clock that is far off at
@@ -803,6 +836,14 @@ mod tests {
                 &["a".into(), "b".into()]
             ),
             "# busybox ntpd\nNTPD_OPTS=\"-N -p a -p b\"\n"
+        );
+        assert_eq!(
+            dhcpcd_conf("hostname\n"),
+            "hostname\n# alpine-boxes: the name servers are fixed (--dns)\nnohook resolv.conf\n"
+        );
+        assert_eq!(
+            dhcpcd_conf("nohook resolv.conf, wpa_supplicant\n"),
+            "nohook resolv.conf, wpa_supplicant\n"
         );
         assert_eq!(
             udhcpc_conf("RESOLV_CONF=/etc/resolv.conf\n"),
