@@ -516,8 +516,9 @@ pub struct DiskArgs {
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
-    /// Disk format [default: from the output's extension, else qcow2]. VirtualBox: vdi or
-    /// vmdk; Hyper-V: vhdx; QEMU/libvirt/Proxmox: qcow2 or raw.
+    /// Disk format [default: from the output's extension (.img/.raw, .qcow2, .vmdk, .vdi,
+    /// .vhdx, .vhd; another is refused), qcow2 without -o]. VirtualBox: vdi or vmdk; Hyper-V:
+    /// vhdx; Azure and Hyper-V generation 1: vhd (fixed); QEMU/libvirt/Proxmox: qcow2 or raw.
     #[arg(long, value_enum)]
     pub format: Option<crate::disk::Format>,
 

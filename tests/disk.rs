@@ -578,7 +578,7 @@ fn virtio_with_initramfs_boots_by_uuid_with_cmdline_and_password() {
 }
 
 #[test]
-fn vmdk_vdi_vhdx_check_clean_and_vhdx_boots_on_uefi_scsi_like_hyper_v_gen2() {
+fn vmdk_vdi_vhdx_vhd_check_clean_and_boot_like_hyper_v_gen2_and_gen1() {
     let _disk = needs();
     let img = test_image(true);
     let work = tempfile::tempdir().unwrap();
@@ -589,6 +589,7 @@ fn vmdk_vdi_vhdx_check_clean_and_vhdx_boots_on_uefi_scsi_like_hyper_v_gen2() {
         ("vmdk", "vmdk", Made::Bios),
         ("vdi", "vdi", Made::Hybrid),
         ("vhdx", "vhdx", Made::Uefi),
+        ("vhd", "vpc", Made::Hybrid),
     ] {
         // A folder name the tools would misread (mtools splits at `@@`, qemu-img takes `x:`
         // for a protocol): abox hands them only its own links.
@@ -599,14 +600,31 @@ fn vmdk_vdi_vhdx_check_clean_and_vhdx_boots_on_uefi_scsi_like_hyper_v_gen2() {
                 .args(["disk", &src, "--firmware", &fw, "-o"])
                 .arg(&disk),
         );
-        let info = sh(&format!("qemu-img info --output json {}", disk.display()));
+        // A fixed VHD has its footer only at the end: qemu-img is told the format, as
+        // Hyper-V and Azure know it from the extension.
+        let fmt = if ext == "vhd" { "-f vpc" } else { "" };
+        let info = sh(&format!(
+            "qemu-img info {fmt} --output json {}",
+            disk.display()
+        ));
         let info: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(info["format"], name, "{info}");
-        let check = sh(&format!("qemu-img check {} 2>&1", disk.display()));
-        assert!(check.contains("No errors were found"), "{ext}: {check}");
+        if ext == "vhd" {
+            // Fixed: the whole disk then the 512-byte footer, the size exact (no CHS rounding).
+            let len = std::fs::metadata(&disk).unwrap().len();
+            assert_eq!(len, info["virtual-size"].as_u64().unwrap() + 512, "{info}");
+            assert_eq!(
+                info["virtual-size"].as_u64().unwrap() % (1 << 20),
+                0,
+                "{info}"
+            );
+        } else {
+            let check = sh(&format!("qemu-img check {} 2>&1", disk.display()));
+            assert!(check.contains("No errors were found"), "{ext}: {check}");
+        }
         let raw = work.path().join(format!("{ext}.raw"));
         sh(&format!(
-            "qemu-img convert -O raw {} {}",
+            "qemu-img convert {fmt} -O raw {} {}",
             disk.display(),
             raw.display()
         ));
@@ -614,6 +632,12 @@ fn vmdk_vdi_vhdx_check_clean_and_vhdx_boots_on_uefi_scsi_like_hyper_v_gen2() {
     }
     // Hyper-V generation 2: UEFI, the disk on a SCSI controller.
     let line = boot::boot_fw(&odd.join("d.vhdx"), "vhdx", Bus::Scsi, Fw::Uefi);
+    assert!(
+        line.starts_with(&format!("ABOX-TEST {} ", img.marker)),
+        "{line}"
+    );
+    // The fixed VHD boots on BIOS (Hyper-V generation 1, Azure).
+    let line = boot::boot_fw(&odd.join("d.vhd"), "vpc", Bus::Nvme, Fw::Bios);
     assert!(
         line.starts_with(&format!("ABOX-TEST {} ", img.marker)),
         "{line}"
@@ -655,6 +679,16 @@ fn refusals_leave_nothing_behind() {
     assert!(err.contains("--size 12 MiB is too small"), "{err}");
     assert!(err.contains("needs at least"), "{err}");
     assert_nothing_left(&out, "too small");
+
+    // A name abox writes no format for (and none): refused with the list, nothing written.
+    for name in ["x.ova", "x.box", "x.iso", "x.tar.gz", "noext"] {
+        let err = run_err(abox().args(["disk", &src, "-o"]).arg(out.join(name)));
+        assert!(
+            err.contains(".qcow2, .vmdk, .vdi, .vhdx, .vhd") && err.contains("--format"),
+            "{name}: {err}"
+        );
+        assert_nothing_left(&out, name);
+    }
 
     // A TMPDIR e2fsprogs cannot name ('?' starts its options): refused before any work.
     let q = work.path().join("t?q");

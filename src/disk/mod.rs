@@ -45,6 +45,8 @@ pub enum Format {
     Vdi,
     /// Hyper-V (generation 1 VM: the disk boots with BIOS).
     Vhdx,
+    /// VHD, fixed (QEMU's `vpc`): Azure, Hyper-V generation 1, older Virtual PC tools.
+    Vhd,
 }
 
 impl Format {
@@ -55,8 +57,12 @@ impl Format {
             Format::Vmdk => "vmdk",
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
+            Format::Vhd => "vhd",
         }
     }
+
+    /// The extensions abox writes, for messages.
+    pub const EXTENSIONS: &'static str = ".img or .raw (raw), .qcow2, .vmdk, .vdi, .vhdx, .vhd";
 
     /// The format an output file name asks for.
     pub fn from_path(p: &Path) -> Option<Self> {
@@ -67,6 +73,7 @@ impl Format {
             "vmdk" => Format::Vmdk,
             "vdi" => Format::Vdi,
             "vhdx" => Format::Vhdx,
+            "vhd" => Format::Vhd,
             _ => return None,
         })
     }
@@ -78,6 +85,7 @@ impl Format {
             Format::Vmdk => "vmdk",
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
+            Format::Vhd => "vpc",
         }
     }
 }
@@ -131,7 +139,14 @@ fn output_and_format(opts: &DiskOptions, name: &str) -> Result<(PathBuf, Format)
                     f.qemu_name()
                 ),
                 (Some(f), _) | (None, Some(f)) => f,
-                (None, None) => Format::default(),
+                // A name abox does not write (`.vhd`-like but not, `.ova`, `.box`, `.iso`, none):
+                // refused rather than a qcow2 under a misleading name.
+                (None, None) => bail!(
+                    "{}: abox writes {} disks; name the file with one of these extensions, or \
+                     give --format to write that format under this name",
+                    p.display(),
+                    Format::EXTENSIONS
+                ),
             };
             Ok((p.clone(), format))
         }
@@ -864,6 +879,24 @@ mod tests {
         assert_eq!(Format::from_path(Path::new("a/b.VHDX")), Some(Format::Vhdx));
         assert_eq!(Format::from_path(Path::new("b.raw")), Some(Format::Raw));
         assert_eq!(Format::from_path(Path::new("b.txt")), None);
+        assert_eq!(Format::from_path(Path::new("b.VHD")), Some(Format::Vhd));
+        for bad in ["x.ova", "x.box", "x.iso", "x.tar.gz", "x"] {
+            let o = DiskOptions {
+                output: Some(PathBuf::from(bad)),
+                ..Default::default()
+            };
+            let e = output_and_format(&o, "n").unwrap_err().to_string();
+            assert!(
+                e.contains(".vhdx, .vhd") && e.contains("--format"),
+                "{bad}: {e}"
+            );
+        }
+        let o = DiskOptions {
+            output: Some(PathBuf::from("disk.bin")),
+            format: Some(Format::Raw),
+            ..Default::default()
+        };
+        assert_eq!(output_and_format(&o, "n").unwrap().1, Format::Raw);
         let o = DiskOptions {
             output: Some("x.vdi".into()),
             format: Some(Format::Qcow2),

@@ -10,7 +10,8 @@ use super::Format;
 
 /// Convert the raw disk `raw` into `dest` (which exists, empty, under its temporary name) in
 /// `format`; `compress` makes qcow2 clusters compressed. VMDK is written as one growable file
-/// (`monolithicSparse`, what VirtualBox and VMware both read), VHDX as `dynamic`.
+/// (`monolithicSparse`, what VirtualBox and VMware both read), VHDX as `dynamic`, VHD as
+/// `fixed` (qemu's `vpc`).
 pub fn convert(raw: &Path, dest: &Path, format: Format, compress: bool) -> Result<()> {
     let mut cmd = Command::new("qemu-img");
     cmd.args(["convert", "-f", "raw", "-O", format.qemu_name()]);
@@ -23,6 +24,11 @@ pub fn convert(raw: &Path, dest: &Path, format: Format, compress: bool) -> Resul
         }
         Format::Vhdx => {
             cmd.args(["-o", "subformat=dynamic"]);
+        }
+        // Fixed, with the exact size (Azure takes only fixed VHDs of whole MiB; without
+        // force_size qemu-img rounds to its CHS geometry).
+        Format::Vhd => {
+            cmd.args(["-o", "subformat=fixed,force_size=on"]);
         }
         _ => {}
     }
