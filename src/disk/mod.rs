@@ -166,6 +166,10 @@ fn output_and_format(opts: &DiskOptions, name: &str) -> Result<(PathBuf, Format)
 /// ([`DiskOut`]); [`Target::finish`] writes the loaders' files, installs SYSLINUX and packages
 /// the disk. No step needs root, a loop device or a mount.
 pub struct DiskTarget {
+    /// Between `start` and `finish`. Declared before `out`: fields drop in order, so on an
+    /// error mke2fs is killed and waited for before the output's temporary file is removed
+    /// (mke2fs creates a missing image file: one still starting would make it again).
+    building: Option<Building>,
     opts: DiskOptions,
     out_path: PathBuf,
     format: Format,
@@ -181,8 +185,6 @@ pub struct DiskTarget {
     hashed: bool,
     /// The artifact's kind in `manifest.json`.
     kind: &'static str,
-    /// Between `start` and `finish`.
-    building: Option<Building>,
 }
 
 struct Building {
