@@ -333,9 +333,10 @@ pub struct ExportArgs {
     #[arg(long, value_name = "FILE.ico")]
     pub icon: Option<PathBuf>,
 
-    /// Platform to pick from a multi-platform image.
-    #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
-    pub platform: String,
+    /// Platform to pick from a multi-platform image [default: linux/amd64]; given, an image of
+    /// another platform is refused.
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
 
     #[command(flatten)]
     pub identity: IdentityArgs,
@@ -549,9 +550,10 @@ pub struct DiskArgs {
     #[arg(long)]
     pub no_vm_layer: bool,
 
-    /// Platform to pick from a multi-platform image.
-    #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
-    pub platform: String,
+    /// Platform to pick from a multi-platform image [default: linux/amd64]; given, an image of
+    /// another platform is refused.
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
 
     #[command(flatten)]
     pub identity: IdentityArgs,
@@ -584,9 +586,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 targets,
                 wsl_user: a.wsl_user,
                 icon: a.icon,
-                select: SelectOptions {
-                    platform: a.platform,
-                },
+                select: SelectOptions::new(a.platform),
                 identity: a.identity.sources()?,
             };
             let report = export::export(&opts, &progress)?;
@@ -649,9 +649,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 cmdline: a.cmdline,
                 identity: None,
                 compress: a.compress,
-                select: SelectOptions {
-                    platform: a.platform,
-                },
+                select: SelectOptions::new(a.platform),
                 no_vm_layer: a.no_vm_layer,
                 vm_agent: false,
             };

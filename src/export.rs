@@ -304,10 +304,10 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
             "{name}: the plain rootfs tar (--rootfs) is the image as it is: no identity in it"
         ));
     }
-    let out_dir = opts
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| default_out_dir(&name));
+    // The default folder: the name given, else the image's name and tag.
+    let out_dir = opts.out_dir.clone().unwrap_or_else(|| {
+        default_out_dir(&opts.name.clone().unwrap_or_else(|| image.folder_name()))
+    });
     create_out_dir(&out_dir)?;
     let targets = create_targets(opts, &image, &name, &out_dir, &ids)?;
     let disks = if opts.targets.lxd_vm {
@@ -367,7 +367,10 @@ pub fn commit(
             .map(|a| a.file.dest().to_path_buf())
     };
     let vm_pair = dest_of("lxd-vm-meta").zip(dest_of("lxd-vm"));
-    let files = commit_all(out_dir, source, &image.summary(), artifacts)?;
+    let (files, notes) = commit_all(out_dir, source, &image.summary(), artifacts)?;
+    for n in notes {
+        progress.note(&n);
+    }
     if let Some((meta, disk)) = vm_pair {
         progress.note(&format!(
             "LXD/Incus VM image: lxc image import {} {} (fingerprint {})",

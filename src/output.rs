@@ -7,7 +7,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// A file being written. Dropped without [`PendingFile::commit`], it removes itself.
@@ -191,26 +191,29 @@ pub struct Artifact {
     pub image: Option<ImageSummary>,
 }
 
-#[derive(Serialize)]
-struct ManifestArtifact<'a> {
-    kind: &'a str,
+/// One artifact as `manifest.json` lists it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct ManifestArtifact {
+    kind: String,
     file: String,
     size: u64,
-    sha256: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    image: Option<&'a ImageSummary>,
+    sha256: String,
+    /// The image it was made from, when not the manifest's `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<ImageSummary>,
 }
 
-#[derive(Serialize)]
-struct Manifest<'a> {
+/// `manifest.json`: what abox wrote into an output folder, from which image.
+#[derive(Serialize, Deserialize)]
+struct Manifest {
     tool: String,
-    source: &'a str,
-    image: &'a ImageSummary,
-    artifacts: Vec<ManifestArtifact<'a>>,
+    source: String,
+    image: ImageSummary,
+    artifacts: Vec<ManifestArtifact>,
 }
 
 /// What `manifest.json` says about the image the artifacts came from.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ImageSummary {
     pub name: String,
     /// Digest of the manifest (OCI) or of the config (docker-archive: the image ID).
@@ -226,31 +229,132 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Largest `manifest.json` read back from an output folder.
+const MANIFEST_MAX: u64 = 4 << 20;
+
+/// The artifacts an earlier run listed in `out_dir` that are still there as it left them
+/// (a regular file of the listed size, not one this run writes), each with the image it came
+/// from; and notes on what is not kept as it was.
+fn earlier_artifacts(
+    out_dir: &Path,
+    writing: &std::collections::HashSet<String>,
+) -> (Vec<ManifestArtifact>, Vec<String>) {
+    let path = out_dir.join("manifest.json");
+    let mut notes = Vec::new();
+    let read = || -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let f = File::open(&path)?;
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        let mut buf = Vec::new();
+        f.take(MANIFEST_MAX + 1).read_to_end(&mut buf)?;
+        if buf.len() as u64 > MANIFEST_MAX {
+            return Err(io::Error::other(format!(
+                "larger than {MANIFEST_MAX} bytes"
+            )));
+        }
+        Ok(buf)
+    };
+    let text = match read() {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return (Vec::new(), notes),
+        Err(e) => {
+            notes.push(format!(
+                "{}: not read ({e:#}); written afresh",
+                path.display()
+            ));
+            return (Vec::new(), notes);
+        }
+    };
+    let old: Manifest = match serde_json::from_slice(&text) {
+        Ok(m) => m,
+        Err(e) => {
+            notes.push(format!(
+                "{}: not an abox manifest ({e}); written afresh, listing this run's files only",
+                path.display()
+            ));
+            return (Vec::new(), notes);
+        }
+    };
+    let mut kept = Vec::new();
+    for mut a in old.artifacts {
+        let plain = !a.file.is_empty()
+            && !a.file.contains('/')
+            && !a.file.starts_with('.')
+            && a.file != "SHA256SUMS"
+            && a.file != "manifest.json";
+        if !plain || writing.contains(&a.file) {
+            continue;
+        }
+        match std::fs::symlink_metadata(out_dir.join(&a.file)) {
+            Ok(m) if m.is_file() && m.len() == a.size => {
+                a.image = Some(a.image.take().unwrap_or_else(|| old.image.clone()));
+                kept.push(a);
+            }
+            Ok(_) => notes.push(format!(
+                "{}: changed since abox wrote it: no longer listed in SHA256SUMS",
+                out_dir.join(&a.file).display()
+            )),
+            Err(_) => {}
+        }
+    }
+    (kept, notes)
+}
+
 /// Rename every artifact into place, then write `SHA256SUMS` and `manifest.json` (atomically
-/// too). Nothing is renamed unless every artifact was complete.
+/// too), listing this run's artifacts and those of earlier runs still in the folder (with the
+/// image each came from when it is not `image`); returns the paths written and notes for the
+/// user (another image's artifacts in the folder, a listed file changed since). Nothing is
+/// renamed unless every artifact was complete.
 pub fn commit_all(
     out_dir: &Path,
     source: &str,
     image: &ImageSummary,
     artifacts: Vec<Artifact>,
-) -> Result<Vec<PathBuf>> {
-    let mut sums = String::new();
-    let mut entries = Vec::new();
-    for a in &artifacts {
-        let name = file_name(a.file.dest());
-        sums.push_str(&format!("{}  {}\n", a.sha256, name));
-        entries.push(ManifestArtifact {
-            kind: a.kind,
-            file: name,
+) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let writing: std::collections::HashSet<String> =
+        artifacts.iter().map(|a| file_name(a.file.dest())).collect();
+    let (kept, mut notes) = earlier_artifacts(out_dir, &writing);
+    let mut entries: Vec<ManifestArtifact> = artifacts
+        .iter()
+        .map(|a| ManifestArtifact {
+            kind: a.kind.to_string(),
+            file: file_name(a.file.dest()),
             size: a.size,
-            sha256: &a.sha256,
-            image: a.image.as_ref(),
-        });
+            sha256: a.sha256.clone(),
+            image: a.image.clone(),
+        })
+        .collect();
+    let mut others: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for mut a in kept {
+        if a.image.as_ref() == Some(image) {
+            a.image = None;
+        } else if let Some(i) = &a.image {
+            others
+                .entry(format!("{} ({})", i.name, i.digest))
+                .or_default()
+                .push(a.file.clone());
+        }
+        entries.push(a);
     }
+    for (img, files) in others {
+        notes.push(format!(
+            "{} also holds {} from another image, {img}: each listed with its image in \
+             manifest.json",
+            out_dir.display(),
+            files.join(", ")
+        ));
+    }
+    entries.sort_by(|a, b| a.file.cmp(&b.file));
+    let sums: String = entries
+        .iter()
+        .map(|a| format!("{}  {}\n", a.sha256, a.file))
+        .collect();
     let manifest = Manifest {
         tool: format!("abox {}", env!("CARGO_PKG_VERSION")),
-        source,
-        image,
+        source: source.to_string(),
+        image: image.clone(),
         artifacts: entries,
     };
     let mut sums_file = PendingFile::create_public(&out_dir.join("SHA256SUMS"))?;
@@ -269,7 +373,7 @@ pub fn commit_all(
     }
     sums_file.commit()?;
     man_file.commit()?;
-    Ok(paths)
+    Ok((paths, notes))
 }
 
 #[cfg(test)]

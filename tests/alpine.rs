@@ -22,12 +22,49 @@ fn probe(log: &str) -> String {
     log[start..end].replace('\r', "")
 }
 
+/// What the test's HTTP server answers (see [`http_server`]).
+const PAGE: &str = "abox-http-ok";
+
+/// A tiny HTTP server on the host's 127.0.0.1 (QEMU's user network shows it to the guest as
+/// 10.0.2.2) that answers every request with [`PAGE`]; its port. It runs until the test ends.
+fn http_server() -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = write!(
+                c,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{PAGE}",
+                PAGE.len()
+            );
+        }
+    });
+    port
+}
+
 /// Boot `disk` and check the booted system: default runlevel, nothing crashed, the ESP at /boot,
-/// the root the ext4 of `root_uuid`.
-fn boots(disk: &Path, format: &str, bus: Bus, fw: Fw, root_uuid: &str) {
-    let log = boot::boot_fw_until(disk, format, bus, fw, &|t| t.contains("ABOX-PROBE-END"));
+/// the root the ext4 of `root_uuid`. With `net` (QEMU's NIC model and the Linux driver it
+/// needs), a user-network NIC is attached and the disk (made with `abox.http=` on its command
+/// line) must come up usable: eth0 with QEMU's DHCP address, `localhost` resolving, and the
+/// page fetched from the host's server.
+fn boots(disk: &Path, format: &str, bus: Bus, fw: Fw, root_uuid: &str, net: Option<(&str, &str)>) {
+    let nic = net.map_or("none".to_string(), |(model, _)| {
+        format!("user,model={model}")
+    });
+    let log = boot::boot_nic_until(disk, format, bus, fw, &nic, &[], &|t| {
+        t.contains("ABOX-PROBE-END")
+    });
     let p = probe(&log);
     let what = format!("{} {bus:?} {fw:?}:\n{p}", disk.display());
+    if let Some((_, driver)) = net {
+        assert!(p.contains("eth0=10.0.2.15/24"), "DHCP address: {what}");
+        assert!(p.contains(&format!("driver={driver}\n")), "{what}");
+        assert!(p.contains("localhost=ok"), "{what}");
+        assert!(p.contains(&format!("http=[{PAGE}]")), "{what}");
+    }
     assert!(p.contains("runlevel=default"), "{what}");
     assert!(p.contains("crashed=[]"), "{what}");
     assert!(
@@ -87,6 +124,11 @@ fn real_alpine_boots_on_every_firmware_and_hypervisor_shape() {
             err.contains("left out of /boot") && err.contains(": /boot/boot"),
             "{err}"
         );
+        assert!(
+            err.contains("no device manager")
+                && err.contains("/etc/modules-load.d/abox-vm.conf (virtio_net, e1000, e1000e"),
+            "{err}"
+        );
         let raw = work.path().join(format!("{name}.raw"));
         sh(&format!(
             "qemu-img check {0} >/dev/null 2>&1 || qemu-img check {0}; qemu-img convert -O raw {0} {1}",
@@ -98,16 +140,42 @@ fn real_alpine_boots_on_every_firmware_and_hypervisor_shape() {
         (disk, uuid)
     };
 
-    // QEMU / libvirt / Proxmox: qcow2 on virtio-blk, both firmwares, the same file.
-    let (qcow2, uuid) = make("alpine.qcow2", &[]);
-    boots(&qcow2, "qcow2", Bus::Virtio, Fw::Bios, &uuid);
-    boots(&qcow2, "qcow2", Bus::Virtio, Fw::Uefi, &uuid);
-    // VirtualBox with EFI: vdi on AHCI.
-    let (vdi, uuid) = make("alpine.vdi", &[]);
-    boots(&vdi, "vdi", Bus::Ahci, Fw::Uefi, &uuid);
+    // The image has no device manager (no mdev, mdevd or udev): the NIC drivers must load all
+    // the same, said in a note; the probe fetches a page from the host through the network.
+    let http = format!("abox.http=10.0.2.2:{}/probe", http_server());
+    let online = ["--cmdline", http.as_str()];
+    // QEMU / libvirt / Proxmox: qcow2 on virtio-blk, both firmwares, the same file; virtio-net
+    // and QEMU's default e1000.
+    let (qcow2, uuid) = make("alpine.qcow2", &online);
+    boots(
+        &qcow2,
+        "qcow2",
+        Bus::Virtio,
+        Fw::Bios,
+        &uuid,
+        Some(("virtio-net-pci", "virtio_net")),
+    );
+    boots(
+        &qcow2,
+        "qcow2",
+        Bus::Virtio,
+        Fw::Uefi,
+        &uuid,
+        Some(("e1000", "e1000")),
+    );
+    // VirtualBox with EFI: vdi on AHCI, its Intel PRO/1000 MT Desktop NIC (82540EM: e1000).
+    let (vdi, uuid) = make("alpine.vdi", &online);
+    boots(
+        &vdi,
+        "vdi",
+        Bus::Ahci,
+        Fw::Uefi,
+        &uuid,
+        Some(("e1000", "e1000")),
+    );
     // Hyper-V generation 2: vhdx on SCSI, UEFI.
     let (vhdx, uuid) = make("alpine.vhdx", &[]);
-    boots(&vhdx, "vhdx", Bus::Scsi, Fw::Uefi, &uuid);
+    boots(&vhdx, "vhdx", Bus::Scsi, Fw::Uefi, &uuid, None);
     // The LXD/Incus VM image of real Alpine carries the agent service in the default runlevel.
     let vm_out = work.path().join("vm");
     std::fs::create_dir_all(&vm_out).unwrap();
@@ -139,8 +207,8 @@ fn real_alpine_boots_on_every_firmware_and_hypervisor_shape() {
 
     // An MBR disk, both firmwares.
     let (mbr, uuid) = make("alpine-mbr.img", &["--table", "mbr"]);
-    boots(&mbr, "raw", Bus::Virtio, Fw::Bios, &uuid);
-    boots(&mbr, "raw", Bus::Virtio, Fw::Uefi, &uuid);
+    boots(&mbr, "raw", Bus::Virtio, Fw::Bios, &uuid, None);
+    boots(&mbr, "raw", Bus::Virtio, Fw::Uefi, &uuid, None);
 }
 
 /// The first-boot identity on real Alpine: a disk made with --hostname, --user, --ssh-key and
@@ -274,5 +342,108 @@ fn real_alpine_boots_with_the_identity() {
     assert!(
         probe.contains("runlevel=default") && probe.contains("crashed=[]"),
         "{probe}"
+    );
+}
+
+/// Every file a booted VM relies on, in its degenerate forms, on real Alpine: an empty inittab,
+/// a hostname with CRLF and a comment, hosts with comments only, no fstab, interfaces with
+/// comments only and CRLF, resolv.conf a symlink into an empty /run, rc.conf with CRLF. The
+/// disk boots to the default runlevel, comes up on the network (DHCP, localhost, a page from the
+/// host) and the DHCP client filled resolv.conf.
+#[test]
+fn real_alpine_with_degenerate_files_boots_usable() {
+    require_root();
+    let base = boot::real_alpine();
+    let work = tempfile::Builder::new()
+        .prefix("abox-alpine-deg-")
+        .tempdir()
+        .unwrap();
+    let w = work.path();
+    let etc = w.join("etc");
+    std::fs::create_dir_all(etc.join("network")).unwrap();
+    std::fs::create_dir_all(etc.join("local.d")).unwrap();
+    std::fs::write(etc.join("inittab"), "").unwrap();
+    std::fs::write(etc.join("hostname"), "# the name\r\ndegenerate-box\r\n").unwrap();
+    std::fs::write(etc.join("hosts"), "# nothing here\r\n").unwrap();
+    std::fs::write(etc.join("network/interfaces"), "# none\r\n").unwrap();
+    let rc = common::engine::in_image(base, "cat /etc/rc.conf");
+    std::fs::write(etc.join("rc.conf"), rc.replace('\n', "\r\n")).unwrap();
+    std::os::unix::fs::symlink("/run/resolvconf/resolv.conf", etc.join("resolv.conf")).unwrap();
+    std::fs::write(
+        etc.join("local.d/abox-deg.start"),
+        "#!/bin/sh\n{\necho ABOX-DEG-BEGIN\necho \"hostname=$(hostname)\"\n\
+         echo \"resolv=$(ls -l /etc/resolv.conf | cut -c1) $(grep -c '^nameserver' /etc/resolv.conf)\"\n\
+         echo \"fstab=$(awk '$2==\"/\" {print $1}' /etc/fstab)\"\n\
+         echo \"gettys=$(grep -c '^tty[0-9S]*::respawn' /etc/inittab)\"\n\
+         echo ABOX-DEG-END\n} > /dev/ttyS0 2>&1\n",
+    )
+    .unwrap();
+    sh(&format!(
+        "chmod 755 {}/local.d/abox-deg.start",
+        etc.display()
+    ));
+    std::fs::write(
+        w.join("Dockerfile"),
+        format!("FROM {base}\nRUN rm -f /etc/fstab\nCOPY etc /etc/\n"),
+    )
+    .unwrap();
+    let tag = format!("abox-test/alpine-degenerate:{}", std::process::id());
+    sh(&format!(
+        "cd {} && DOCKER_BUILDKIT=0 docker build -q --label org.alpine-boxes.test=degenerate -t {tag} . >/dev/null",
+        w.display()
+    ));
+    let archive = w.join("alpine.tar");
+    sh(&format!(
+        "docker save -o {} {tag} && docker rmi {tag} >/dev/null",
+        archive.display()
+    ));
+    // The image holds the degenerate forms (the rootfs tar is the image as it is).
+    run_ok(
+        common::abox()
+            .arg("export")
+            .arg(format!("docker-archive:{}", archive.display()))
+            .args(["--rootfs", "--name", "deg", "-o"])
+            .arg(w.join("as-is")),
+    );
+    let t = common::read_tar_file(&w.join("as-is/deg.rootfs.tar"));
+    assert_eq!(t["etc/resolv.conf"].kind, 'l');
+    assert_eq!(t["etc/inittab"].what, common::sha256_hex(b""));
+    assert!(!t.contains_key("etc/fstab"));
+    let disk = w.join("alpine.qcow2");
+    let http = format!("abox.http=10.0.2.2:{}/probe", http_server());
+    run_ok(
+        common::abox()
+            .arg("disk")
+            .arg(format!("docker-archive:{}", archive.display()))
+            .args(["--cmdline", &http, "-o"])
+            .arg(&disk),
+    );
+    let log = boot::boot_nic_until(
+        &disk,
+        "qcow2",
+        Bus::Virtio,
+        Fw::Bios,
+        "user,model=virtio-net-pci",
+        &[],
+        &|t| t.contains("ABOX-PROBE-END"),
+    );
+    let p = probe(&log);
+    assert!(
+        p.contains("runlevel=default") && p.contains("crashed=[]"),
+        "{p}"
+    );
+    assert!(p.contains("eth0=10.0.2.15/24"), "{p}");
+    assert!(p.contains("localhost=ok"), "{p}");
+    assert!(p.contains(&format!("http=[{PAGE}]")), "{p}");
+    let start = log.find("ABOX-DEG-BEGIN").expect("the probe ran");
+    let end = log[start..].find("ABOX-DEG-END").unwrap() + start;
+    let d = log[start..end].replace('\r', "");
+    assert!(d.contains("hostname=degenerate-box\n"), "{d}");
+    // A regular file now, and the DHCP client wrote QEMU's DNS server into it.
+    assert!(d.contains("resolv=- 1\n"), "{d}");
+    assert!(d.contains("fstab=UUID="), "{d}");
+    assert!(
+        d.contains("gettys=7\n"),
+        "six ttys and the serial port: {d}"
     );
 }

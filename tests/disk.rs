@@ -469,10 +469,10 @@ fn gpt_qcow2_from_the_engine_boots_and_checks_clean() {
         .unwrap();
     common::engine::rmi(std::slice::from_ref(&tag));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let disk = out.join("disk-boot/disk-boot.qcow2");
+    let disk = out.join(format!("disk-boot-{}/disk-boot.qcow2", std::process::id()));
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
-        "out/disk-boot/disk-boot.qcow2"
+        format!("out/disk-boot-{}/disk-boot.qcow2", std::process::id())
     );
     let check = sh(&format!("qemu-img check {}", disk.display()));
     assert!(check.contains("No errors were found"), "{check}");
@@ -497,8 +497,26 @@ fn gpt_qcow2_from_the_engine_boots_and_checks_clean() {
     let uuid = check_raw(&raw, true, false, Made::Hybrid);
     let line = boot::boot_fw(&disk, "qcow2", Bus::Nvme, Fw::Uefi);
     check_line(&line, &img, &uuid, false, "*");
-    // Nothing but the disk was left in the output folder.
-    assert_eq!(files_in(&out), vec![disk.clone()]);
+    // The default folder is abox's: the disk is listed in its SHA256SUMS and manifest.json,
+    // nothing else was left there.
+    let dir = disk.parent().unwrap();
+    let mut want = vec![
+        dir.join("SHA256SUMS"),
+        disk.clone(),
+        dir.join("manifest.json"),
+    ];
+    want.sort();
+    assert_eq!(files_in(&out), want);
+    let sha = sh(&format!("sha256sum {}", disk.display()));
+    let sha = sha.split_whitespace().next().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap(),
+        format!("{sha}  disk-boot.qcow2\n")
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["artifacts"][0]["kind"], "disk");
+    assert_eq!(m["artifacts"][0]["sha256"], sha);
 }
 
 #[test]

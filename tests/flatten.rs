@@ -281,22 +281,111 @@ fn name_and_default_folder_come_from_the_tag() {
             .current_dir(&r.root)
             .args(["export", "docker-archive:img.tar", "--rootfs"]),
     );
-    assert!(r.p("out/docker-host/docker-host.rootfs.tar").is_file());
-    let sums = std::fs::read_to_string(r.p("out/docker-host/SHA256SUMS")).unwrap();
-    let tar = std::fs::read(r.p("out/docker-host/docker-host.rootfs.tar")).unwrap();
+    let dir = r.p("out/docker-host-3.20.3");
+    assert!(dir.join("docker-host.rootfs.tar").is_file());
+    let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    let tar = std::fs::read(dir.join("docker-host.rootfs.tar")).unwrap();
     assert_eq!(
         sums,
         format!("{}  docker-host.rootfs.tar\n", sha256_hex(&tar))
     );
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(r.p("out/docker-host/manifest.json")).unwrap())
-            .unwrap();
+    let manifest = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+    };
+    let m = manifest(&dir);
     assert_eq!(m["source"], "docker-archive:img.tar");
     assert_eq!(m["image"]["name"], "docker-host");
     let cfg = ImageSpec::new(BASIC).config();
     assert_eq!(m["image"]["digest"], format!("sha256:{}", sha256_hex(&cfg)));
     assert_eq!(m["artifacts"][0]["size"], tar.len() as u64);
     assert_eq!(m["artifacts"][0]["sha256"], sha256_hex(&tar));
+
+    // Another tag of the same name gets its own folder; `latest` (or no tag) the plain name.
+    let mut other = ImageSpec::new(BASIC);
+    other.layers.push(layer("f extra 0644 x"));
+    other.write_docker_archive(&r.p("nokernel.tar"), "docker-host:3.20.3-nokernel");
+    ImageSpec::new(BASIC).write_docker_archive(&r.p("latest.tar"), "docker-host:latest");
+    for src in ["nokernel.tar", "latest.tar"] {
+        run_ok(abox().current_dir(&r.root).args([
+            "export",
+            &format!("docker-archive:{src}"),
+            "--rootfs",
+        ]));
+    }
+    assert!(r
+        .p("out/docker-host-3.20.3-nokernel/docker-host.rootfs.tar")
+        .is_file());
+    assert!(r.p("out/docker-host/docker-host.rootfs.tar").is_file());
+    assert_eq!(
+        std::fs::read(dir.join("docker-host.rootfs.tar")).unwrap(),
+        tar
+    );
+
+    // A second run into the folder keeps the first run's artifacts listed; another image's
+    // artifacts in the same folder are listed with their image, and said.
+    run_ok(
+        abox()
+            .current_dir(&r.root)
+            .args(["export", "docker-archive:img.tar", "--wsl", "-o"])
+            .arg(&dir),
+    );
+    let m = manifest(&dir);
+    let files: Vec<&str> = m["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        ["docker-host.rootfs.tar", "docker-host.rootfs.tar.gz"]
+    );
+    assert!(m["artifacts"][0].get("image").is_none(), "same image: {m}");
+    // Another image into the same folder (its stderr).
+    let export_nk = || {
+        let o = run_ok(
+            abox()
+                .current_dir(&r.root)
+                .args([
+                    "export",
+                    "docker-archive:nokernel.tar",
+                    "--lxd",
+                    "--name",
+                    "nk",
+                    "-o",
+                ])
+                .arg(&dir),
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = export_nk();
+    assert!(
+        err.contains("also holds docker-host.rootfs.tar, docker-host.rootfs.tar.gz from another image, docker-host (sha256:"),
+        "{err}"
+    );
+    let m = manifest(&dir);
+    let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    for a in m["artifacts"].as_array().unwrap() {
+        let f = a["file"].as_str().unwrap();
+        let bytes = std::fs::read(dir.join(f)).unwrap();
+        assert_eq!(a["sha256"], sha256_hex(&bytes), "{f}");
+        assert!(
+            sums.contains(&format!("{}  {f}\n", sha256_hex(&bytes))),
+            "{sums}"
+        );
+        let from_other = f.starts_with("docker-host.");
+        assert_eq!(a.get("image").is_some(), from_other, "{f}: {a}");
+    }
+    assert_eq!(sums.lines().count(), 3, "{sums}");
+    // A listed file changed by hand is no longer vouched for.
+    std::fs::write(dir.join("docker-host.rootfs.tar"), b"edited").unwrap();
+    let err = export_nk();
+    assert!(
+        err.contains("docker-host.rootfs.tar: changed since abox wrote it"),
+        "{err}"
+    );
+    let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    assert!(!sums.contains("docker-host.rootfs.tar\n"), "{sums}");
 }
 
 /// Export that must fail; checks the message and that nothing was left anywhere.
@@ -524,4 +613,41 @@ fn nested_indexes_are_resolved_by_platform() {
             .arg(r.p("o4")),
     );
     assert!(err.contains("no image with reference \"nope\""), "{err}");
+
+    // A single-platform image: taken whatever its platform unless --platform asks for another,
+    // which is an error naming what the image is (for every command), with nothing written.
+    let single = r.p("arm.tar");
+    arm.write_docker_archive(&single, "arm:1");
+    let src = format!("docker-archive:{}", single.display());
+    run_ok(
+        abox()
+            .args(["export", &src, "--rootfs", "-o"])
+            .arg(r.p("o5")),
+    );
+    run_ok(
+        abox()
+            .args([
+                "export",
+                &src,
+                "--rootfs",
+                "--platform",
+                "linux/arm64",
+                "-o",
+            ])
+            .arg(r.p("o6")),
+    );
+    for cmd in [&["export", "--rootfs"][..], &["disk"][..]] {
+        let out = r.p("o7");
+        let err = run_err(
+            abox()
+                .args(cmd)
+                .args([&src, "--platform", "linux/amd64", "-o"])
+                .arg(&out),
+        );
+        assert!(
+            err.contains("is a linux/arm64 image, not linux/amd64"),
+            "{cmd:?}: {err}"
+        );
+        assert!(!out.exists() || files_in(&out).is_empty(), "{cmd:?}");
+    }
 }

@@ -360,7 +360,7 @@ fn openrc_setup_keeps_what_the_image_decided() {
         dir.path(),
         &openrc_image(
             "f etc/wsl.conf 0644 [boot]\\ncommand=/bin/true\\n\n\
-             d etc/network 0755\nf etc/network/interfaces 0644 auto lo\\n\n\
+             d etc/network 0755\nf etc/network/interfaces 0644 auto br0\\niface br0 inet dhcp\\n\n\
              d etc/runlevels/boot 0755\nl etc/runlevels/boot/syslog -> /etc/init.d/syslog\n",
         ),
         &["--wsl", "--lxd"],
@@ -372,7 +372,7 @@ fn openrc_setup_keeps_what_the_image_decided() {
     );
     let lxd = out.join("base.lxd.tar.gz");
     let (_, _, _, ifaces) = entry_meta(&lxd, "rootfs/etc/network/interfaces");
-    assert_eq!(ifaces, b"auto lo\n");
+    assert_eq!(ifaces, b"auto br0\niface br0 inet dhcp\n");
     let names = tar_names(&lxd);
     assert_eq!(
         names
@@ -391,4 +391,79 @@ fn openrc_setup_keeps_what_the_image_decided() {
         .any(|p| p.contains("runlevels") || p.contains("network/interfaces")));
     let wsl = read_tar_file(&out.join("base.rootfs.tar.gz"));
     assert!(!wsl.contains_key("usr/lib/wsl/openrc-start"));
+}
+
+/// Every tar abox writes holds hard links to regular files written earlier only: a hard link to
+/// a symlink (what `ln -s busybox sh && ln sh sh2` in a `RUN` makes) or to a FIFO is written as a
+/// copy of that entry (WSL's importer stops on any other hard link).
+#[test]
+fn every_hard_link_in_a_tar_names_an_earlier_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ImageSpec::new(&[
+        "d etc 0755\nf etc/passwd 0644 root:x:0:0:root:/root:/bin/sh\\n\n\
+         f bin/busybox 0755 bb\nl bin/sh -> busybox\nh bin/sh2 => bin/sh\n\
+         p run/fifo 0600\nh run/fifo2 => run/fifo\nf a 0644 text\nh b => a",
+        // A later layer links to the symlink again.
+        "h bin/sh3 => bin/sh",
+    ]);
+    let out = export(
+        dir.path(),
+        &spec,
+        &["--wsl", "--wsl-package", "--lxd", "--rootfs"],
+    );
+    let mut tars = 0;
+    for f in files_in(&out) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        let file = std::fs::File::open(&f).unwrap();
+        let reader: Box<dyn std::io::Read> = if name.ends_with(".tar") {
+            Box::new(file)
+        } else if name.ends_with(".tar.gz") || name.ends_with(".wsl") {
+            Box::new(flate2::read::GzDecoder::new(file))
+        } else {
+            continue;
+        };
+        tars += 1;
+        let mut regular = std::collections::HashSet::new();
+        let mut kinds = std::collections::HashMap::new();
+        let mut links = 0;
+        let mut ar = tar::Archive::new(reader);
+        for e in ar.entries().unwrap() {
+            let e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            let path = path.trim_start_matches("./").to_string();
+            let ty = e.header().entry_type();
+            if ty == tar::EntryType::Link {
+                links += 1;
+                let target = e
+                    .link_name()
+                    .unwrap()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                let target = target.trim_start_matches("./").to_string();
+                assert!(
+                    regular.contains(&target),
+                    "{name}: {path} links to {target}, not a regular file written earlier"
+                );
+            } else if ty.is_file() {
+                regular.insert(path.clone());
+            }
+            kinds.insert(path, ty);
+        }
+        assert!(links >= 1, "{name}: b is a hard link to a");
+        let at = |p: &str| {
+            kinds
+                .iter()
+                .find(|(k, _)| k.ends_with(p) && k.len() - p.len() <= "rootfs/".len())
+                .map(|(_, t)| *t)
+                .unwrap_or_else(|| panic!("{name}: no {p}"))
+        };
+        for copy in ["bin/sh2", "bin/sh3"] {
+            assert_eq!(at(copy), tar::EntryType::Symlink, "{name}: {copy}");
+        }
+        if !name.ends_with(".wsl") {
+            assert_eq!(at("run/fifo2"), tar::EntryType::Fifo, "{name}");
+        }
+    }
+    assert_eq!(tars, 4, "{:?}", files_in(&out));
 }

@@ -160,6 +160,11 @@ impl DiskFixup {
         }
     }
 
+    /// What the VM set-up did that the user should know (known once started).
+    pub fn notes(&self) -> &[String] {
+        self.openrc.notes()
+    }
+
     /// Also install the LXD/Incus VM agent service ([`VM_AGENT`]) in the default runlevel.
     pub fn with_vm_agent(mut self, on: bool) -> Self {
         self.vm_agent = on;
@@ -168,8 +173,8 @@ impl DiskFixup {
 }
 
 impl Fixup for DiskFixup {
-    fn start(&mut self, facts: &flatten::Facts) -> Result<()> {
-        self.openrc.start(facts);
+    fn start_with(&mut self, plan: &flatten::Plan, facts: &flatten::Facts) -> Result<()> {
+        self.openrc.start(facts, Some(plan.tree()));
         // /boot is the FAT ESP on a disk: no owners, no modes, every file readable. A password
         // file whose content lives there would be readable by every user of the VM.
         for (name, real) in &facts.secret_files {

@@ -121,8 +121,9 @@ pub fn is_alpine(facts: &crate::flatten::Facts) -> bool {
         .unwrap_or(false)
 }
 
-/// The output file and format from `-o` / `--format`.
-fn output_and_format(opts: &DiskOptions, name: &str) -> Result<(PathBuf, Format)> {
+/// The output file and format from `-o` / `--format`; without `-o`,
+/// `out/<folder>/<name>.<format>`.
+fn output_and_format(opts: &DiskOptions, name: &str, folder: &str) -> Result<(PathBuf, Format)> {
     match &opts.output {
         // A folder: the disk goes into it under its default name.
         Some(dir) if dir.is_dir() => {
@@ -153,7 +154,7 @@ fn output_and_format(opts: &DiskOptions, name: &str) -> Result<(PathBuf, Format)
         None => {
             let f = opts.format.unwrap_or_default();
             Ok((
-                crate::export::default_out_dir(name).join(format!("{name}.{}", f.ext())),
+                crate::export::default_out_dir(folder).join(format!("{name}.{}", f.ext())),
                 f,
             ))
         }
@@ -503,6 +504,9 @@ impl Target for DiskTarget {
         let out = DiskOut::new(mkfs, esp, &dirs, cross, dirs_left_out)?;
         let mut stream = TarStream::with_out(out, "", fixup);
         stream.start(plan)?;
+        for n in stream.fixup.inner.notes() {
+            self.progress.note(n);
+        }
         self.building = Some(Building {
             stream,
             scratch,
@@ -824,7 +828,9 @@ impl crate::tarfmt::EntryOut for DiskOut {
 }
 
 /// `abox disk`: open the image, decide on the VM layer, write the disk and move it to its
-/// name; returns the disk's path.
+/// name; returns the disk's path. In abox's own folders (the default `out/<image>`, or one
+/// with a `manifest.json`) the disk is listed in `SHA256SUMS` and `manifest.json` beside the
+/// artifacts already there.
 pub fn write_disk(
     opts: &DiskOptions,
     identity: &crate::identity::Sources,
@@ -841,7 +847,7 @@ pub fn write_disk(
         identity: ids.disk,
         ..opts.clone()
     };
-    let (out_path, format) = output_and_format(opts, &image.name)?;
+    let (out_path, format) = output_and_format(opts, &image.name, &image.folder_name())?;
     let out_dir = out_dir_of(&out_path);
     std::fs::create_dir_all(out_dir).with_context(|| {
         format!(
@@ -850,7 +856,8 @@ pub fn write_disk(
         )
     })?;
     let mtime = crate::target::build_time(image.config.created().as_deref());
-    let target = DiskTarget::create(
+    let listed = opts.output.is_none() || out_dir.join("manifest.json").exists();
+    let mut target = DiskTarget::create(
         opts,
         &out_path,
         format,
@@ -858,16 +865,29 @@ pub fn write_disk(
         mtime,
         progress,
     )?;
+    if listed {
+        target = target.listed();
+    }
     let plan = crate::flatten::index(&image, progress)?;
     let cloud = opts.identity.as_ref().is_some_and(|i| i.cloud_init);
     let artifacts = match vmlayer::resolve(opts, &image, &plan, cloud, None, progress)? {
         None => crate::export::run_targets(&image, &plan, vec![Box::new(target)], progress)?,
         Some((vm, vm_plan)) => {
-            crate::export::run_targets(&vm, &vm_plan, vec![Box::new(target)], progress)?
+            let mut a =
+                crate::export::run_targets(&vm, &vm_plan, vec![Box::new(target)], progress)?;
+            // The manifest names the image the disk was made from.
+            for a in a.iter_mut() {
+                a.image = Some(vm.summary());
+            }
+            a
         }
     };
-    for a in artifacts {
-        a.file.commit()?;
+    if listed {
+        crate::export::commit(out_dir, &opts.source, &image, artifacts, progress)?;
+    } else {
+        for a in artifacts {
+            a.file.commit()?;
+        }
     }
     Ok(out_path)
 }
@@ -887,7 +907,7 @@ mod tests {
                 output: Some(PathBuf::from(bad)),
                 ..Default::default()
             };
-            let e = output_and_format(&o, "n").unwrap_err().to_string();
+            let e = output_and_format(&o, "n", "n-1").unwrap_err().to_string();
             assert!(
                 e.contains(".vhdx, .vhd") && e.contains("--format"),
                 "{bad}: {e}"
@@ -898,17 +918,17 @@ mod tests {
             format: Some(Format::Raw),
             ..Default::default()
         };
-        assert_eq!(output_and_format(&o, "n").unwrap().1, Format::Raw);
+        assert_eq!(output_and_format(&o, "n", "n-1").unwrap().1, Format::Raw);
         let o = DiskOptions {
             output: Some("x.vdi".into()),
             format: Some(Format::Qcow2),
             ..Default::default()
         };
-        assert!(output_and_format(&o, "n").is_err());
+        assert!(output_and_format(&o, "n", "n-1").is_err());
         let o = DiskOptions::default();
         assert_eq!(
-            output_and_format(&o, "n").unwrap(),
-            (PathBuf::from("out/n/n.qcow2"), Format::Qcow2)
+            output_and_format(&o, "n", "n-1").unwrap(),
+            (PathBuf::from("out/n-1/n.qcow2"), Format::Qcow2)
         );
     }
 }

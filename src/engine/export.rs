@@ -309,6 +309,7 @@ pub fn open(engine: Arc<Engine>, name: &str) -> Result<Image> {
     Ok(Image {
         reference: format!("docker:{name}"),
         name: short_name(name),
+        tag: crate::source::tag_of(name),
         digest,
         config_digest: id.clone(),
         config,

@@ -4,8 +4,9 @@
 //! 1. [`index`] reads every layer (in parallel), checks its digests and records each entry's
 //!    metadata; the indexes are merged bottom to top into a [`tree::Tree`] of the final rootfs.
 //! 2. [`emit`] writes that tree to a [`Sink`]: folders first (sorted, so parents precede
-//!    children), then symlinks, devices and fifos (sorted), then regular files streamed from
-//!    their layers in layer order, then hard links (sorted), each after its target.
+//!    children), then symlinks, devices and fifos (sorted; a second path of one is a copy), then
+//!    regular files streamed from their layers in layer order, then hard links (sorted, to
+//!    regular files only), each after its target.
 //!    The output depends only on the image, never on timing.
 
 pub mod export;
@@ -184,10 +185,17 @@ pub(crate) fn plan(tree: Tree, captured: Vec<Vec<index::Captured>>, layers: usiz
             .unwrap_or(&paths[0])
             .to_string();
         for p in paths.iter().filter(|p| **p != primary) {
-            let mut m = ino.meta.clone();
-            m.kind = Kind::Hardlink(primary.clone());
-            m.size = 0;
-            links.push((p.to_string(), m));
+            if ino.meta.kind == Kind::File {
+                let mut m = ino.meta.clone();
+                m.kind = Kind::Hardlink(primary.clone());
+                m.size = 0;
+                links.push((p.to_string(), m));
+            } else {
+                // A hard link to a symlink, device or FIFO (`ln` of a symlink makes one): a
+                // copy of that entry, so every hard link abox writes names a regular file
+                // earlier in the stream (WSL's importer stops on any other).
+                specials.push((p.to_string(), ino.meta.clone()));
+            }
         }
         if ino.meta.kind == Kind::File {
             content_bytes += ino.meta.size;

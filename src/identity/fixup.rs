@@ -853,7 +853,7 @@ impl<F: Fixup> Fixup for Identified<F> {
             Some(id) => {
                 id.start(plan)?;
                 let view = id.facts_view(&plan.facts);
-                self.inner.start(&view)
+                self.inner.start_with(plan, &view)
             }
             None => self.inner.start_plan(plan),
         }

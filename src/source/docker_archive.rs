@@ -91,15 +91,23 @@ pub fn open(path: &Path, reference: Option<&str>) -> Result<Image> {
             }
         })
         .collect();
-    let name = entry
-        .repo_tags
-        .as_ref()
-        .and_then(|t| t.first())
+    // The tag chosen by (else the first).
+    let chosen = entry.repo_tags.as_ref().and_then(|tags| {
+        reference
+            .and_then(|r| {
+                tags.iter()
+                    .find(|t| *t == r || t.ends_with(&format!("/{r}")) || short_name(t) == r)
+            })
+            .or_else(|| tags.first())
+    });
+    let name = chosen
         .map(|t| short_name(t))
         .unwrap_or_else(|| name_from_path(path));
+    let tag = chosen.and_then(|t| super::tag_of(t));
     Ok(Image {
         reference: String::new(),
         name,
+        tag,
         digest: config_digest.clone(),
         config_digest,
         config,

@@ -103,6 +103,8 @@ pub struct Image {
     pub reference: String,
     /// Short name used for output files (`<name>.rootfs.tar.gz`).
     pub name: String,
+    /// The tag the image was chosen by, when it has one (`3.23` of `alpine:3.23`).
+    pub tag: Option<String>,
     /// Manifest digest (OCI) or config digest (docker-archive, where it is the image ID).
     pub digest: String,
     pub config_digest: String,
@@ -137,8 +139,27 @@ impl Image {
         LayerReader::open(store.open(&d.key)?, d, counter, verify)
     }
 
+    /// The name of the image's default output folder: its name, with the tag unless that is
+    /// `latest` (`alpine:3.23` → `alpine-3.23`), so two tags of one image never share a folder.
+    pub fn folder_name(&self) -> String {
+        match self.tag.as_deref() {
+            Some(t) if t != "latest" => sanitize(&format!("{}-{t}", self.name)),
+            _ => self.name.clone(),
+        }
+    }
+
     pub fn architecture(&self) -> String {
         self.config.architecture().to_string()
+    }
+
+    /// `os/arch[/variant]` from the image's config.
+    pub fn platform(&self) -> String {
+        let mut s = format!("{}/{}", self.config.os(), self.config.architecture());
+        if let Some(v) = self.config.variant() {
+            s.push('/');
+            s.push_str(v);
+        }
+        s
     }
 
     pub fn summary(&self) -> crate::output::ImageSummary {
@@ -155,16 +176,36 @@ impl Image {
 /// Options that choose among several images in one source.
 #[derive(Debug, Clone)]
 pub struct SelectOptions {
-    /// `os/arch[/variant]`.
+    /// `os/arch[/variant]`, as OCI image indexes name platforms.
     pub platform: String,
+    /// The user asked for `platform`: an image of another platform is an error (else a
+    /// single-platform image is taken whatever its platform).
+    pub required: bool,
 }
+
+/// The platform picked from a multi-platform image when none is asked for.
+pub const DEFAULT_PLATFORM: &str = "linux/amd64";
 
 impl Default for SelectOptions {
     fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+impl SelectOptions {
+    /// `platform` as given by the user (`--platform`), or None for the default.
+    pub fn new(platform: Option<String>) -> Self {
         Self {
-            platform: "linux/amd64".into(),
+            required: platform.is_some(),
+            platform: platform.unwrap_or_else(|| DEFAULT_PLATFORM.into()),
         }
     }
+}
+
+/// Whether the platform `have` (`os/arch[/variant]`, from the image's config) is `want`;
+/// a variant left out of `want` matches any (`linux/arm64` is `linux/arm64/v8`).
+pub fn platform_is(have: &str, want: &str) -> bool {
+    have == want || have.starts_with(&format!("{want}/"))
 }
 
 pub fn open(reference: &str, opts: &SelectOptions) -> Result<Image> {
@@ -205,6 +246,18 @@ pub fn open_with(
     }
     .with_context(|| format!("reading image {reference}"))?;
     img.reference = reference.to_string();
+    if opts.required {
+        let have = img.platform();
+        if !platform_is(&have, &opts.platform) {
+            bail!(
+                "{reference} is a {have} image, not {}: abox does not convert between \
+                 platforms; build or pull the image for {} (docker build --platform), or leave \
+                 out --platform",
+                opts.platform,
+                opts.platform
+            );
+        }
+    }
     Ok(img)
 }
 
@@ -221,6 +274,16 @@ pub fn short_name(reference: &str) -> String {
     let last = no_digest.rsplit('/').next().unwrap_or(no_digest);
     let no_tag = last.split(':').next().unwrap_or(last);
     sanitize(no_tag)
+}
+
+/// The tag of a reference (`alpine:3.23` → `3.23`, `host:5000/a/b:1` → `1`), None without one
+/// (`alpine`, `alpine@sha256:…`).
+pub fn tag_of(reference: &str) -> Option<String> {
+    let no_digest = reference.split('@').next().unwrap_or(reference);
+    let last = no_digest.rsplit('/').next().unwrap_or(no_digest);
+    last.split_once(':')
+        .map(|(_, t)| t.to_string())
+        .filter(|t| !t.is_empty())
 }
 
 /// Name from a file or folder: `alpine.tar` → `alpine`.

@@ -50,11 +50,7 @@ fn platform_of(d: &Descriptor) -> Option<String> {
 }
 
 fn platform_matches(d: &Descriptor, want: &str) -> bool {
-    match platform_of(d) {
-        // `linux/arm64` matches `linux/arm64/v8`.
-        Some(p) => p == want || p.starts_with(&format!("{want}/")),
-        None => false,
-    }
+    platform_of(d).is_some_and(|p| super::platform_is(&p, want))
 }
 
 /// Choose among an index's manifests: by reference name, then by platform.
@@ -124,6 +120,16 @@ pub fn open(
         ImageIndex::from_reader(&raw[..]).context("index.json is not an OCI image index")?;
     let mut desc = choose(index.manifests(), reference, opts)?.clone();
     let mut name = annotation(&desc, CONTAINERD_NAME).map(short_name);
+    // The tag: containerd's full name's, else the reference name's (a plain `3.23` in an
+    // OCI layout is a tag).
+    let tag = annotation(&desc, CONTAINERD_NAME)
+        .and_then(super::tag_of)
+        .or_else(|| {
+            annotation(&desc, REF_NAME).map(|r| match r.contains('/') || r.contains(':') {
+                true => super::tag_of(r),
+                false => Some(r.to_string()),
+            })?
+        });
     let mut depth = 0;
     let manifest = loop {
         let mt = desc.media_type().to_string();
@@ -188,6 +194,7 @@ pub fn open(
     Ok(Image {
         reference: String::new(),
         name: name.unwrap_or_else(|| name_from_path(path)),
+        tag,
         digest,
         config_digest: cfg_digest,
         config,

@@ -312,9 +312,9 @@ pub struct LxdFixup {
 }
 
 impl Fixup for LxdFixup {
-    fn start(&mut self, facts: &Facts) -> Result<()> {
+    fn start_with(&mut self, plan: &crate::flatten::Plan, facts: &Facts) -> Result<()> {
         self.facts = facts.clone();
-        self.openrc.start(facts);
+        self.openrc.start(facts, Some(plan.tree()));
         Ok(())
     }
     fn prologue(&mut self) -> Result<Vec<Extra>> {

@@ -92,10 +92,14 @@ pub trait Fixup: Send {
     fn start(&mut self, _facts: &Facts) -> Result<()> {
         Ok(())
     }
-    /// Called once pass 1 is done, with the whole plan (the tree too); by default [`Self::start`]
-    /// with its facts.
+    /// Called once pass 1 is done, with the whole plan (the tree too) and the facts to go by
+    /// (the plan's own, or a view another fix-up changed); by default [`Self::start`].
+    fn start_with(&mut self, _plan: &Plan, facts: &Facts) -> Result<()> {
+        self.start(facts)
+    }
+    /// Called once pass 1 is done, with the whole plan: [`Self::start_with`] its own facts.
     fn start_plan(&mut self, plan: &Plan) -> Result<()> {
-        self.start(&plan.facts)
+        self.start_with(plan, &plan.facts)
     }
     /// Entries before the rootfs, outside the rootfs prefix (LXD's `metadata.yaml`).
     fn prologue(&mut self) -> Result<Vec<Extra>> {

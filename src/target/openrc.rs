@@ -18,6 +18,7 @@
 use std::collections::BTreeSet;
 
 use super::{Action, Extra};
+use crate::flatten::tree::{Node, Tree};
 use crate::flatten::Facts;
 use crate::tarfmt::{Kind, Meta};
 
@@ -55,7 +56,67 @@ pub struct Profile {
     pub runlevels: &'static [(&'static str, &'static [&'static str])],
     /// Files the target adds (path, mode, content) unless the image has them.
     pub files: &'static [(&'static str, u32, &'static str)],
+    /// Bring up the devices (a VM): the image's device manager in `sysinit`, or without one the
+    /// NIC and disk drivers from `/etc/modules-load.d` ([`DEVICE_MANAGERS`], [`VM_DRIVERS`]).
+    pub devices: bool,
 }
+
+/// The OpenRC device managers Alpine packages (each `provide dev`), in the order abox prefers
+/// them, with the services `setup-devd` links for each: (runlevel, service).
+pub const DEVICE_MANAGERS: &[(&str, &[(&str, &str)])] = &[
+    // busybox-mdev-openrc
+    ("mdev", &[("sysinit", "mdev"), ("sysinit", "hwdrivers")]),
+    // mdevd-openrc
+    (
+        "mdevd",
+        &[
+            ("sysinit", "mdevd-init"),
+            ("sysinit", "mdevd"),
+            ("sysinit", "hwdrivers"),
+        ],
+    ),
+    // eudev-openrc
+    (
+        "udev",
+        &[
+            ("sysinit", "udev"),
+            ("sysinit", "udev-trigger"),
+            ("sysinit", "udev-settle"),
+            ("default", "udev-postmount"),
+        ],
+    ),
+];
+
+/// The kernel modules a VM needs for its NIC and disks on QEMU/KVM, Proxmox, VirtualBox,
+/// Hyper-V and VMware, loaded by OpenRC's `modules` service when the image has no device
+/// manager to load them (hwdrivers needs one). Only those the image's kernel has as module
+/// files are listed; built-in drivers need nothing.
+pub const VM_DRIVERS: &[&str] = &[
+    // NICs: virtio, Intel (QEMU's and VirtualBox's default, Hyper-V generation 1 legacy),
+    // VMware, Hyper-V; and the packet sockets DHCP clients use.
+    "virtio_net",
+    "e1000",
+    "e1000e",
+    "vmxnet3",
+    "hv_netvsc",
+    "af_packet",
+    // Disks and CD-ROMs (a NoCloud seed): virtio, SATA, NVMe, SCSI, Hyper-V, VMware.
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "ahci",
+    "ata_piix",
+    "nvme",
+    "sd_mod",
+    "sr_mod",
+    "hv_storvsc",
+    "vmw_pvscsi",
+    "mptspi",
+];
+
+/// Where the VM's driver list goes: read by OpenRC's `modules` service at boot, beside the
+/// image's own `/etc/modules`.
+pub const VM_DRIVERS_CONF: &str = "etc/modules-load.d/abox-vm.conf";
 
 /// The WSL start helper: `/etc/wsl.conf`'s `[boot] command`.
 pub const WSL_START: &str = "usr/lib/wsl/openrc-start";
@@ -78,6 +139,7 @@ pub const WSL: Profile = Profile {
     interfaces: false,
     runlevels: &[],
     files: &[(WSL_START, 0o755, WSL_START_SH)],
+    devices: false,
 };
 
 /// What the official LXD/Incus Alpine images do (REFERENCE §5).
@@ -92,6 +154,7 @@ pub const LXD: Profile = Profile {
         ("default", &["networking", "crond"]),
     ],
     files: &[],
+    devices: false,
 };
 
 /// What alpine-make-vm-image and d2vm do for a BIOS-booted VM (REFERENCE §6), plus growing the
@@ -103,7 +166,8 @@ pub const VM: Profile = Profile {
     localmount_drop: None,
     interfaces: true,
     runlevels: &[
-        ("sysinit", &["devfs", "dmesg", "mdev", "hwdrivers"]),
+        // The device manager comes from `devices` (DEVICE_MANAGERS).
+        ("sysinit", &["devfs", "dmesg"]),
         (
             "boot",
             &[
@@ -126,6 +190,7 @@ pub const VM: Profile = Profile {
         ("etc/init.d/abox-growroot", 0o755, GROWROOT_SERVICE_SH),
         (GROWROOT, 0o755, GROWROOT_SH),
     ],
+    devices: true,
 };
 
 const WSL_START_SH: &str = r#"#!/bin/sh
@@ -199,6 +264,79 @@ iface lo inet loopback\n\
 auto eth0\n\
 iface eth0 inet dhcp\n";
 
+/// `/etc/network/interfaces` that brings the network up: `existing` (CRLF made LF, a final
+/// newline added) as it is when it configures an interface other than `lo` or sources other
+/// files (`source`, `source-directory`); else, `lo` when missing and eth0 on DHCP appended.
+/// Empty or comments only: [`INTERFACES`].
+pub fn interfaces(existing: &str) -> String {
+    let lines = lines_of(existing);
+    let (mut lo, mut other, mut active) = (false, false, false);
+    for l in &lines {
+        let mut w = l.split_whitespace();
+        let Some(first) = w.next().filter(|f| !f.starts_with('#')) else {
+            continue;
+        };
+        active = true;
+        match first {
+            "iface" | "interface" => match w.next() {
+                Some("lo") => lo = true,
+                Some(_) => other = true,
+                None => {}
+            },
+            "source" | "source-directory" | "source-dir" => other = true,
+            _ => {}
+        }
+    }
+    if !active {
+        return INTERFACES.to_string();
+    }
+    let mut out = if lines.is_empty() {
+        String::new()
+    } else {
+        join(lines)
+    };
+    if !other {
+        if !lo {
+            out.push_str("\nauto lo\niface lo inet loopback\n");
+        }
+        out.push_str("\n# Added by alpine-boxes: no interface was configured.\nauto eth0\niface eth0 inet dhcp\n");
+    }
+    out
+}
+
+const RESOLV_CONF: &str = "etc/resolv.conf";
+
+/// What replaces a `/etc/resolv.conf` symlink that leads nowhere in the image (into a `/run`
+/// that is empty at boot, or a file the image lacks): the DHCP client's script writes through
+/// the link, so it would fail and the guest would have no DNS.
+pub const RESOLV_CONF_FRESH: &str =
+    "# Written by alpine-boxes: the image's /etc/resolv.conf was a symlink to \
+nothing; the DHCP client fills this file at boot.\n";
+
+/// Alpine's `/etc/inittab` (alpine-baselayout), for an OpenRC image without a working one.
+pub const ALPINE_INITTAB: &str = "# /etc/inittab (Alpine's, written by alpine-boxes)\n\
+\n\
+::sysinit:/sbin/openrc sysinit\n\
+::sysinit:/sbin/openrc boot\n\
+::wait:/sbin/openrc default\n\
+\n\
+# Set up a couple of getty's\n\
+tty1::respawn:/sbin/getty 38400 tty1\n\
+tty2::respawn:/sbin/getty 38400 tty2\n\
+tty3::respawn:/sbin/getty 38400 tty3\n\
+tty4::respawn:/sbin/getty 38400 tty4\n\
+tty5::respawn:/sbin/getty 38400 tty5\n\
+tty6::respawn:/sbin/getty 38400 tty6\n\
+\n\
+# Put a getty on the serial port\n\
+#ttyS0::respawn:/sbin/getty -L 115200 ttyS0 vt100\n\
+\n\
+# Stuff to do for the 3-finger salute\n\
+::ctrlaltdel:/sbin/reboot\n\
+\n\
+# Stuff to do before rebooting\n\
+::shutdown:/sbin/openrc shutdown\n";
+
 /// The getty a VM gets on its first serial port (the console abox's extlinux.conf sets).
 pub const SERIAL_GETTY: &str = "ttyS0::respawn:/sbin/getty -L ttyS0 115200 vt100";
 /// The one getty of a container.
@@ -206,7 +344,7 @@ pub const CONSOLE_GETTY: &str = "::respawn:/sbin/getty 38400 console";
 
 /// Apply `/etc/rc.conf` changes.
 pub fn rc_conf(text: &str, vars: &[RcVar]) -> String {
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut lines = lines_of(text);
     let key_of = |l: &str| -> Option<(bool, String)> {
         let t = l.trim_start();
         let (commented, t) = match t.strip_prefix('#') {
@@ -251,6 +389,13 @@ pub fn rc_conf(text: &str, vars: &[RcVar]) -> String {
     join(lines)
 }
 
+/// The lines of a text file, CRLF line ends taken as LF (the shell would keep the CR in a value).
+fn lines_of(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect()
+}
+
 fn join(lines: Vec<String>) -> String {
     let mut s = lines.join("\n");
     s.push('\n');
@@ -277,11 +422,22 @@ fn is_getty(process: &str) -> bool {
         .is_some_and(|p| p.ends_with("getty"))
 }
 
-/// Rewrite `/etc/inittab`'s gettys.
+/// Rewrite `/etc/inittab`'s gettys (CRLF line ends made LF: busybox init would run
+/// `getty\r`). One with no active line would start nothing (busybox init then runs no OpenRC):
+/// Alpine's own ([`ALPINE_INITTAB`]) is used instead.
 pub fn inittab(text: &str, mode: Inittab) -> String {
-    let lines: Vec<&str> = text.lines().collect();
+    if mode == Inittab::Keep {
+        return text.to_string();
+    }
+    let owned = lines_of(text);
+    let owned = if owned.iter().any(|l| inittab_fields(l).is_some()) {
+        owned
+    } else {
+        lines_of(ALPINE_INITTAB)
+    };
+    let lines: Vec<&str> = owned.iter().map(String::as_str).collect();
     match mode {
-        Inittab::Keep => text.to_string(),
+        Inittab::Keep => unreachable!("returned above"),
         Inittab::ConsoleOnly => {
             let has_console = lines.iter().any(|l| {
                 inittab_fields(l).is_some_and(|(id, a, p)| {
@@ -311,7 +467,7 @@ pub fn inittab(text: &str, mode: Inittab) -> String {
                 .iter()
                 .any(|l| inittab_fields(l).is_some_and(|(id, _, p)| id == "ttyS0" && is_getty(p)))
             {
-                return text.to_string();
+                return join(owned);
             }
             let mut out: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
             // Where Alpine keeps it commented out, else after the last getty, else at the end.
@@ -340,7 +496,7 @@ pub fn inittab(text: &str, mode: Inittab) -> String {
 /// Remove one keyword from an OpenRC service script's `keyword` lines.
 pub fn drop_keyword(script: &str, keyword: &str) -> String {
     let mut out = Vec::new();
-    for l in script.lines() {
+    for l in &lines_of(script) {
         let t = l.trim_start();
         if t.split_whitespace().next() == Some("keyword") {
             let indent = &l[..l.len() - t.len()];
@@ -362,7 +518,17 @@ impl Profile {
             "etc/rc.conf" => !self.rc_conf.is_empty(),
             "etc/inittab" => self.inittab != Inittab::Keep,
             "etc/init.d/localmount" => self.localmount_drop.is_some(),
+            "etc/network/interfaces" => self.interfaces,
             _ => false,
+        }
+    }
+
+    /// Whether this profile writes `path` when the image has no regular file there.
+    fn adds(&self, path: &str) -> bool {
+        match path {
+            "etc/rc.conf" | "etc/inittab" | "etc/network/interfaces" => self.rewrites(path),
+            VM_DRIVERS_CONF => self.devices,
+            _ => self.files.iter().any(|(p, _, _)| *p == path),
         }
     }
 
@@ -374,6 +540,7 @@ impl Profile {
         Some(match path {
             "etc/rc.conf" => rc_conf(text, self.rc_conf),
             "etc/inittab" => inittab(text, self.inittab),
+            "etc/network/interfaces" => interfaces(text),
             _ => drop_keyword(text, self.localmount_drop?),
         })
     }
@@ -387,6 +554,11 @@ pub struct OpenRc {
     services: BTreeSet<String>,
     links: BTreeSet<String>,
     present: BTreeSet<String>,
+    /// [`VM_DRIVERS`] the image's kernel has as module files (known from the tree).
+    drivers: Vec<String>,
+    /// `/etc/resolv.conf` is a symlink that leads nowhere in the image (DHCP could not write it).
+    resolv_dangling: bool,
+    notes: Vec<String>,
 }
 
 impl OpenRc {
@@ -397,17 +569,60 @@ impl OpenRc {
             services: BTreeSet::new(),
             links: BTreeSet::new(),
             present: BTreeSet::new(),
+            drivers: Vec::new(),
+            resolv_dangling: false,
+            notes: Vec::new(),
         }
     }
 
-    /// OpenRC images are the ones with `/etc/rc.conf`.
-    pub fn start(&mut self, facts: &Facts) {
-        self.active = facts.files.contains_key("etc/rc.conf");
+    /// OpenRC images are the ones with `/etc/rc.conf` or `/sbin/openrc`; with the `tree`, the
+    /// services, runlevel links and kernel modules the image has are known before its entries
+    /// go by (else they are learnt from the entries, and no driver list is written).
+    pub fn start(&mut self, facts: &Facts, tree: Option<&Tree>) {
+        let has = |p: &str| tree.is_some_and(|t| t.resolve(p).is_some());
+        self.active = facts.files.contains_key("etc/rc.conf") || has("sbin/openrc");
+        let Some(tree) = tree else {
+            return;
+        };
+        for (path, e) in &tree.entries {
+            if let Some(svc) = path.strip_prefix("etc/init.d/") {
+                if !svc.contains('/') && !matches!(e.node, Node::Dir(_)) {
+                    self.services.insert(svc.to_string());
+                }
+            }
+            if let Some(link) = path.strip_prefix("etc/runlevels/") {
+                if link.contains('/') {
+                    self.links.insert(link.to_string());
+                }
+            }
+        }
+        if self.profile.interfaces {
+            let link = tree
+                .inode_at(RESOLV_CONF)
+                .is_some_and(|i| matches!(i.meta.kind, Kind::Symlink(_)));
+            self.resolv_dangling = link && tree.resolve(RESOLV_CONF).is_none();
+        }
+        if self.profile.devices {
+            self.drivers = drivers_in(tree);
+            if self.active && self.device_manager().is_none() && !self.drivers.is_empty() {
+                self.notes.push(format!(
+                    "the image has no device manager (busybox-mdev-openrc, mdevd-openrc or \
+                     eudev-openrc): the VM loads its NIC and disk drivers from \
+                     /{VM_DRIVERS_CONF} ({}) instead of hwdrivers",
+                    self.drivers.join(", ")
+                ));
+            }
+        }
     }
 
     /// Whether the image is an OpenRC one (known after [`OpenRc::start`]).
     pub fn active(&self) -> bool {
         self.active
+    }
+
+    /// What the profile did that a user should know (a VM without a device manager).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The action for `path` when the profile rewrites it; records what the image has.
@@ -425,13 +640,13 @@ impl OpenRc {
                 self.links.insert(link.to_string());
             }
         }
+        if path == RESOLV_CONF && self.resolv_dangling {
+            return Some(Action::Drop);
+        }
         let rewrites = self.profile.rewrites(path);
-        // A file abox rewrites counts as present only as a regular file: anything else there is
-        // dropped by the stream, and the file is then written afresh.
-        if (path == "etc/network/interfaces"
-            || self.profile.files.iter().any(|(p, _, _)| *p == path))
-            && (!rewrites || meta.kind == Kind::File)
-        {
+        // A file abox rewrites or adds counts as present only as a regular file: anything else
+        // there is dropped by the stream, and the file is then written afresh.
+        if self.profile.adds(path) && (!rewrites || meta.kind == Kind::File) {
             self.present.insert(path.to_string());
         }
         rewrites.then_some(Action::Rewrite)
@@ -445,8 +660,23 @@ impl OpenRc {
         self.profile.rewrite(path, text).map(String::into_bytes)
     }
 
+    /// The device manager the VM runs: one the image links already, else the first it has.
+    fn device_manager(
+        &self,
+    ) -> Option<&'static (&'static str, &'static [(&'static str, &'static str)])> {
+        let linked = |svc: &str| self.links.iter().any(|l| l.ends_with(&format!("/{svc}")));
+        DEVICE_MANAGERS
+            .iter()
+            .find(|(svc, _)| linked(svc))
+            .or_else(|| {
+                DEVICE_MANAGERS
+                    .iter()
+                    .find(|(svc, _)| self.services.contains(*svc))
+            })
+    }
+
     /// Files and runlevel links to add after the image's own entries.
-    pub fn extras(&self, mtime: u64) -> Vec<Extra> {
+    pub fn extras(&mut self, mtime: u64) -> Vec<Extra> {
         if !self.active {
             return Vec::new();
         }
@@ -468,23 +698,108 @@ impl OpenRc {
                 mtime,
             ));
         }
-        for (level, wanted) in self.profile.runlevels {
-            for alternatives in *wanted {
-                let Some(svc) = alternatives.split('|').find(|s| services.contains(*s)) else {
-                    continue;
-                };
-                if self.links.contains(&format!("{level}/{svc}")) {
-                    continue;
-                }
-                out.push(Extra::symlink(
-                    &format!("etc/runlevels/{level}/{svc}"),
-                    &format!("/etc/init.d/{svc}"),
-                    mtime,
-                ));
+        if self.resolv_dangling {
+            out.push(Extra::file(
+                RESOLV_CONF,
+                0o644,
+                RESOLV_CONF_FRESH.as_bytes().to_vec(),
+                mtime,
+            ));
+        }
+        if self.profile.rewrites("etc/rc.conf") && !self.present.contains("etc/rc.conf") {
+            let text = rc_conf("", self.profile.rc_conf);
+            if text.lines().any(|l| !l.starts_with('#') && !l.is_empty()) {
+                out.push(Extra::file("etc/rc.conf", 0o644, text.into_bytes(), mtime));
             }
+        }
+        if self.profile.rewrites("etc/inittab") && !self.present.contains("etc/inittab") {
+            let text = inittab(ALPINE_INITTAB, self.profile.inittab);
+            out.push(Extra::file("etc/inittab", 0o644, text.into_bytes(), mtime));
+        }
+        let mut wanted: Vec<(&str, &str)> = Vec::new();
+        for (level, names) in self.profile.runlevels {
+            for alternatives in *names {
+                if let Some(svc) = alternatives.split('|').find(|s| services.contains(*s)) {
+                    wanted.push((level, svc));
+                }
+            }
+        }
+        if self.profile.devices {
+            match self.device_manager() {
+                Some((_, links)) => {
+                    wanted.extend(links.iter().filter(|(_, s)| services.contains(*s)))
+                }
+                None if !self.drivers.is_empty() => {
+                    if !self.present.contains(VM_DRIVERS_CONF) {
+                        let mut text = String::from(
+                            "# Written by alpine-boxes: the image has no device manager (mdev, mdevd or\n\
+                             # udev) to load drivers, so OpenRC's modules service loads the VM's NIC and\n\
+                             # disk drivers from this list. Installing busybox-mdev-openrc makes it unneeded.\n",
+                        );
+                        for d in &self.drivers {
+                            text.push_str(d);
+                            text.push('\n');
+                        }
+                        out.push(Extra::file(
+                            VM_DRIVERS_CONF,
+                            0o644,
+                            text.into_bytes(),
+                            mtime,
+                        ));
+                    }
+                    if services.contains("modules") {
+                        wanted.push(("boot", "modules"));
+                    }
+                }
+                None => {}
+            }
+        }
+        let mut linked = BTreeSet::new();
+        for (level, svc) in wanted {
+            if self.links.contains(&format!("{level}/{svc}")) || !linked.insert((level, svc)) {
+                continue;
+            }
+            out.push(Extra::symlink(
+                &format!("etc/runlevels/{level}/{svc}"),
+                &format!("/etc/init.d/{svc}"),
+                mtime,
+            ));
         }
         out
     }
+}
+
+/// The [`VM_DRIVERS`] the tree has as module files (`lib/modules/VERSION/…/NAME.ko[.gz|.xz|.zst]`,
+/// `usr/lib/modules` too), in [`VM_DRIVERS`]' order.
+fn drivers_in(tree: &Tree) -> Vec<String> {
+    let mut found = BTreeSet::new();
+    for root in ["lib/modules", "usr/lib/modules"] {
+        let Some(real) = tree.resolve(root) else {
+            continue;
+        };
+        let from = format!("{real}/");
+        for (path, e) in tree.entries.range(from.clone()..) {
+            let Some(rest) = path.strip_prefix(&from) else {
+                break;
+            };
+            if matches!(e.node, Node::Dir(_)) {
+                continue;
+            }
+            let name = rest.rsplit('/').next().unwrap_or(rest);
+            let Some(stem) = [".ko", ".ko.gz", ".ko.xz", ".ko.zst"]
+                .iter()
+                .find_map(|x| name.strip_suffix(x))
+            else {
+                continue;
+            };
+            found.insert(stem.replace('-', "_"));
+        }
+    }
+    VM_DRIVERS
+        .iter()
+        .filter(|d| found.contains(**d))
+        .map(|d| d.to_string())
+        .collect()
 }
 
 #[cfg(test)]
@@ -588,7 +903,7 @@ mod tests {
     #[test]
     fn runlevel_links_for_services_the_image_has() {
         let mut o = OpenRc::new(&VM);
-        o.start(&facts_with_rc_conf());
+        o.start(&facts_with_rc_conf(), None);
         walk(
             &mut o,
             &[
@@ -632,7 +947,7 @@ mod tests {
     #[test]
     fn images_without_openrc_are_left_alone() {
         let mut o = OpenRc::new(&LXD);
-        o.start(&Facts::default());
+        o.start(&Facts::default(), None);
         walk(&mut o, &["etc/init.d/networking", "etc/inittab"]);
         assert!(o
             .action("etc/inittab", &Meta::new(Kind::File, 0o644, 0, 0))
@@ -641,5 +956,240 @@ mod tests {
         assert!(o
             .rewrite("etc/inittab", b"tty1::respawn:/sbin/getty 38400 tty1\n")
             .is_none());
+    }
+
+    /// A tree of `paths` (files; `name -> target` symlinks), parents implied.
+    fn tree(paths: &[&str]) -> Tree {
+        use crate::flatten::index::Op;
+        let ops = paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (path, kind) = match p.split_once(" -> ") {
+                    Some((p, t)) => (p, Kind::Symlink(t.into())),
+                    None => (*p, Kind::File),
+                };
+                Op::Put {
+                    ordinal: i as u32,
+                    path: path.into(),
+                    meta: Meta::new(kind, 0o644, 0, 0),
+                }
+            })
+            .collect();
+        let mut t = Tree::default();
+        t.apply(0, ops).unwrap();
+        t
+    }
+
+    fn links_of(extras: &[Extra]) -> Vec<String> {
+        extras
+            .iter()
+            .filter(|e| e.path.starts_with("etc/runlevels/"))
+            .map(|e| e.path.clone())
+            .collect()
+    }
+
+    const KERNEL: &[&str] = &[
+        "lib -> usr/lib",
+        "usr/lib/modules/6.18.56-0-virt/kernel/drivers/net/virtio_net.ko.gz",
+        "usr/lib/modules/6.18.56-0-virt/kernel/drivers/net/ethernet/intel/e1000/e1000.ko.xz",
+        "usr/lib/modules/6.18.56-0-virt/kernel/drivers/scsi/sd_mod.ko",
+        "usr/lib/modules/6.18.56-0-virt/kernel/drivers/scsi/hv-storvsc.ko.zst",
+        "usr/lib/modules/6.18.56-0-virt/kernel/fs/isofs/isofs.ko.gz",
+        "usr/lib/modules/6.18.56-0-virt/modules.builtin",
+    ];
+
+    /// An image with no device manager (real Alpine's quicksand image is one): hwdrivers is not
+    /// linked (it needs `dev`), the drivers the kernel has as modules are listed for the
+    /// modules service, which is linked, and a note says so.
+    #[test]
+    fn a_vm_without_a_device_manager_loads_its_drivers_from_modules_load_d() {
+        let mut paths = vec![
+            "sbin/openrc",
+            "etc/init.d/devfs",
+            "etc/init.d/hwdrivers",
+            "etc/init.d/modules",
+        ];
+        paths.extend(KERNEL);
+        let t = tree(&paths);
+        let mut o = OpenRc::new(&VM);
+        o.start(&Facts::default(), Some(&t));
+        assert!(o.active(), "sbin/openrc without rc.conf is OpenRC");
+        assert_eq!(o.notes().len(), 1, "{:?}", o.notes());
+        assert!(o.notes()[0].contains("virtio_net, e1000, sd_mod, hv_storvsc"));
+        let extras = o.extras(0);
+        let links = links_of(&extras);
+        assert!(links.contains(&"etc/runlevels/boot/modules".to_string()));
+        assert!(
+            !links.iter().any(|l| l.ends_with("/hwdrivers")),
+            "{links:?}"
+        );
+        let conf = extras.iter().find(|e| e.path == VM_DRIVERS_CONF).unwrap();
+        let text = String::from_utf8(conf.data.clone()).unwrap();
+        let listed: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(listed, ["virtio_net", "e1000", "sd_mod", "hv_storvsc"]);
+        // No rc.conf: one is not needed for a VM (nothing to set), inittab is Alpine's.
+        assert!(!extras.iter().any(|e| e.path == "etc/rc.conf"));
+        let inittab = extras.iter().find(|e| e.path == "etc/inittab").unwrap();
+        let inittab = String::from_utf8(inittab.data.clone()).unwrap();
+        assert!(inittab.contains("::sysinit:/sbin/openrc sysinit\n"));
+        assert!(inittab.contains(SERIAL_GETTY));
+    }
+
+    /// With a device manager the VM runs it the way `setup-devd` links it, and no list.
+    #[test]
+    fn a_vm_runs_the_device_manager_the_image_has() {
+        for (manager, want, not) in [
+            (
+                vec!["etc/init.d/mdev"],
+                vec!["sysinit/mdev", "sysinit/hwdrivers"],
+                "udev",
+            ),
+            (
+                vec!["etc/init.d/mdevd", "etc/init.d/mdevd-init"],
+                vec!["sysinit/mdevd-init", "sysinit/mdevd", "sysinit/hwdrivers"],
+                "mdev",
+            ),
+            (
+                vec![
+                    "etc/init.d/udev",
+                    "etc/init.d/udev-trigger",
+                    "etc/init.d/udev-settle",
+                    "etc/init.d/udev-postmount",
+                    // mdev too, but udev is the one the image links.
+                    "etc/init.d/mdev",
+                    "etc/runlevels/sysinit/udev -> /etc/init.d/udev",
+                ],
+                vec![
+                    "sysinit/udev-trigger",
+                    "sysinit/udev-settle",
+                    "default/udev-postmount",
+                ],
+                "hwdrivers",
+            ),
+        ] {
+            let mut paths = vec!["etc/init.d/hwdrivers", "etc/init.d/modules"];
+            paths.extend(manager.iter().copied());
+            paths.extend(KERNEL);
+            let t = tree(&paths);
+            let mut o = OpenRc::new(&VM);
+            o.start(&facts_with_rc_conf(), Some(&t));
+            assert!(o.notes().is_empty());
+            let extras = o.extras(0);
+            let links = links_of(&extras);
+            for w in &want {
+                assert!(
+                    links.contains(&format!("etc/runlevels/{w}")),
+                    "{w}: {links:?}"
+                );
+            }
+            assert!(
+                !links.iter().any(|l| l.ends_with(&format!("/{not}"))),
+                "{links:?}"
+            );
+            assert!(!extras.iter().any(|e| e.path == VM_DRIVERS_CONF));
+        }
+    }
+
+    #[test]
+    fn a_resolv_conf_link_to_nothing_becomes_a_file() {
+        for (paths, replaced) in [
+            (
+                vec![
+                    "sbin/openrc",
+                    "etc/resolv.conf -> /run/resolvconf/resolv.conf",
+                ],
+                true,
+            ),
+            (
+                vec!["sbin/openrc", "etc/resolv.conf -> ../run/x", "run/x"],
+                false,
+            ),
+            (vec!["sbin/openrc", "etc/resolv.conf"], false),
+        ] {
+            let t = tree(&paths);
+            for p in [&VM, &LXD, &WSL] {
+                let mut o = OpenRc::new(p);
+                o.start(&Facts::default(), Some(&t));
+                let link = Meta::new(Kind::Symlink("x".into()), 0o777, 0, 0);
+                let dropped = matches!(o.action("etc/resolv.conf", &link), Some(Action::Drop));
+                let written = o
+                    .extras(0)
+                    .iter()
+                    .any(|e| e.path == "etc/resolv.conf" && e.meta.kind == Kind::File);
+                // WSL writes resolv.conf itself: never touched there.
+                let want = replaced && p.interfaces;
+                assert_eq!((dropped, written), (want, want), "{} {paths:?}", p.target);
+            }
+        }
+    }
+
+    #[test]
+    fn interfaces_always_bring_a_network_up() {
+        let fresh = interfaces("");
+        assert_eq!(fresh, INTERFACES);
+        assert_eq!(interfaces("# comments only\n\n"), INTERFACES);
+        // CRLF, no final newline, a configured eth0: kept, made LF.
+        assert_eq!(
+            interfaces("auto eth0\r\niface eth0 inet static\r\n  address 10.0.0.2/24"),
+            "auto eth0\niface eth0 inet static\n  address 10.0.0.2/24\n"
+        );
+        // Only lo: eth0 on DHCP added.
+        let lo_only = interfaces("auto lo\niface lo inet loopback");
+        assert!(lo_only.starts_with("auto lo\niface lo inet loopback\n\n"));
+        assert!(lo_only.ends_with("auto eth0\niface eth0 inet dhcp\n"));
+        assert_eq!(lo_only.matches("iface lo").count(), 1);
+        // Nothing configured but a stray line: lo and eth0 added.
+        let stray = interfaces("auto lo");
+        assert!(stray.contains("iface lo inet loopback") && stray.contains("iface eth0 inet dhcp"));
+        // Other files sourced: left to them.
+        let sourced = "source-directory /etc/network/interfaces.d\n";
+        assert_eq!(interfaces(sourced), sourced);
+        assert_eq!(
+            interfaces(&lo_only),
+            lo_only,
+            "a second pass changes nothing"
+        );
+    }
+
+    #[test]
+    fn degenerate_inittabs_and_rc_confs_still_start_openrc() {
+        for bad in ["", "# nothing\n", "\n\n"] {
+            let got = inittab(bad, Inittab::Serial);
+            assert!(got.starts_with("# /etc/inittab"), "{bad:?}: {got}");
+            assert!(got.contains(SERIAL_GETTY) && got.contains("::wait:/sbin/openrc default"));
+            assert!(inittab(bad, Inittab::ConsoleOnly).contains(CONSOLE_GETTY));
+        }
+        // CRLF: busybox init would run "getty\r".
+        let crlf =
+            "::sysinit:/sbin/openrc sysinit\r\nttyS0::respawn:/sbin/getty -L ttyS0 115200\r\n";
+        assert_eq!(
+            inittab(crlf, Inittab::Serial),
+            "::sysinit:/sbin/openrc sysinit\nttyS0::respawn:/sbin/getty -L ttyS0 115200\n"
+        );
+        assert!(!inittab(crlf, Inittab::ConsoleOnly).contains('\r'));
+        assert_eq!(
+            rc_conf(
+                "rc_parallel=\"YES\"\r\nrc_sys=\"docker\"\r\n",
+                &[RcVar::Set("rc_sys", "lxc")]
+            ),
+            "rc_parallel=\"YES\"\nrc_sys=\"lxc\"\n"
+        );
+        assert_eq!(
+            drop_keyword("depend() {\r\n\tkeyword -lxc -docker\r\n}", "-lxc"),
+            "depend() {\n\tkeyword -docker\n}\n"
+        );
+        // No rc.conf: LXD and WSL write the variables they need.
+        for (p, want) in [(&LXD, "rc_sys=\"lxc\""), (&WSL, "rc_sys=\"prefix\"")] {
+            let t = tree(&["sbin/openrc"]);
+            let mut o = OpenRc::new(p);
+            o.start(&Facts::default(), Some(&t));
+            let extras = o.extras(0);
+            let rc = extras
+                .iter()
+                .find(|e| e.path == "etc/rc.conf")
+                .expect(p.target);
+            assert!(String::from_utf8_lossy(&rc.data).contains(want));
+        }
     }
 }

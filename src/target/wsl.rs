@@ -323,14 +323,14 @@ fn read_icon(p: &Path) -> Result<Vec<u8>> {
 }
 
 impl Fixup for WslFixup {
-    fn start(&mut self, facts: &Facts) -> Result<()> {
+    fn start_with(&mut self, plan: &crate::flatten::Plan, facts: &Facts) -> Result<()> {
         self.user = default_user(
             facts,
             self.opts.config_user.as_deref(),
             self.opts.user.as_deref(),
         )?;
         self.existing_conf = facts.text("etc/wsl.conf").map(str::to_string);
-        self.openrc.start(facts);
+        self.openrc.start(facts, Some(plan.tree()));
         self.boot_command = self
             .openrc
             .active()

