@@ -316,8 +316,10 @@ pub struct ExportArgs {
     #[arg(long)]
     pub rootfs: bool,
 
-    /// Output folder [default: out/<name>].
-    #[arg(short, long, value_name = "DIR")]
+    /// Output folder [default: out/<name>-<tag>]; with one of --wsl, --wsl-package, --lxd or
+    /// --rootfs, a file name ending like it (.tar.gz, .wsl, .tar) names the file, and - streams
+    /// it to standard output (wsl --import NAME DIR -, pipes).
+    #[arg(short, long, value_name = "DIR|FILE|-")]
     pub output: Option<PathBuf>,
 
     /// Name used for the files [default: from the image's tag, else the file name].
@@ -523,10 +525,12 @@ pub struct DiskArgs {
     #[arg(long, value_enum)]
     pub format: Option<crate::disk::Format>,
 
-    /// Size of the whole disk (e.g. 4G, 1536M), or auto: the rootfs's blocks and inodes plus
-    /// ext4 overhead plus max(20%, 64 MiB) of headroom.
-    #[arg(long, default_value = "auto", value_name = "auto|SIZE")]
-    pub size: String,
+    /// Size of the whole disk (e.g. 8G, 1536M), or auto: the rootfs's blocks and inodes plus
+    /// ext4 overhead plus max(20%, 64 MiB) of headroom. [default: sparse formats 4 GiB of
+    /// virtual size that the root grows into at first boot (images with growpart and
+    /// resize2fs), else auto]
+    #[arg(long, value_name = "auto|SIZE")]
+    pub size: Option<String>,
 
     /// Partition table. MBR: the ESP as type 0xEF, active; at most 2 TiB.
     #[arg(long, value_enum, default_value_t = crate::disk::partition::Table::Gpt)]
@@ -579,9 +583,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 targets.wsl = true;
                 targets.lxd = true;
             }
+            let (out_dir, single) = export::resolve_output(a.output.as_deref(), &targets)?;
             let opts = ExportOptions {
                 source: a.source,
-                out_dir: a.output,
+                out_dir,
+                single,
                 name: a.name,
                 targets,
                 wsl_user: a.wsl_user,
@@ -643,7 +649,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 source: a.source,
                 output: a.output,
                 format: a.format,
-                size: crate::disk::fs::parse_size(&a.size)?,
+                size: match &a.size {
+                    Some(s) => crate::disk::fs::parse_size(s)?,
+                    None => None,
+                },
+                sized: a.size.is_some(),
                 table: a.table,
                 firmware: a.firmware,
                 cmdline: a.cmdline,

@@ -34,10 +34,127 @@ impl Targets {
     }
 }
 
+impl Targets {
+    /// The single-file tar targets asked for: (flag, default file suffix, accepted extensions).
+    fn tar_targets(&self) -> Vec<(&'static str, &'static [&'static str])> {
+        let mut v: Vec<(&'static str, &'static [&'static str])> = Vec::new();
+        if self.wsl {
+            v.push(("--wsl", &[".tar.gz", ".tgz"]));
+        }
+        if self.wsl_package {
+            v.push(("--wsl-package", &[".wsl"]));
+        }
+        if self.lxd {
+            v.push(("--lxd", &[".tar.gz", ".tgz"]));
+        }
+        if self.rootfs {
+            v.push(("--rootfs", &[".tar"]));
+        }
+        v
+    }
+
+    fn count(&self) -> usize {
+        [
+            self.wsl,
+            self.wsl_package,
+            self.lxd,
+            self.lxd_split,
+            self.lxd_vm,
+            self.rootfs,
+        ]
+        .iter()
+        .filter(|t| **t)
+        .count()
+    }
+}
+
+/// Names that end like a file abox writes: `-o` with one of these names a file, not a folder.
+const FILE_ENDINGS: &[&str] = &[
+    ".tar",
+    ".tar.gz",
+    ".tgz",
+    ".gz",
+    ".wsl",
+    ".squashfs",
+    ".qcow2",
+    ".xz",
+    ".zst",
+];
+
+/// Where `-o` sends an export: a folder (None: the default one), and for a single tar
+/// artifact, a file or standard output.
+///
+/// - `-o -`: the one tar target asked for (`--wsl`, `--wsl-package`, `--lxd` or `--rootfs`)
+///   streams to standard output (refused on a terminal);
+/// - `-o FILE` ending like an artifact (`.tar.gz`, `.tar`, `.wsl`…): with one tar target, the
+///   file's name (its ending must be the target's); with several targets, an error;
+/// - anything else: a folder (created when missing).
+pub fn resolve_output(
+    o: Option<&Path>,
+    targets: &Targets,
+) -> Result<(Option<PathBuf>, Option<target::TarDest>)> {
+    let Some(o) = o else {
+        return Ok((None, None));
+    };
+    let tars = targets.tar_targets();
+    let single = || -> Result<(&'static str, &'static [&'static str])> {
+        match (targets.count(), tars.first()) {
+            (1, Some(t)) => Ok(*t),
+            _ => bail!(
+                "-o {} names one file, but {} artifacts were asked for: give one of --wsl, \
+                 --wsl-package, --lxd, --rootfs, or a folder",
+                o.display(),
+                if targets.count() == 1 {
+                    "a multi-file".to_string()
+                } else {
+                    targets.count().to_string()
+                }
+            ),
+        }
+    };
+    if o == Path::new("-") {
+        single()?;
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            bail!(
+                "-o - writes a tar to standard output, which is a terminal: pipe it (to \
+                 `wsl --import NAME DIR -`, tar, ssh…) or redirect it to a file"
+            );
+        }
+        return Ok((None, Some(target::TarDest::Stdout)));
+    }
+    if o.is_dir() {
+        return Ok((Some(o.to_path_buf()), None));
+    }
+    let name = o
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if !FILE_ENDINGS.iter().any(|e| name.ends_with(e)) {
+        return Ok((Some(o.to_path_buf()), None));
+    }
+    let (flag, endings) = single()?;
+    if !endings.iter().any(|e| name.ends_with(e)) {
+        bail!(
+            "-o {}: {flag} writes a {} file: name it {}",
+            o.display(),
+            endings[0].trim_start_matches('.'),
+            endings.join(" or ")
+        );
+    }
+    let dir = match o.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((Some(dir), Some(target::TarDest::File(o.to_path_buf()))))
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct ExportOptions {
     pub source: String,
     pub out_dir: Option<PathBuf>,
+    /// The one tar artifact's file or standard output ([`resolve_output`]); None: named in
+    /// `out_dir`.
+    pub single: Option<target::TarDest>,
     pub name: Option<String>,
     pub targets: Targets,
     pub wsl_user: Option<String>,
@@ -120,22 +237,35 @@ pub fn create_targets(
         identity: ids.wsl.clone(),
     };
     let lxd_opts = lxd_options(image, name, ids.lxd.clone());
-    let mut targets: Vec<Box<dyn Target>> = Vec::new();
     let t = &opts.targets;
+    let dest = |default: String| match &opts.single {
+        Some(d) => d.clone(),
+        None => target::TarDest::in_dir(out_dir, &default),
+    };
+    let mut targets: Vec<Box<dyn Target>> = Vec::new();
     if t.wsl {
-        targets.push(wsl::create_tarball(out_dir, &wsl_opts)?);
+        targets.push(wsl::create_tarball(
+            &dest(format!("{name}.rootfs.tar.gz")),
+            &wsl_opts,
+        )?);
     }
     if t.wsl_package {
-        targets.push(wsl::create_package(out_dir, &wsl_opts)?);
+        targets.push(wsl::create_package(
+            &dest(format!("{name}.wsl")),
+            &wsl_opts,
+        )?);
     }
     if t.lxd {
-        targets.push(lxd::create_unified(out_dir, &lxd_opts)?);
+        targets.push(lxd::create_unified(
+            &dest(format!("{name}.lxd.tar.gz")),
+            &lxd_opts,
+        )?);
     }
     if t.lxd_split {
         targets.push(lxd::create_split(out_dir, &lxd_opts)?);
     }
     if t.rootfs {
-        targets.push(target::rootfs::create(out_dir, name)?);
+        targets.push(target::rootfs::create(&dest(format!("{name}.rootfs.tar")))?);
     }
     Ok(targets)
 }
@@ -190,6 +320,8 @@ impl DiskSet {
             let vm_opts = DiskOptions {
                 firmware: Firmware::Uefi,
                 vm_agent: true,
+                // LXD/Incus sizes the instance's root disk itself (the pool's size).
+                sized: true,
                 identity: ids.lxd.clone(),
                 ..opts.clone()
             };
@@ -308,7 +440,16 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
     let out_dir = opts.out_dir.clone().unwrap_or_else(|| {
         default_out_dir(&opts.name.clone().unwrap_or_else(|| image.folder_name()))
     });
-    create_out_dir(&out_dir)?;
+    // Lists in the folder: always in a folder of artifacts, for a single named file only in a
+    // folder abox keeps lists in already; never for standard output.
+    let listed = match &opts.single {
+        None => true,
+        Some(target::TarDest::File(_)) => out_dir.join("manifest.json").exists(),
+        Some(target::TarDest::Stdout) => false,
+    };
+    if !matches!(opts.single, Some(target::TarDest::Stdout)) {
+        create_out_dir(&out_dir)?;
+    }
     let targets = create_targets(opts, &image, &name, &out_dir, &ids)?;
     let disks = if opts.targets.lxd_vm {
         Some(DiskSet::create(
@@ -326,12 +467,22 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
     let plan = flatten::index(&image, progress)?;
     // The plain rootfs tar holds every byte of content (plus a header block per path); the
     // compressed targets are smaller than that and are not estimated.
-    if opts.targets.rootfs {
+    if opts.targets.rootfs && !matches!(opts.single, Some(target::TarDest::Stdout)) {
         let need = plan.facts.content_bytes + plan.facts.paths as u64 * 1024;
         crate::output::check_room(&out_dir, need, "the rootfs tar", crate::output::OUT_FIX)?;
     }
-    let artifacts = run_with_disks(&image, &plan, targets, disks, None, false, progress)?;
-    let files = commit(&out_dir, &opts.source, &image, artifacts, progress)?;
+    let artifacts = run_with_disks(&image, &plan, targets, disks, None, false, progress)
+        .map_err(|e| crate::output::explain_full(e, &out_dir))?;
+    let files = if listed {
+        commit(&out_dir, &opts.source, &image, artifacts, progress)?
+    } else {
+        let mut files = Vec::new();
+        for a in artifacts {
+            files.push(a.file.dest().to_path_buf());
+            a.file.commit()?;
+        }
+        files
+    };
     Ok(ExportReport {
         name,
         out_dir,

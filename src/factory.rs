@@ -265,6 +265,7 @@ pub fn all(
         let export = ExportOptions {
             source: source.clone(),
             out_dir: Some(out_dir.clone()),
+            single: None,
             name: Some(b.name.clone()),
             targets: Targets {
                 wsl: true,
@@ -310,6 +311,7 @@ pub fn all(
         let plan = crate::flatten::index(&image, progress)?;
         let artifacts =
             export::run_with_disks(&image, &plan, targets, disks, Some(&engine), true, progress)
+                .map_err(|e| crate::output::explain_full(e, &out_dir))
                 .with_context(|| format!("writing the artifacts of {}", b.name))?;
         files.extend(export::commit(
             &out_dir, &source, &image, artifacts, progress,

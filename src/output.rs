@@ -139,6 +139,37 @@ pub fn check_room(dir: &Path, need: u64, what: &str, fix: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether `e` comes from a full filesystem or an exhausted quota: an I/O error `ENOSPC` or
+/// `EDQUOT` in its chain, or a tool that said so (mke2fs, qemu-img, tar2sqfs).
+pub fn is_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+            .is_some_and(|n| n == libc::ENOSPC || n == libc::EDQUOT)
+            || {
+                let t = c.to_string();
+                t.contains("No space left on device") || t.contains("Disk quota exceeded")
+            }
+    })
+}
+
+/// `e` as the user should read it when the output folder `dir` filled up while writing:
+/// which folder, how much it has free now (the run's temporary files are gone by then) and
+/// what to do; any other error unchanged.
+pub fn explain_full(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    if !is_full(&e) {
+        return e;
+    }
+    let free = rustix::fs::statvfs(dir)
+        .map(|st| crate::disk::fs::human(st.f_bavail.saturating_mul(st.f_frsize)))
+        .unwrap_or_else(|_| "?".into());
+    e.context(format!(
+        "the output folder {} ran out of room while writing (it has {free} free again now that \
+         the unfinished files are removed): {OUT_FIX}",
+        dir.display()
+    ))
+}
+
 /// A writer that hashes and counts what passes through.
 pub struct HashingWriter<W> {
     inner: W,

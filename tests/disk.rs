@@ -1237,3 +1237,67 @@ fn lxd_vm_image_imports_as_a_virtual_machine_and_its_disk_boots_on_uefi() {
     let line = boot::boot_fw(&disk, "qcow2", Bus::Nvme, Fw::Uefi);
     check_line(&line, &img, &uuid, false, "*");
 }
+
+/// Without --size, a sparse disk of an image that grows its root at boot (OpenRC, growpart,
+/// resize2fs) has 4 GiB of virtual size for the root to grow into (the GPT's backup at the new
+/// end, checked clean by sgdisk), said in a note; --size auto, a raw disk, or an image that
+/// cannot grow (named) keep the smallest size.
+#[test]
+fn sparse_disks_get_room_to_grow_into_by_default() {
+    let _disk = needs();
+    let v = &boot::kernel().1;
+    let kernel = format!(
+        "d boot 0755\nH boot/vmlinuz-{v} 0644 {}\n",
+        boot::kernel_file().display()
+    );
+    let tools =
+        "d usr/bin 0755\nf usr/bin/growpart 0755 #!/bin/sh\nd sbin 0755\nf sbin/resize2fs 0755 x\n";
+    let work = tempfile::tempdir().unwrap();
+    let source = |name: &str, growable: bool| {
+        let mut spec = common::openrc_image("");
+        spec.layers.push(common::layer(&kernel));
+        if growable {
+            spec.layers.push(common::layer(tools));
+        }
+        let lay = work.path().join(name);
+        spec.write_oci(&lay, "t");
+        format!("oci:{}:t", lay.display())
+    };
+    let grow = source("grow", true);
+    let fixed = source("fixed", false);
+    let make = |src: &str, file: &str, extra: &[&str]| -> (u64, String) {
+        let disk = work.path().join(file);
+        let o = run_ok(abox().args(["disk", src, "-o"]).arg(&disk).args(extra));
+        let info = sh(&format!("qemu-img info --output json {}", disk.display()));
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let size = info["virtual-size"].as_u64().unwrap();
+        (size, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (size, err) = make(&grow, "grow.qcow2", &[]);
+    assert_eq!(size, 4 << 30, "{err}");
+    assert!(err.contains("virtual size is 4.0 GiB"), "{err}");
+    let raw = work.path().join("grow.raw");
+    sh(&format!(
+        "qemu-img convert -O raw {} {}",
+        work.path().join("grow.qcow2").display(),
+        raw.display()
+    ));
+    let verify = sh(&format!("sgdisk -v {} 2>&1", raw.display()));
+    assert!(verify.contains("No problems found"), "{verify}");
+    std::fs::remove_file(&raw).unwrap();
+    for (src, file, extra, needle) in [
+        (&grow, "auto.vdi", &["--size", "auto"][..], ""),
+        (&grow, "tight.img", &[][..], ""),
+        (
+            &fixed,
+            "fixed.vmdk",
+            &[][..],
+            "no growpart (cloud-utils-growpart), no resize2fs",
+        ),
+    ] {
+        let (size, err) = make(src, file, extra);
+        assert!(size < 1 << 30, "{file}: {size}");
+        assert!(err.contains(needle), "{file}: {err}");
+        assert!(!err.contains("virtual size is"), "{file}: {err}");
+    }
+}

@@ -392,3 +392,64 @@ fn contexts_from_the_docker_cli_store_are_chosen_like_the_cli_chooses_them() {
         "{err}"
     );
 }
+
+/// The engine cannot be reached, each way a local user meets it, and the message says what to
+/// do: a socket this user may not use (permission denied: the group, sudo, a rootless socket),
+/// no socket at all (is dockerd running?), an address scheme abox does not speak (which do).
+/// Exit code 1, and nothing is written to the output folder.
+#[test]
+fn an_engine_out_of_reach_says_what_to_do() {
+    common::require_root();
+    require_docker();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let socket = "/var/run/docker.sock";
+    let mode = sh(&format!("stat -L -c %a {socket}"));
+    assert!(
+        !mode.trim().ends_with('6') && !mode.trim().ends_with('7'),
+        "{socket} is open to all ({mode}): nothing to refuse"
+    );
+    let run = |host: Option<&str>, as_nobody: bool| -> (i32, String) {
+        let mut c = if as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(env!("CARGO_BIN_EXE_abox"));
+            c
+        } else {
+            abox()
+        };
+        for v in ["DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_TLS_VERIFY"] {
+            c.env_remove(v);
+        }
+        c.env("DOCKER_CONFIG", work.path());
+        if let Some(h) = host {
+            c.env("DOCKER_HOST", h);
+        }
+        let o = c
+            .args(["export", "docker:alpine:3.20", "--rootfs", "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(None, true);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("permission denied on {socket}"))
+            && err.contains("usermod -aG docker")
+            && err.contains("XDG_RUNTIME_DIR"),
+        "{err}"
+    );
+    assert!(!err.contains("is dockerd running"), "{err}");
+    let gone = work.path().join("no.sock");
+    let (code, err) = run(Some(&format!("unix://{}", gone.display())), false);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is dockerd running?"), "{err}");
+    let (code, err) = run(Some("http://127.0.0.1:2375"), false);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("speaks unix://, tcp://"), "{err}");
+    assert!(!out.exists(), "nothing written");
+}

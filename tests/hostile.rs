@@ -556,6 +556,14 @@ fn a_full_disk_is_an_error_not_a_panic() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.to_lowercase().contains("no space left"), "{err}");
+    // Which folder, how much it has, what to do.
+    assert!(
+        err.contains(&format!(
+            "the output folder {} ran out of room while writing (it has 3 MiB free again",
+            full.display()
+        )) && err.contains("make room or choose another place with -o"),
+        "{err}"
+    );
     assert_eq!(
         files_in(&full),
         Vec::<PathBuf>::new(),

@@ -467,3 +467,59 @@ fn every_hard_link_in_a_tar_names_an_earlier_regular_file() {
     }
     assert_eq!(tars, 4, "{:?}", files_in(&out));
 }
+
+/// `-o FILE` with one tar target names the file (listed only in a folder abox keeps lists in);
+/// `-o -` streams it to standard output; a file name for several targets or of the wrong kind is
+/// refused with nothing written.
+#[test]
+fn one_target_goes_to_a_named_file_or_standard_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = export(d, &ImageSpec::new(IMAGE), &["--wsl", "--rootfs"]);
+    let wsl = std::fs::read(out.join("base.rootfs.tar.gz")).unwrap();
+    let rootfs = std::fs::read(out.join("base.rootfs.tar")).unwrap();
+    let src = format!("oci:{}", d.join("layout").display());
+    let named = d.join("new/box.tar.gz");
+    run_ok(
+        abox()
+            .args(["export", &src, "--name", "base", "--wsl", "-o"])
+            .arg(&named),
+    );
+    assert_eq!(std::fs::read(&named).unwrap(), wsl, "the same bytes");
+    assert_eq!(files_in(&d.join("new")), vec![named.clone()], "no lists");
+    // Into a folder with abox's lists: listed with the rest.
+    let listed = out.join("renamed.tar");
+    run_ok(abox().args(["export", &src, "--rootfs", "-o"]).arg(&listed));
+    let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    assert!(
+        sums.contains("  renamed.tar\n") && sums.contains("  base.rootfs.tar\n"),
+        "{sums}"
+    );
+    // Standard output: the tar itself, nothing else on stdout.
+    let o = run_ok(abox().args(["export", &src, "--rootfs", "-o", "-"]));
+    assert_eq!(o.stdout, rootfs);
+    let before = files_in(d);
+    for (args, needle) in [
+        (
+            &["--wsl", "--lxd", "-o", "x.tar.gz"][..],
+            "names one file, but 2 artifacts",
+        ),
+        (
+            &["--wsl", "-o", "x.tar"][..],
+            "--wsl writes a tar.gz file: name it .tar.gz or .tgz",
+        ),
+        (
+            &["--rootfs", "-o", "x.tar.gz"][..],
+            "--rootfs writes a tar file",
+        ),
+        (&["--lxd-split", "-o", "-"][..], "give one of --wsl"),
+        (
+            &["--wsl", "--rootfs", "-o", "-"][..],
+            "names one file, but 2 artifacts",
+        ),
+    ] {
+        let err = run_err(abox().current_dir(d).args(["export", &src]).args(args));
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert_eq!(files_in(d), before, "nothing written");
+}

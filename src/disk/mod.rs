@@ -49,7 +49,16 @@ pub enum Format {
     Vhd,
 }
 
+/// The virtual size of a disk in a sparse format when no `--size` is given: room to work in
+/// (peers give 2–10 GiB) that costs nothing until written, filled by the root at first boot.
+pub const DEFAULT_VIRTUAL_BYTES: u64 = 4 << 30;
+
 impl Format {
+    /// Whether the file holds only what is written (not raw, not a fixed VHD).
+    pub fn sparse(self) -> bool {
+        !matches!(self, Format::Raw | Format::Vhd)
+    }
+
     pub fn ext(self) -> &'static str {
         match self {
             Format::Raw => "img",
@@ -98,6 +107,9 @@ pub struct DiskOptions {
     pub format: Option<Format>,
     /// Bytes of the whole disk; `None` = auto.
     pub size: Option<u64>,
+    /// `size` was chosen (`--size`, auto included). Otherwise a growable disk in a sparse format
+    /// gets [`DEFAULT_VIRTUAL_BYTES`] ([`virtual_bytes`]).
+    pub sized: bool,
     pub table: Table,
     /// Which firmware boots the disk.
     pub firmware: boot::Firmware,
@@ -302,6 +314,50 @@ fn out_dir_of(p: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
+/// The virtual size to give a disk whose partitions end at `tight` bytes, with a note when it
+/// is not that: without `--size`, a sparse disk of an image that grows its root at boot (OpenRC,
+/// so abox's growroot service runs, with growpart and resize2fs) gets
+/// [`DEFAULT_VIRTUAL_BYTES`]; one that cannot grow keeps `tight`, and the note says why.
+pub fn virtual_bytes(
+    opts: &DiskOptions,
+    format: Format,
+    tree: &crate::flatten::tree::Tree,
+    tight: u64,
+) -> (u64, Option<String>) {
+    if opts.sized || !format.sparse() || tight >= DEFAULT_VIRTUAL_BYTES {
+        return (tight, None);
+    }
+    let has = |paths: &[&str]| paths.iter().any(|p| tree.resolve(p).is_some());
+    let openrc = has(&["sbin/openrc", "etc/rc.conf"]);
+    let growpart = has(&["usr/bin/growpart", "bin/growpart", "usr/sbin/growpart"]);
+    let resize2fs = has(&["sbin/resize2fs", "usr/sbin/resize2fs", "usr/bin/resize2fs"]);
+    if openrc && growpart && resize2fs {
+        let note = format!(
+            "the disk's virtual size is {} (sparse: it takes only what is written); the root \
+             grows to fill it at first boot. --size SIZE for another, --size auto for the \
+             smallest",
+            fs::human(DEFAULT_VIRTUAL_BYTES)
+        );
+        return (DEFAULT_VIRTUAL_BYTES, Some(note));
+    }
+    let missing: Vec<&str> = [
+        (!openrc, "OpenRC (abox's growroot service)"),
+        (!growpart, "growpart (cloud-utils-growpart)"),
+        (!resize2fs, "resize2fs (e2fsprogs-extra)"),
+    ]
+    .iter()
+    .filter(|(m, _)| *m)
+    .map(|(_, w)| *w)
+    .collect();
+    let note = format!(
+        "the disk is its smallest size, {}: the image cannot grow its root at boot (no {}); \
+         give --size to make the root that large now",
+        fs::human(tight),
+        missing.join(", no ")
+    );
+    (tight, Some(note))
+}
+
 /// The root filesystem's size: `--size` less the table and the ESP, else auto.
 fn fs_bytes(opts: &DiskOptions, usage: fs::Usage, esp_bytes: u64) -> Result<u64> {
     let Some(disk) = opts.size else {
@@ -402,7 +458,13 @@ impl Target for DiskTarget {
         let root_guid = random_uuid()?;
         let esp_guid = random_uuid()?;
         let disk_guid = random_uuid()?;
-        let layout = partition::layout(self.opts.table, esp_bytes, fs_bytes, &root_guid)?;
+        let mut layout = partition::layout(self.opts.table, esp_bytes, fs_bytes, &root_guid)?;
+        let (disk_bytes, note) =
+            virtual_bytes(&self.opts, self.format, plan.tree(), layout.disk_bytes);
+        layout = layout.with_disk_bytes(disk_bytes)?;
+        if let Some(n) = note {
+            self.progress.note(&n);
+        }
         // The raw disk is sparse, but what the filesystems hold is written for real; a
         // converted format needs the raw scratch and the result side by side.
         let copies = if self.format == Format::Raw { 1 } else { 2 };
@@ -871,10 +933,11 @@ pub fn write_disk(
     let plan = crate::flatten::index(&image, progress)?;
     let cloud = opts.identity.as_ref().is_some_and(|i| i.cloud_init);
     let artifacts = match vmlayer::resolve(opts, &image, &plan, cloud, None, progress)? {
-        None => crate::export::run_targets(&image, &plan, vec![Box::new(target)], progress)?,
+        None => crate::export::run_targets(&image, &plan, vec![Box::new(target)], progress)
+            .map_err(|e| crate::output::explain_full(e, out_dir))?,
         Some((vm, vm_plan)) => {
-            let mut a =
-                crate::export::run_targets(&vm, &vm_plan, vec![Box::new(target)], progress)?;
+            let mut a = crate::export::run_targets(&vm, &vm_plan, vec![Box::new(target)], progress)
+                .map_err(|e| crate::output::explain_full(e, out_dir))?;
             // The manifest names the image the disk was made from.
             for a in a.iter_mut() {
                 a.image = Some(vm.summary());

@@ -121,6 +121,21 @@ pub fn layout(table: Table, esp_bytes: u64, root_bytes: u64, uuid: &str) -> Resu
     })
 }
 
+impl Layout {
+    /// The same partitions on a disk of `bytes` (at least what they need; the GPT backup goes
+    /// to the new end). An MBR disk cannot pass 2 TiB.
+    pub fn with_disk_bytes(mut self, bytes: u64) -> Result<Self> {
+        let bytes = bytes.div_ceil(SECTOR) * SECTOR;
+        if bytes > self.disk_bytes {
+            if self.table == Table::Mbr && bytes / SECTOR > u32::MAX as u64 {
+                bail!("an MBR disk cannot exceed 2 TiB; use --table gpt");
+            }
+            self.disk_bytes = bytes;
+        }
+        Ok(self)
+    }
+}
+
 /// MBR disk signature: the first 4 bytes of the UUID, as stored on disk.
 fn signature(uuid: &str) -> Result<[u8; 4]> {
     let b = guid_bytes(uuid)?;

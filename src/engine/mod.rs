@@ -15,6 +15,7 @@ pub mod session;
 mod ssh;
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -140,6 +141,11 @@ impl Engine {
                     );
                 }
             }
+            if let Some(path) = host.strip_prefix("unix://") {
+                if let Some(why) = socket_refused(Path::new(path)) {
+                    return anyhow!("{what} — {why}");
+                }
+            }
             anyhow!(
                 "{what} — is dockerd running? (start it with `sudo systemctl start docker` or \
                  `sudo dockerd &`, or choose another engine with --host, --context, DOCKER_HOST \
@@ -237,4 +243,21 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     parts.join(": ")
+}
+
+/// Why a Unix socket that exists cannot be used by this user (None: it is not that): the engine's
+/// socket is root's and the `docker` group's, and a user outside both gets "permission denied",
+/// which is no reason to ask whether dockerd runs.
+fn socket_refused(path: &Path) -> Option<String> {
+    use rustix::fs::{access, Access};
+    std::fs::metadata(path).ok()?;
+    match access(path, Access::READ_OK | Access::WRITE_OK) {
+        Err(rustix::io::Errno::ACCESS) | Err(rustix::io::Errno::PERM) => Some(format!(
+            "permission denied on {0}: add yourself to the group that owns it (`sudo usermod \
+             -aG docker $USER`, then log in again), run abox with sudo, or use a rootless \
+             engine's socket (DOCKER_HOST=unix://$XDG_RUNTIME_DIR/docker.sock)",
+            path.display()
+        )),
+        _ => None,
+    }
 }

@@ -13,8 +13,8 @@ use anyhow::Result;
 
 use super::openrc::{self, OpenRc};
 use super::{
-    os_release, os_release_get, Action, EntryOut, Extra, Fixup, Out, TarFileTarget, TarStream,
-    Target,
+    os_release, os_release_get, Action, EntryOut, Extra, Fixup, Out, TarDest, TarFileTarget,
+    TarStream, Target,
 };
 use crate::cmd::PipedChild;
 use crate::flatten::Facts;
@@ -353,11 +353,11 @@ fn fixup(opts: &LxdOptions, with_meta: bool) -> Identified<LxdFixup> {
     Identified::new(inner, id)
 }
 
-pub fn create_unified(out_dir: &Path, opts: &LxdOptions) -> Result<Box<dyn Target>> {
-    let dest = out_dir.join(format!("{}.lxd.tar.gz", opts.name));
+/// The unified LXD/Incus image, `<name>.lxd.tar.gz` by default.
+pub fn create_unified(dest: &TarDest, opts: &LxdOptions) -> Result<Box<dyn Target>> {
     let fixup = fixup(opts, true);
     Ok(Box::new(TarFileTarget::create(
-        "lxd", &dest, true, "rootfs/", fixup,
+        "lxd", dest, true, "rootfs/", fixup,
     )?))
 }
 

@@ -188,17 +188,22 @@ const OUT_BUF: usize = 1 << 20;
 
 impl Out {
     pub fn plain(f: &mut PendingFile) -> Result<Self> {
-        Ok(Out::Plain(HashingWriter::new(BufWriter::with_capacity(
-            OUT_BUF,
-            f.file().try_clone()?,
-        ))))
+        Self::plain_to(f.file().try_clone()?)
     }
     /// gzip on every core, as one gzip member (what WSL1 and WSL2 both read).
     pub fn gzip(f: &mut PendingFile) -> Result<Self> {
+        Self::gzip_to(f.file().try_clone()?)
+    }
+    fn plain_to(f: File) -> Result<Self> {
+        Ok(Out::Plain(HashingWriter::new(BufWriter::with_capacity(
+            OUT_BUF, f,
+        ))))
+    }
+    fn gzip_to(f: File) -> Result<Self> {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let w = HashingWriter::new(BufWriter::with_capacity(OUT_BUF, f.file().try_clone()?));
+        let w = HashingWriter::new(BufWriter::with_capacity(OUT_BUF, f));
         let gz = ParCompressBuilder::<Gzip>::new()
             .num_threads(threads)
             .context("gzip threads")?
@@ -421,23 +426,54 @@ impl<F: Fixup, O: EntryOut> Sink for TarStream<F, O> {
 /// A target that is one tar file (maybe gzip-compressed).
 pub struct TarFileTarget<F: Fixup> {
     kind: &'static str,
-    file: PendingFile,
+    /// None: the tar goes to standard output.
+    file: Option<PendingFile>,
     stream: TarStream<F>,
+}
+
+/// Where a tar artifact goes.
+#[derive(Clone, Debug)]
+pub enum TarDest {
+    /// This file (written under a temporary name, renamed when the run succeeded).
+    File(std::path::PathBuf),
+    /// Standard output, as it is written (`-o -`: for `wsl --import NAME DIR -` and pipes).
+    Stdout,
+}
+
+impl TarDest {
+    /// The file `<dir>/<name>`.
+    pub fn in_dir(dir: &Path, name: &str) -> Self {
+        TarDest::File(dir.join(name))
+    }
 }
 
 impl<F: Fixup> TarFileTarget<F> {
     pub fn create(
         kind: &'static str,
-        dest: &Path,
+        dest: &TarDest,
         gzip: bool,
         prefix: &str,
         fixup: F,
     ) -> Result<Self> {
-        let mut file = PendingFile::create(dest)?;
+        let (file, raw) = match dest {
+            TarDest::File(p) => {
+                let mut f = PendingFile::create(p)?;
+                let raw = f.file().try_clone()?;
+                (Some(f), raw)
+            }
+            TarDest::Stdout => {
+                use std::os::fd::AsFd;
+                let fd = io::stdout()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("standard output")?;
+                (None, File::from(fd))
+            }
+        };
         let out = if gzip {
-            Out::gzip(&mut file)?
+            Out::gzip_to(raw)?
         } else {
-            Out::plain(&mut file)?
+            Out::plain_to(raw)?
         };
         Ok(Self {
             kind,
@@ -447,28 +483,51 @@ impl<F: Fixup> TarFileTarget<F> {
     }
 }
 
+impl<F: Fixup> TarFileTarget<F> {
+    /// A write error on standard output says where (a reader that went away: `| head`).
+    fn said(&self, r: Result<()>) -> Result<()> {
+        match (&self.file, r) {
+            (None, Err(e)) if e.downcast_ref::<io::Error>().is_some() => {
+                Err(e.context("writing the tar to standard output"))
+            }
+            (_, r) => r,
+        }
+    }
+}
+
 impl<F: Fixup> Target for TarFileTarget<F> {
     fn start(&mut self, plan: &Plan) -> Result<()> {
-        self.stream.start(plan)
+        let r = self.stream.start(plan);
+        self.said(r)
     }
     fn begin(&mut self, path: &str, meta: &Meta) -> Result<()> {
-        self.stream.begin(path, meta)
+        let r = self.stream.begin(path, meta);
+        self.said(r)
     }
     fn data(&mut self, buf: &[u8]) -> Result<()> {
-        self.stream.data(buf)
+        let r = self.stream.data(buf);
+        self.said(r)
     }
     fn end(&mut self) -> Result<()> {
-        self.stream.end()
+        let r = self.stream.end();
+        self.said(r)
     }
     fn finish(self: Box<Self>) -> Result<Vec<Artifact>> {
         let this = *self;
-        let (sha256, size) = match this.stream.finish()?.close()? {
+        let closed = this.stream.finish()?.close().map_err(|e| match this.file {
+            None => e.context("writing the tar to standard output"),
+            Some(_) => e,
+        })?;
+        let Some(file) = this.file else {
+            return Ok(Vec::new());
+        };
+        let (sha256, size) = match closed {
             Some(h) => h,
-            None => hash_file(this.file.tmp_path())?,
+            None => hash_file(file.tmp_path())?,
         };
         Ok(vec![Artifact {
             kind: this.kind,
-            file: this.file,
+            file,
             sha256,
             size,
             image: None,

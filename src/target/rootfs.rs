@@ -1,17 +1,12 @@
 //! `--rootfs`: the flattened rootfs as a plain, uncompressed tar, for piping elsewhere.
 
-use std::path::Path;
-
 use anyhow::Result;
 
-use super::{AsIs, TarFileTarget, Target};
+use super::{AsIs, TarDest, TarFileTarget, Target};
 
-pub fn create(out_dir: &Path, name: &str) -> Result<Box<dyn Target>> {
+/// The plain rootfs tar, `<name>.rootfs.tar` by default.
+pub fn create(dest: &TarDest) -> Result<Box<dyn Target>> {
     Ok(Box::new(TarFileTarget::create(
-        "rootfs",
-        &out_dir.join(format!("{name}.rootfs.tar")),
-        false,
-        "",
-        AsIs,
+        "rootfs", dest, false, "", AsIs,
     )?))
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::openrc::{self, OpenRc};
-use super::{Action, Extra, Fixup, TarFileTarget, Target};
+use super::{Action, Extra, Fixup, TarDest, TarFileTarget, Target};
 use crate::flatten::Facts;
 use crate::identity::fixup::{Flavor, Identified, IdentityFixup};
 use crate::tarfmt::{Kind, Meta};
@@ -420,22 +420,22 @@ impl Fixup for WslFixup {
     }
 }
 
-pub fn create_tarball(out_dir: &Path, opts: &WslOptions) -> Result<Box<dyn Target>> {
-    let dest = out_dir.join(format!("{}.rootfs.tar.gz", opts.name));
+/// The WSL rootfs tarball, `<name>.rootfs.tar.gz` by default.
+pub fn create_tarball(dest: &TarDest, opts: &WslOptions) -> Result<Box<dyn Target>> {
     Ok(Box::new(TarFileTarget::create(
         "wsl",
-        &dest,
+        dest,
         true,
         "",
         fixup(opts, false)?,
     )?))
 }
 
-pub fn create_package(out_dir: &Path, opts: &WslOptions) -> Result<Box<dyn Target>> {
-    let dest = out_dir.join(format!("{}.wsl", opts.name));
+/// The WSL package, `<name>.wsl` by default.
+pub fn create_package(dest: &TarDest, opts: &WslOptions) -> Result<Box<dyn Target>> {
     Ok(Box::new(TarFileTarget::create(
         "wsl-package",
-        &dest,
+        dest,
         true,
         "",
         fixup(opts, true)?,

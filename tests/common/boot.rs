@@ -465,7 +465,8 @@ pub fn assert_nothing_left(out_dir: &Path, what: &str) {
 /// initramfs-virt, growpart), fed to `docker import`, without its `quicksand-guest-agent` and
 /// `setup-dns` runlevel links (they need quicksand's own host), plus a probe: `local` in the
 /// default runlevel and `/etc/local.d/abox-probe.start`, which prints what the booted system
-/// sees between `ABOX-PROBE-BEGIN` and `ABOX-PROBE-END` on the serial console and powers off.
+/// sees between `ABOX-PROBE-BEGIN` and `ABOX-PROBE-END` on the serial console (runlevel, crashed
+/// services, mounts, the root's size in KiB) and powers off.
 /// Its `/etc/network/interfaces` (a static address for quicksand's own host) is left out too, so
 /// the VM set-up's DHCP one applies. With `abox.http=HOST:PORT/PATH` on the kernel command line
 /// the probe also waits (up to 60 s) for eth0's address and prints it, its driver, whether
@@ -475,7 +476,7 @@ pub fn assert_nothing_left(out_dir: &Path, what: &str) {
 pub fn real_alpine() -> &'static str {
     static TAG: OnceLock<String> = OnceLock::new();
     TAG.get_or_init(|| {
-        const TAG: &str = "abox-test/alpine-real:3.23-probe2";
+        const TAG: &str = "abox-test/alpine-real:3.23-probe3";
         super::engine::require_docker();
         if super::engine::image_exists(TAG) {
             return TAG.to_string();
@@ -543,6 +544,7 @@ echo ABOX-PROBE-BEGIN
 echo "runlevel=$(rc-status -r)"
 echo "crashed=[$(rc-status -c 2>&1 | tr '\n' ' ' | sed 's/ *$//')]"
 awk '$2=="/" || $2=="/boot" {print "mount " $2 " " $3 " " $1}' /proc/mounts
+echo "rootkb=$(df -k / | awk 'NR==2 {print $2}')"
 url=$(sed -n 's/.*abox\.http=\([^ ]*\).*/\1/p' /proc/cmdline)
 if [ -n "$url" ]; then
 	i=0
