@@ -6,6 +6,12 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use crate::export::{self, ExportOptions, Targets};
+
+/// The help heading of the options every command takes.
+const GLOBAL: &str = "Global options";
+
+/// `abox --version`: the package version and the commit it was built from (build.rs).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ABOX_COMMIT"), ")");
 use crate::progress::{Mode, Progress};
 use crate::source::SelectOptions;
 
@@ -22,29 +28,29 @@ use crate::source::SelectOptions;
 /// DOCKER_CONTEXT, the currentContext of ~/.docker/config.json, else the local socket;
 /// unix://, tcp:// (TLS with DOCKER_TLS_VERIFY or the context's certificates) and ssh://.
 #[derive(Parser, Debug)]
-#[command(name = "abox", version, verbatim_doc_comment)]
+#[command(name = "abox", version = VERSION, verbatim_doc_comment)]
 pub struct Cli {
     /// More logging (-v: debug, shows every external command; -vv: trace).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = GLOBAL)]
     pub verbose: u8,
 
     /// How to show progress.
-    #[arg(long, value_enum, default_value_t = Mode::Auto, global = true)]
+    #[arg(long, value_enum, default_value_t = Mode::Auto, global = true, help_heading = GLOBAL)]
     pub progress: Mode,
 
     /// Log level (error, warn, info, debug, trace); overrides -v. debug shows which engine
     /// was chosen and why, and every external command.
-    #[arg(long, value_name = "LEVEL", global = true)]
+    #[arg(long, value_name = "LEVEL", global = true, help_heading = GLOBAL)]
     pub log_level: Option<log::LevelFilter>,
 
     /// Docker engine to use (unix:///PATH, tcp://HOST:PORT, ssh://[USER@]HOST[:PORT]),
     /// as the docker CLI's --host [default: DOCKER_HOST, else the docker context].
-    #[arg(short = 'H', long, value_name = "URL", global = true)]
+    #[arg(short = 'H', long, value_name = "URL", global = true, help_heading = GLOBAL)]
     pub host: Option<String>,
 
     /// Docker context to use, as the docker CLI's --context [default: DOCKER_CONTEXT, else
     /// the currentContext of $DOCKER_CONFIG/config.json].
-    #[arg(short = 'c', long, value_name = "NAME", global = true)]
+    #[arg(short = 'c', long, value_name = "NAME", global = true, help_heading = GLOBAL)]
     pub context: Option<String>,
 
     #[command(subcommand)]
@@ -156,13 +162,34 @@ pub enum Command {
     /// Alpine images given one by the VM layer).
     #[command(verbatim_doc_comment)]
     All(AllArgs),
+
+    /// Print a shell completion script.
+    ///
+    /// Examples:
+    ///   abox completions bash > ~/.local/share/bash-completion/completions/abox
+    ///   abox completions zsh > ~/.zfunc/_abox      (with fpath+=~/.zfunc in ~/.zshrc)
+    ///   abox completions fish > ~/.config/fish/completions/abox.fish
+    #[command(verbatim_doc_comment)]
+    Completions { shell: clap_complete::Shell },
+
+    /// Write the manual pages: abox.1 and one per command (abox-export.1, …).
+    ///
+    /// Example:
+    ///   abox man -o ~/.local/share/man/man1 && man abox-disk
+    #[command(verbatim_doc_comment)]
+    Man {
+        /// Folder to write the pages in (created when missing).
+        #[arg(short, long, value_name = "DIR")]
+        output: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct ProjectArgs {
-    /// Folder holding one <name>/Dockerfile per recipe.
-    #[arg(long, default_value = "Dockerfiles", value_name = "DIR")]
-    pub dir: PathBuf,
+    /// Folder holding one <name>/Dockerfile per recipe [default: the Dockerfiles/ folder of
+    /// the current folder or the nearest one above it that has one].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 
     /// Tag prefix, HOST[:PORT]/NAMESPACE for a registry.
     #[arg(long, default_value = crate::factory::DEFAULT_PREFIX, value_name = "HOST[:PORT]/NAMESPACE")]
@@ -233,9 +260,10 @@ pub struct AllArgs {
     pub project: ProjectArgs,
     #[command(flatten)]
     pub build: BuildOpts,
-    /// Output folder; each image's artifacts go to <DIR>/<name>/.
-    #[arg(short, long, default_value = "out", value_name = "DIR")]
-    pub output: PathBuf,
+    /// Output folder; each image's artifacts go to <DIR>/<name>/ [default: out/ beside the
+    /// recipes' Dockerfiles/ folder].
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
     #[command(flatten)]
     pub identity: IdentityArgs,
 }
@@ -246,7 +274,7 @@ fn factory_options(
     b: Option<BuildOpts>,
 ) -> Result<crate::factory::Options> {
     let mut o = crate::factory::Options {
-        dir: p.dir,
+        dir: crate::project::recipes_dir(p.dir)?,
         names,
         prefix: crate::factory::check_prefix(&p.registry)?,
         alpine_version: p.alpine_version,
@@ -487,9 +515,10 @@ pub struct SeedArgs {
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    /// Folder holding one <name>/Dockerfile per recipe.
-    #[arg(long, default_value = "Dockerfiles", value_name = "DIR")]
-    pub dir: PathBuf,
+    /// Folder holding one <name>/Dockerfile per recipe [default: the Dockerfiles/ folder of
+    /// the current folder or the nearest one above it that has one].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 
     /// Version to check instead of the recipes' pin.
     #[arg(long, value_name = "X.Y.Z")]
@@ -599,6 +628,7 @@ pub fn run(cli: Cli) -> Result<()> {
             for f in &report.files {
                 println!("{}", f.display());
             }
+            progress.artifacts(&report.files);
             Ok(())
         }
         Command::Build(a) => {
@@ -621,19 +651,23 @@ pub fn run(cli: Cli) -> Result<()> {
                 output: a.output,
             })?;
             println!("{}", path.display());
+            progress.artifacts(std::slice::from_ref(&path));
             Ok(())
         }
         Command::Check(a) => {
             let pinned = match a.alpine_version {
                 Some(v) => v,
-                None => crate::project::Project::load(&a.dir)?
-                    .alpine_version()?
-                    .ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "no recipe under {} pins ARG ALPINE_VERSION; pass --alpine-version",
-                            a.dir.display()
-                        )
-                    })?,
+                None => {
+                    let dir = crate::project::recipes_dir(a.dir)?;
+                    crate::project::Project::load(&dir)?
+                        .alpine_version()?
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "no recipe under {} pins ARG ALPINE_VERSION; pass --alpine-version",
+                                dir.display()
+                            )
+                        })?
+                }
             };
             let drift = crate::check::check(&pinned, &a.mirror, &a.arch)?;
             for line in drift.report() {
@@ -666,6 +700,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let identity = a.identity.sources()?;
             let path = crate::disk::write_disk(&opts, &identity, &progress)?;
             println!("{}", path.display());
+            progress.artifacts(std::slice::from_ref(&path));
             Ok(())
         }
         Command::Doctor(a) => {
@@ -683,10 +718,56 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::All(a) => {
             let opts = factory_options(Vec::new(), a.project, Some(a.build))?;
             let identity = a.identity.sources()?;
-            for f in crate::factory::all(&opts, &identity, &a.output, &progress)? {
+            // Beside the recipes' folder: out/ of the project, wherever abox runs from.
+            let output = a.output.unwrap_or_else(|| {
+                let root = opts.dir.parent().filter(|p| !p.as_os_str().is_empty());
+                root.unwrap_or(std::path::Path::new(".")).join("out")
+            });
+            let files = crate::factory::all(&opts, &identity, &output, &progress)?;
+            for f in &files {
                 println!("{}", f.display());
+            }
+            progress.artifacts(&files);
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "abox", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { output } => {
+            for p in write_man_pages(&output)? {
+                println!("{}", p.display());
             }
             Ok(())
         }
     }
+}
+
+/// Write `abox.1` and a page per command (`abox-export.1`, …) into `dir` (roff, clap_mangen),
+/// each atomically; returns their paths.
+pub fn write_man_pages(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    use anyhow::Context;
+    use std::io::Write;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create {} (choose another with -o)", dir.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut pages = vec![("abox".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name = format!("abox-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    let mut written = Vec::new();
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = crate::output::PendingFile::create_public(&path)?;
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(page)
+            .render(&mut buf)
+            .with_context(|| format!("rendering {}", path.display()))?;
+        out.file().write_all(&buf)?;
+        out.commit()?;
+        written.push(path);
+    }
+    Ok(written)
 }

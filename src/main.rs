@@ -28,15 +28,16 @@ fn main() {
         eprintln!("error: installing signal handlers: {e:#}");
         std::process::exit(1);
     }
+    let progress = alpine_boxes::progress::Progress::new(cli.progress);
     if let Err(e) = alpine_boxes::cli::run(cli) {
         // After Ctrl-C or SIGTERM, whatever failed on the way out (a layer read cut short, a
         // child killed by the same signal) is a consequence, not the news.
         if alpine_boxes::signals::interrupted() || e.chain().any(|c| c.to_string() == "interrupted")
         {
-            eprintln!("error: interrupted");
+            progress.error("interrupted", 130);
             std::process::exit(130);
         }
-        eprintln!("error: {e:#}");
+        progress.error(&format!("{e:#}"), 1);
         std::process::exit(1);
     }
 }

@@ -383,7 +383,7 @@ pub fn commit_all(
         .map(|a| format!("{}  {}\n", a.sha256, a.file))
         .collect();
     let manifest = Manifest {
-        tool: format!("abox {}", env!("CARGO_PKG_VERSION")),
+        tool: format!("abox {}", crate::cli::VERSION),
         source: source.to_string(),
         image: image.clone(),
         artifacts: entries,

@@ -93,6 +93,116 @@ impl Progress {
             _ => eprintln!("{msg}"),
         }
     }
+
+    /// The run's artifacts, once they are in place: `{"event":"artifacts","files":[…]}` in
+    /// JSON mode; on a terminal, how to use each kind ([`next_steps`]).
+    pub fn artifacts(&self, files: &[std::path::PathBuf]) {
+        match self.mode {
+            Mode::Json => self.event(serde_json::json!({
+                "event": "artifacts",
+                "files": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+            })),
+            Mode::Auto => {
+                for hint in next_steps(files) {
+                    eprintln!("{hint}");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A failed run, as the last event in JSON mode (`{"event":"error","message":…,"exit":N}`),
+    /// else `error: MESSAGE`.
+    pub fn error(&self, msg: &str, exit: i32) {
+        match self.mode {
+            Mode::Json => {
+                self.event(serde_json::json!({"event": "error", "message": msg, "exit": exit}))
+            }
+            _ => eprintln!("error: {msg}"),
+        }
+    }
+}
+
+/// One hint per kind of artifact among `files`: the command that imports or boots it.
+pub fn next_steps(files: &[std::path::PathBuf]) -> Vec<String> {
+    let name_of = |f: &std::path::Path, suffix: &str| {
+        f.file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(suffix).to_string())
+            .unwrap_or_default()
+    };
+    let mut hints = Vec::new();
+    let mut said = std::collections::HashSet::new();
+    let find = |suffix: &str| {
+        files
+            .iter()
+            .find(|f| f.to_string_lossy().ends_with(suffix))
+            .cloned()
+    };
+    for f in files {
+        let s = f.display().to_string();
+        let (kind, hint) = if s.ends_with(".rootfs.tar.gz") {
+            let n = name_of(f, ".rootfs.tar.gz");
+            (
+                "wsl",
+                format!("WSL:      wsl --import {n} C:\\WSL\\{n} {s}"),
+            )
+        } else if s.ends_with(".wsl") {
+            (
+                "wsl-package",
+                format!("WSL:      wsl --install --from-file {s}"),
+            )
+        } else if s.ends_with(".lxd.tar.gz") {
+            let n = name_of(f, ".lxd.tar.gz");
+            ("lxd", format!("LXD:      lxc image import {s} --alias {n}"))
+        } else if s.ends_with(".lxd-meta.tar.gz") {
+            let n = name_of(f, ".lxd-meta.tar.gz");
+            let Some(rootfs) = find(&format!("{n}.lxd-rootfs.squashfs")) else {
+                continue;
+            };
+            (
+                "lxd-split",
+                format!(
+                    "LXD:      lxc image import {s} {} --alias {n}",
+                    rootfs.display()
+                ),
+            )
+        } else if s.ends_with(".lxd-vm-meta.tar.gz") {
+            let n = name_of(f, ".lxd-vm-meta.tar.gz");
+            let Some(disk) = find(&format!("{n}.lxd-vm.qcow2")) else {
+                continue;
+            };
+            (
+                "lxd-vm",
+                format!(
+                    "LXD VM:   lxc image import {s} {} --alias {n}-vm && lxc launch {n}-vm --vm",
+                    disk.display()
+                ),
+            )
+        } else if s.ends_with(".lxd-vm.qcow2") {
+            continue;
+        } else if let Some(fmt) = ["qcow2", "img", "raw", "vmdk", "vdi", "vhdx", "vhd"]
+            .iter()
+            .find(|e| s.ends_with(&format!(".{e}")))
+        {
+            let qemu = match *fmt {
+                "img" | "raw" => "raw",
+                "vhd" => "vpc",
+                other => other,
+            };
+            (
+                "disk",
+                format!(
+                    "VM:       qemu-system-x86_64 -m 1G -nographic -drive file={s},format={qemu},if=virtio"
+                ),
+            )
+        } else {
+            continue;
+        };
+        if said.insert(kind) {
+            hints.push(hint);
+        }
+    }
+    hints
 }
 
 pub struct Task {
@@ -137,5 +247,42 @@ impl Drop for Task {
         if let Some(pb) = &self.pb {
             pb.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn one_next_step_per_kind_of_artifact() {
+        let files: Vec<PathBuf> = [
+            "out/base/base.rootfs.tar.gz",
+            "out/base/base.wsl",
+            "out/base/base.lxd.tar.gz",
+            "out/base/base.lxd-meta.tar.gz",
+            "out/base/base.lxd-rootfs.squashfs",
+            "out/base/base.qcow2",
+            "out/base/base.lxd-vm-meta.tar.gz",
+            "out/base/base.lxd-vm.qcow2",
+            "out/other/other.rootfs.tar.gz",
+            "out/base/SHA256SUMS",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(
+            next_steps(&files),
+            [
+                "WSL:      wsl --import base C:\\WSL\\base out/base/base.rootfs.tar.gz",
+                "WSL:      wsl --install --from-file out/base/base.wsl",
+                "LXD:      lxc image import out/base/base.lxd.tar.gz --alias base",
+                "LXD:      lxc image import out/base/base.lxd-meta.tar.gz out/base/base.lxd-rootfs.squashfs --alias base",
+                "VM:       qemu-system-x86_64 -m 1G -nographic -drive file=out/base/base.qcow2,format=qcow2,if=virtio",
+                "LXD VM:   lxc image import out/base/base.lxd-vm-meta.tar.gz out/base/base.lxd-vm.qcow2 --alias base-vm && lxc launch base-vm --vm",
+            ]
+        );
+        assert!(next_steps(&[PathBuf::from("seed.iso")]).is_empty());
     }
 }

@@ -242,6 +242,38 @@ pub fn parse_recipe(
     })
 }
 
+/// The folder of recipes: `dir` when given; else `Dockerfiles/` in the current folder or the
+/// nearest folder above it that has one holding a `<name>/Dockerfile` (so `abox build` works
+/// from anywhere in the project), as a path relative to the current folder when it is below it.
+pub fn recipes_dir(dir: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(d) = dir {
+        return Ok(d);
+    }
+    let cwd = std::env::current_dir().context("the current folder")?;
+    let has_recipes = |d: &Path| {
+        std::fs::read_dir(d)
+            .map(|rd| rd.flatten().any(|e| e.path().join("Dockerfile").is_file()))
+            .unwrap_or(false)
+    };
+    let mut up = PathBuf::new();
+    for here in cwd.ancestors() {
+        let candidate = here.join("Dockerfiles");
+        if has_recipes(&candidate) {
+            return Ok(if up.as_os_str().is_empty() {
+                PathBuf::from("Dockerfiles")
+            } else {
+                up.join("Dockerfiles")
+            });
+        }
+        up.push("..");
+    }
+    bail!(
+        "no Dockerfiles/ folder with recipes (<name>/Dockerfile) in {} or above it: run abox in \
+         the project, or give --dir DIR",
+        cwd.display()
+    )
+}
+
 impl Project {
     /// Read every `<dir>/<name>/Dockerfile`.
     pub fn load(dir: &Path) -> Result<Project> {

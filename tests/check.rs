@@ -144,6 +144,51 @@ fn behind_on_minor_warns_and_strict_fails() {
     assert_eq!(code, 3);
 }
 
+/// Without --dir the recipes are the Dockerfiles/ folder of the current folder or the nearest
+/// one above: abox works from anywhere in the project, and outside one says how to point it.
+#[test]
+fn the_recipes_are_found_from_anywhere_in_the_project() {
+    let base = serve(routes(
+        "v3.20",
+        releases(&["3.20.3"]),
+        releases(&["3.20.3"]),
+    ));
+    let project = tempfile::tempdir().unwrap();
+    let recipes = project.path().join("Dockerfiles/base");
+    std::fs::create_dir_all(&recipes).unwrap();
+    std::fs::write(
+        recipes.join("Dockerfile"),
+        "ARG ALPINE_VERSION=3.20.3\nFROM alpine:${ALPINE_VERSION}\n",
+    )
+    .unwrap();
+    let deep = project.path().join("docs/notes");
+    std::fs::create_dir_all(&deep).unwrap();
+    for here in [project.path(), deep.as_path()] {
+        let o = abox()
+            .current_dir(here)
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .args(["check", "--mirror", &base])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(out.contains("Alpine 3.20.3 is up to date"), "{out}");
+    }
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = abox()
+        .current_dir(elsewhere.path())
+        .args(["check", "--mirror", &base])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no Dockerfiles/ folder with recipes") && err.contains("--dir DIR"),
+        "{err}"
+    );
+}
+
 #[test]
 fn malformed_missing_and_unreachable_are_clear_errors() {
     let base = serve(routes(

@@ -501,6 +501,54 @@ fn missing_image_says_how_to_get_it() {
     assert!(err.contains("abox build"), "{err}");
 }
 
+/// A bare reference (`abox export alpine:3.20`, as `docker run` takes it) is the engine's image
+/// when no file or folder has that name; a tag the engine lacks lists the tags it has.
+#[test]
+fn bare_references_are_engine_images_and_a_missing_tag_lists_the_others() {
+    require_docker();
+    let _l = engine_lock();
+    let pid = std::process::id();
+    let repo = format!("abox-test/bare-{pid}");
+    let tags = vec![format!("{repo}:1"), format!("{repo}:2")];
+    for t in &tags {
+        sh(&format!("docker tag {} {t}", standin()));
+    }
+    let work = tempfile::tempdir().unwrap();
+    let o = abox()
+        .current_dir(work.path())
+        .args(["export", &tags[0], "--rootfs", "-o", "out"])
+        .output()
+        .unwrap();
+    let err = abox()
+        .current_dir(work.path())
+        .args(["export", &format!("{repo}:9"), "--rootfs", "-o", "out9"])
+        .output()
+        .unwrap();
+    rmi(&tags);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = read_tar_file(
+        &work
+            .path()
+            .join("out")
+            .join(format!("bare-{pid}.rootfs.tar")),
+    );
+    assert!(t.contains_key("bin/busybox"), "the stand-in's rootfs");
+    let err = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        err.contains(&format!("no image {repo}:9 in the Docker engine"))
+            && err.contains(&format!("it has {repo}:1, {repo}:2")),
+        "{err}"
+    );
+    assert!(!work.path().join("out9").exists());
+    // A name that reads as a path stays a path.
+    let err = run_err(
+        abox()
+            .current_dir(work.path())
+            .args(["export", "./alpine:3.20"]),
+    );
+    assert!(err.contains("no such file or folder"), "{err}");
+}
+
 #[test]
 fn all_builds_then_writes_every_artifact_of_every_image() {
     let _l = engine_lock();

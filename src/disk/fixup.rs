@@ -2,32 +2,17 @@
 //! partition UUIDs, `/etc/fstab` by UUID (users, keys and passwords: [`crate::identity`]).
 
 use std::collections::HashSet;
-use std::io::Read;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::flatten;
 use crate::tarfmt::{Kind, Meta};
 use crate::target::openrc::OpenRc;
 use crate::target::{Action, Extra, Fixup};
 
-/// A random (version 4) UUID.
+/// A random (version 4) UUID, hyphenated, lowercase.
 pub fn random_uuid() -> Result<String> {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .context("reading /dev/urandom")?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
+    Ok(uuid::Uuid::new_v4().hyphenated().to_string())
 }
 
 /// `/etc/fstab` with the root filesystem and the ESP (at `/boot`, files 0644, never checked at

@@ -122,22 +122,14 @@ pub fn parse_size(s: &str) -> Result<Option<u64>> {
     if t.eq_ignore_ascii_case("auto") {
         return Ok(None);
     }
-    let lower = t.to_ascii_lowercase();
-    let body = lower.trim_end_matches('b').trim_end_matches('i');
-    let (num, mult) = match body.chars().last() {
-        Some('k') => (&body[..body.len() - 1], 1u64 << 10),
-        Some('m') => (&body[..body.len() - 1], 1 << 20),
-        Some('g') => (&body[..body.len() - 1], 1 << 30),
-        Some('t') => (&body[..body.len() - 1], 1 << 40),
-        _ => (body, 1),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
+    // K, M, G, T are powers of 1024 whether written K, KB or KiB, as qemu-img takes them.
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(t)
         .ok()
-        .filter(|n: &f64| n.is_finite() && *n > 0.0)
-        .with_context(|| format!("--size {s:?}: expected `auto` or a size like 2G, 1536M"))?;
-    Ok(Some((n * mult as f64) as u64))
+        .filter(|n| *n > 0)
+        .map(Some)
+        .with_context(|| format!("--size {s:?}: expected `auto` or a size like 2G, 1536M"))
 }
 
 /// Human-readable MiB/GiB.

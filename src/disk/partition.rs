@@ -67,19 +67,14 @@ pub struct Layout {
     pub part_uuid: String,
 }
 
-/// A UUID in its text form → the 16 bytes GPT stores (first three fields little-endian).
+/// A UUID in its hyphenated text form → the 16 bytes GPT stores (first three fields
+/// little-endian, the "mixed-endian" GUID layout of the UEFI specification).
 pub fn guid_bytes(uuid: &str) -> Result<[u8; 16]> {
-    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
-    if hex.len() != 32 || uuid.len() != 36 {
+    if uuid.len() != 36 {
         bail!("{uuid:?} is not a UUID");
     }
-    let raw = hex::decode(&hex).with_context(|| format!("{uuid:?} is not a UUID"))?;
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&raw);
-    b[0..4].reverse();
-    b[4..6].reverse();
-    b[6..8].reverse();
-    Ok(b)
+    let u = uuid::Uuid::try_parse(uuid).with_context(|| format!("{uuid:?} is not a UUID"))?;
+    Ok(u.to_bytes_le())
 }
 
 /// The layout for an ESP of `esp_bytes` and a root of at least `root_bytes` (both rounded up

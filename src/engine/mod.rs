@@ -204,19 +204,48 @@ impl Engine {
     }
 
     /// The image's ID (`sha256:…`, the digest of its config) and its inspect data; a missing
-    /// image is a clear error.
+    /// image is a clear error that lists the tags the engine has of its repository.
     pub fn inspect(&self, name: &str) -> Result<bollard::models::ImageInspect> {
         self.block_on(self.docker.inspect_image(name))
             .map_err(|e| match e {
                 bollard::errors::Error::DockerResponseServerError {
                     status_code: 404, ..
-                } => anyhow!(
-                    "no image {name} in the Docker engine at {} (build it with `abox build`, \
-                     or `docker pull`/`docker load` it)",
-                    self.host
-                ),
+                } => {
+                    let tags = self.tags_of(name);
+                    let has = if tags.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; it has {}", tags.join(", "))
+                    };
+                    anyhow!(
+                        "no image {name} in the Docker engine at {}{has} (build it with `abox \
+                         build`, or `docker pull`/`docker load` it)",
+                        self.host
+                    )
+                }
                 e => anyhow!(e).context(format!("inspecting image {name}")),
             })
+    }
+
+    /// The tags the engine has of `name`'s repository (`alpine:3.99` → `alpine:3.20`,
+    /// `alpine:latest`), sorted; none when it cannot tell.
+    pub fn tags_of(&self, name: &str) -> Vec<String> {
+        let repo = crate::source::repository_of(name);
+        let filters = std::collections::HashMap::from([("reference", vec![repo.clone()])]);
+        let opts = bollard::query_parameters::ListImagesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let Ok(images) = self.block_on(self.docker.list_images(Some(opts))) else {
+            return Vec::new();
+        };
+        let mut tags: Vec<String> = images
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .filter(|t| crate::source::repository_of(t) == repo)
+            .collect();
+        tags.sort();
+        tags.dedup();
+        tags
     }
 }
 

@@ -292,9 +292,9 @@ pub fn index(src: &dyn ExportSource, image: &Image, progress: &Progress) -> Resu
     let mut plan = plan(tree, vec![ix.captured], 1);
     plan.spool = Some(Spool(Arc::new(spool)));
     task.finish(&format!(
-        "{} paths, {} MB of files",
+        "{} paths, {} of files",
         plan.facts.paths,
-        plan.facts.content_bytes / 1_000_000
+        crate::disk::fs::human(plan.facts.content_bytes)
     ));
     Ok(plan)
 }

@@ -158,9 +158,9 @@ pub fn index(image: &Image, progress: &Progress) -> Result<Plan> {
     }
     let plan = plan(tree, captured, n);
     task.finish(&format!(
-        "{n} layers, {} paths, {} MB of files",
+        "{n} layers, {} paths, {} of files",
         plan.facts.paths,
-        plan.facts.content_bytes / 1_000_000
+        crate::disk::fs::human(plan.facts.content_bytes)
     ));
     Ok(plan)
 }

@@ -93,8 +93,39 @@ impl SourceRef {
             }
             bail!("{s} is not an image: it has neither manifest.json (docker save) nor index.json (OCI)");
         }
+        // A bare reference (`alpine:3.20`, as `docker run` takes it): the engine's image.
+        if !looks_like_path(s) && is_reference(s) {
+            return Ok(Self::Docker {
+                name: s.to_string(),
+            });
+        }
         bail!("{s}: no such file or folder, and no transport given (use one of {TRANSPORTS})")
     }
+}
+
+/// Whether `s` reads as a path rather than an image reference: it starts at `/`, `.` or `~`,
+/// or ends like an image file (`.tar`, `.tar.gz`, `.oci`…).
+fn looks_like_path(s: &str) -> bool {
+    s.starts_with(['/', '.', '~'])
+        || [".tar", ".tar.gz", ".tgz", ".oci", ".zst", ".gz"]
+            .iter()
+            .any(|e| s.to_ascii_lowercase().ends_with(e))
+}
+
+/// Whether `s` is a Docker image reference (distribution's grammar: `[HOST[:PORT]/]PATH[:TAG]
+/// [@sha256:HEX]`, path components lowercase).
+pub fn is_reference(s: &str) -> bool {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| {
+        let comp = "[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*";
+        let host = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?";
+        let tag = "[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}";
+        regex::Regex::new(&format!(
+            "^(?:{host}/)?{comp}(?:/{comp})*(?::{tag})?(?:@sha256:[a-f0-9]{{64}})?$"
+        ))
+        .expect("reference grammar")
+    })
+    .is_match(s)
 }
 
 /// An image ready to be flattened.
@@ -276,6 +307,15 @@ pub fn short_name(reference: &str) -> String {
     sanitize(no_tag)
 }
 
+/// The repository of a reference, without tag or digest (`host:5000/a/b:1` → `host:5000/a/b`).
+pub fn repository_of(reference: &str) -> String {
+    let no_digest = reference.split('@').next().unwrap_or(reference);
+    match no_digest.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo.to_string(),
+        _ => no_digest.to_string(),
+    }
+}
+
 /// The tag of a reference (`alpine:3.23` → `3.23`, `host:5000/a/b:1` → `1`), None without one
 /// (`alpine`, `alpine@sha256:…`).
 pub fn tag_of(reference: &str) -> Option<String> {
@@ -393,5 +433,56 @@ mod tests {
             assert_eq!(short_name(input), want, "{input}");
         }
         assert_eq!(name_from_path(Path::new("/a/alpine.tar")), "alpine");
+    }
+
+    #[test]
+    fn repositories_and_tags() {
+        for (r, repo, tag) in [
+            ("alpine", "alpine", None),
+            ("alpine:3.20", "alpine", Some("3.20")),
+            ("host:5000/a/b:1", "host:5000/a/b", Some("1")),
+            ("host:5000/a/b", "host:5000/a/b", None),
+            ("a/b@sha256:00", "a/b", None),
+        ] {
+            assert_eq!(repository_of(r), repo, "{r}");
+            assert_eq!(tag_of(r).as_deref(), tag, "{r}");
+        }
+    }
+
+    #[test]
+    fn bare_references() {
+        for r in [
+            "alpine",
+            "alpine:3.20",
+            "alpine-boxes/base:3.20.3",
+            "127.0.0.1:5000/boxes/base:1",
+            "localhost/x_y__z/a-b:latest",
+            &format!("reg.example/img@sha256:{}", "a".repeat(64)),
+        ] {
+            assert!(is_reference(r) && !looks_like_path(r), "{r}");
+            assert!(
+                matches!(SourceRef::parse(r), Ok(SourceRef::Docker { .. })),
+                "{r}"
+            );
+        }
+        for r in [
+            "Alpine",
+            "a b",
+            "alpine:",
+            ":3.20",
+            "x//y",
+            "-x",
+            "img@sha256:abc",
+        ] {
+            assert!(!is_reference(r), "{r}");
+        }
+        for p in ["./alpine", "/tmp/alpine", "alpine.tar", "build.oci", "~/x"] {
+            assert!(looks_like_path(p), "{p}");
+            let e = SourceRef::parse(p)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("no such file or folder"), "{p}: {e}");
+        }
     }
 }

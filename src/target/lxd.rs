@@ -4,7 +4,7 @@
 //! rootfs tar into `tar2sqfs` (squashfs-tools-ng) — nothing is unpacked on disk. OpenRC images
 //! get the container set-up of the official Alpine images ([`openrc::LXD`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::BufWriter;
 use std::path::Path;
 use std::process::Command;
@@ -53,12 +53,35 @@ pub fn lxd_arch(oci: &str) -> &str {
     }
 }
 
-/// A YAML double-quoted scalar (JSON string syntax is valid YAML).
-fn q(s: &str) -> String {
-    serde_json::to_string(s).expect("string serialises")
-}
-
+/// `metadata.yaml` (LXD's image format: `architecture`, `creation_date`, `properties`,
+/// `requirements`, `templates`), serialised with serde. Properties come from the image's
+/// os-release (`ID`, `VERSION_ID`, else `/etc/alpine-release`; `PRETTY_NAME`).
 pub fn metadata_yaml(opts: &LxdOptions, facts: &Facts) -> String {
+    #[derive(serde::Serialize)]
+    struct Metadata<'a> {
+        architecture: &'a str,
+        creation_date: u64,
+        properties: Properties,
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        requirements: BTreeMap<&'static str, &'static str>,
+        templates: BTreeMap<String, TemplateYaml>,
+    }
+    #[derive(serde::Serialize)]
+    struct Properties {
+        architecture: String,
+        os: String,
+        release: String,
+        variant: String,
+        description: String,
+        serial: String,
+    }
+    #[derive(serde::Serialize)]
+    struct TemplateYaml {
+        when: [&'static str; 2],
+        template: &'static str,
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        properties: BTreeMap<&'static str, &'static str>,
+    }
     let rel = facts
         .text("etc/os-release")
         .or_else(|| facts.text("usr/lib/os-release"))
@@ -77,33 +100,38 @@ pub fn metadata_yaml(opts: &LxdOptions, facts: &Facts) -> String {
     let serial = chrono::DateTime::from_timestamp(opts.created as i64, 0)
         .map(|d| d.format("%Y%m%d_%H%M").to_string())
         .unwrap_or_default();
-    format!(
-        "# Written by alpine-boxes.\n\
-         architecture: {arch}\n\
-         creation_date: {created}\n\
-         properties:\n\
-         \x20 architecture: {arch}\n\
-         \x20 os: {os}\n\
-         \x20 release: {release}\n\
-         \x20 variant: {variant}\n\
-         \x20 description: {desc}\n\
-         \x20 serial: {serial}\n\
-         {requirements}\
-         {templates}",
-        arch = q(lxd_arch(&opts.architecture)),
-        created = opts.created,
-        os = q(os),
-        release = q(&release),
-        variant = q(&opts.name),
-        desc = q(&format!("{pretty} ({}, {serial})", opts.name)),
-        serial = q(&serial),
-        requirements = if opts.vm {
-            "requirements:\n  secureboot: \"false\"\n"
-        } else {
-            ""
+    let arch = lxd_arch(&opts.architecture);
+    let m = Metadata {
+        architecture: arch,
+        creation_date: opts.created,
+        properties: Properties {
+            architecture: arch.to_string(),
+            os: os.to_string(),
+            release,
+            variant: opts.name.clone(),
+            description: format!("{pretty} ({}, {serial})", opts.name),
+            serial,
         },
-        templates = templates_yaml(opts),
-    )
+        requirements: if opts.vm {
+            BTreeMap::from([("secureboot", "false")])
+        } else {
+            BTreeMap::new()
+        },
+        templates: templates(opts)
+            .into_iter()
+            .map(|t| {
+                let properties = t.default.map(|d| ("default", d)).into_iter().collect();
+                let y = TemplateYaml {
+                    when: ["create", "copy"],
+                    template: t.name,
+                    properties,
+                };
+                (t.path, y)
+            })
+            .collect(),
+    };
+    let body = serde_yaml_ng::to_string(&m).expect("metadata serialises");
+    format!("# Written by alpine-boxes.\n{body}")
 }
 
 /// One LXD template: the file it writes in the instance at create and copy, its name under
@@ -199,26 +227,6 @@ fn templates(opts: &LxdOptions) -> Vec<Template> {
         }
     }
     v
-}
-
-/// metadata.yaml's `templates:` section.
-fn templates_yaml(opts: &LxdOptions) -> String {
-    let list = templates(opts);
-    if list.is_empty() {
-        return "templates: {}\n".into();
-    }
-    let mut y = String::from("templates:\n");
-    for t in list {
-        y.push_str(&format!(
-            "  {}:\n    when:\n      - create\n      - copy\n    template: {}\n",
-            q(&t.path),
-            t.name
-        ));
-        if let Some(d) = t.default {
-            y.push_str(&format!("    properties:\n      default: {}\n", q(d)));
-        }
-    }
-    y
 }
 
 /// metadata.yaml and the templates, at the archive root.
@@ -501,23 +509,20 @@ mod tests {
             identity: None,
         };
         let y = metadata_yaml(&opts, &facts);
-        assert!(y.contains("\narchitecture: \"x86_64\"\n"), "{y}");
-        assert!(y.contains("\ncreation_date: 1704164645\n"), "{y}");
-        assert!(y.contains("  os: \"alpine\"\n"), "{y}");
-        assert!(y.contains("  release: \"3.20.3\"\n"), "{y}");
-        assert!(y.contains("  serial: \"20240102_0304\"\n"), "{y}");
-        assert!(
-            y.contains("  description: \"Alpine Linux v3.20 (base, 20240102_0304)\"\n"),
-            "{y}"
-        );
-        assert!(y.contains("    template: hosts.tpl\n"), "{y}");
-        assert!(!y.contains("requirements"), "{y}");
+        assert!(y.starts_with("# Written by alpine-boxes.\n"), "{y}");
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&y).unwrap();
+        assert_eq!(v["architecture"], "x86_64");
+        assert_eq!(v["creation_date"], 1704164645);
+        let p = &v["properties"];
+        assert_eq!(p["os"], "alpine");
+        assert_eq!(p["release"], "3.20.3", "a string, not a number");
+        assert_eq!(p["serial"], "20240102_0304");
+        assert_eq!(p["description"], "Alpine Linux v3.20 (base, 20240102_0304)");
+        assert_eq!(v["templates"]["/etc/hosts"]["template"], "hosts.tpl");
+        assert_eq!(v["templates"]["/etc/hosts"]["when"][1], "copy");
+        assert!(v.get("requirements").is_none(), "{y}");
         let vm = metadata_yaml(&LxdOptions { vm: true, ..opts }, &facts);
-        assert!(
-            vm.contains("\nrequirements:\n  secureboot: \"false\"\ntemplates:\n"),
-            "{vm}"
-        );
-        // Valid YAML, as LXD reads it.
+        // Valid YAML, as LXD reads it; secureboot the string LXD compares.
         let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&vm).unwrap();
         assert_eq!(v["requirements"]["secureboot"], "false");
     }
