@@ -624,8 +624,24 @@ echo "ABOX-TEST ready" > /dev/ttyS0
 while :; do $b sleep 3600; done
 "#;
 
-/// Run ssh against the guest: (exit code, stdout, stderr).
+/// Run ssh against the guest: (exit code, stdout, stderr). The guest's sshd daemonizes before
+/// it listens, so a connection QEMU's user network resets before the server's banner (nothing
+/// listening yet, on a loaded machine) is tried again, for up to a minute.
 fn ssh(port: u16, key: &Path, user: &str, extra: &[&str], cmd: &str) -> (i32, String, String) {
+    let start = std::time::Instant::now();
+    loop {
+        let got = ssh_once(port, key, user, extra, cmd);
+        let not_yet = got.0 == 255
+            && (got.2.contains("kex_exchange_identification")
+                || got.2.contains("Connection refused"));
+        if !not_yet || start.elapsed() > std::time::Duration::from_secs(60) {
+            return got;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
+fn ssh_once(port: u16, key: &Path, user: &str, extra: &[&str], cmd: &str) -> (i32, String, String) {
     let o = std::process::Command::new("ssh")
         .args(["-F", "/dev/null", "-p", &port.to_string(), "-i"])
         .arg(key)
