@@ -97,21 +97,26 @@ pub fn resolve_output(
         return Ok((None, None));
     };
     let tars = targets.tar_targets();
-    let single = || -> Result<(&'static str, &'static [&'static str])> {
-        match (targets.count(), tars.first()) {
-            (1, Some(t)) => Ok(*t),
-            _ => bail!(
-                "-o {} names one file, but {} artifacts were asked for: give one of --wsl, \
-                 --wsl-package, --lxd, --rootfs, or a folder",
+    let single =
+        || -> Result<(&'static str, &'static [&'static str])> {
+            match (targets.count(), tars.first()) {
+                (1, Some(t)) => Ok(*t),
+                (1, None) => {
+                    bail!(
+                "-o {}: {} writes two files: give a folder (or one of --wsl, --wsl-package, \
+                 --lxd, --rootfs for a single file)",
                 o.display(),
-                if targets.count() == 1 {
-                    "a multi-file".to_string()
-                } else {
-                    targets.count().to_string()
+                if targets.lxd_vm { "--lxd-vm" } else { "--lxd-split" }
+            )
                 }
-            ),
-        }
-    };
+                _ => bail!(
+                    "-o {} names one file, but {} artifacts were asked for: give one of --wsl, \
+                 --wsl-package, --lxd, --rootfs, or a folder",
+                    o.display(),
+                    targets.count()
+                ),
+            }
+        };
     if o == Path::new("-") {
         single()?;
         if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -444,11 +449,17 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
     // folder abox keeps lists in already; never for standard output.
     let listed = match &opts.single {
         None => true,
-        Some(target::TarDest::File(_)) => out_dir.join("manifest.json").exists(),
+        Some(target::TarDest::File(_)) => matches!(
+            crate::output::folder_lists(&out_dir),
+            crate::output::Lists::Abox(_)
+        ),
         Some(target::TarDest::Stdout) => false,
     };
     if !matches!(opts.single, Some(target::TarDest::Stdout)) {
         create_out_dir(&out_dir)?;
+    }
+    if listed {
+        crate::output::check_lists(&out_dir)?;
     }
     let targets = create_targets(opts, &image, &name, &out_dir, &ids)?;
     let disks = if opts.targets.lxd_vm {
@@ -471,8 +482,12 @@ pub fn export(opts: &ExportOptions, progress: &Progress) -> Result<ExportReport>
         let need = plan.facts.content_bytes + plan.facts.paths as u64 * 1024;
         crate::output::check_room(&out_dir, need, "the rootfs tar", crate::output::OUT_FIX)?;
     }
-    let artifacts = run_with_disks(&image, &plan, targets, disks, None, false, progress)
-        .map_err(|e| crate::output::explain_full(e, &out_dir))?;
+    let artifacts = run_with_disks(&image, &plan, targets, disks, None, false, progress).map_err(
+        |e| match opts.single {
+            Some(target::TarDest::Stdout) => e,
+            _ => crate::output::explain_full(e, &out_dir),
+        },
+    )?;
     let files = if listed {
         commit(&out_dir, &opts.source, &image, artifacts, progress)?
     } else {

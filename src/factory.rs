@@ -289,6 +289,7 @@ pub fn all(
         )?;
         let image = crate::source::open_with(&source, &export.select, Some(&engine))?;
         export::create_out_dir(&out_dir)?;
+        crate::output::check_lists(&out_dir)?;
         let targets = export::create_targets(&export, &image, &b.name, &out_dir, &ids)?;
         let disks = if image.architecture() == "amd64" {
             Some(export::DiskSet::create(

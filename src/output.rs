@@ -224,7 +224,7 @@ pub struct Artifact {
 
 /// One artifact as `manifest.json` lists it.
 #[derive(Serialize, Deserialize, Clone, Debug)]
-struct ManifestArtifact {
+pub struct ManifestArtifact {
     kind: String,
     file: String,
     size: u64,
@@ -236,7 +236,7 @@ struct ManifestArtifact {
 
 /// `manifest.json`: what abox wrote into an output folder, from which image.
 #[derive(Serialize, Deserialize)]
-struct Manifest {
+pub struct Manifest {
     tool: String,
     source: String,
     image: ImageSummary,
@@ -263,18 +263,35 @@ fn file_name(p: &Path) -> String {
 /// Largest `manifest.json` read back from an output folder.
 const MANIFEST_MAX: u64 = 4 << 20;
 
-/// The artifacts an earlier run listed in `out_dir` that are still there as it left them
-/// (a regular file of the listed size, not one this run writes), each with the image it came
-/// from; and notes on what is not kept as it was.
-fn earlier_artifacts(
-    out_dir: &Path,
-    writing: &std::collections::HashSet<String>,
-) -> (Vec<ManifestArtifact>, Vec<String>) {
-    let path = out_dir.join("manifest.json");
-    let mut notes = Vec::new();
+/// What an output folder's `manifest.json` is.
+pub enum Lists {
+    /// None there: abox may write its lists.
+    None,
+    /// One abox wrote (`tool` starts with `abox `): the folder is abox's.
+    Abox(Box<Manifest>),
+    /// Something else (another tool's, unreadable, not a regular file): never overwritten.
+    Foreign(String),
+}
+
+/// Read the `manifest.json` of `dir`: never follows a link, never blocks on a FIFO or device,
+/// at most [`MANIFEST_MAX`] bytes.
+pub fn folder_lists(dir: &Path) -> Lists {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("manifest.json");
+    let md = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Lists::None,
+        Err(e) => return Lists::Foreign(format!("cannot be read ({e})")),
+    };
+    if !md.is_file() {
+        return Lists::Foreign("is not a regular file".into());
+    }
     let read = || -> io::Result<Vec<u8>> {
-        use std::io::Read;
-        let f = File::open(&path)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)?;
         if !f.metadata()?.is_file() {
             return Err(io::Error::other("not a regular file"));
         }
@@ -289,64 +306,135 @@ fn earlier_artifacts(
     };
     let text = match read() {
         Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return (Vec::new(), notes),
-        Err(e) => {
-            notes.push(format!(
-                "{}: not read ({e:#}); written afresh",
-                path.display()
-            ));
-            return (Vec::new(), notes);
-        }
+        Err(e) => return Lists::Foreign(format!("cannot be read ({e})")),
     };
-    let old: Manifest = match serde_json::from_slice(&text) {
-        Ok(m) => m,
-        Err(e) => {
-            notes.push(format!(
-                "{}: not an abox manifest ({e}); written afresh, listing this run's files only",
-                path.display()
-            ));
-            return (Vec::new(), notes);
-        }
+    match serde_json::from_slice::<Manifest>(&text) {
+        Ok(m) if m.tool.starts_with("abox ") => Lists::Abox(Box::new(m)),
+        Ok(_) => Lists::Foreign("was written by another tool".into()),
+        Err(_) => Lists::Foreign("is not one abox wrote".into()),
+    }
+}
+
+/// Fail unless abox may write `SHA256SUMS` and `manifest.json` in `dir`: there is no
+/// `manifest.json`, or abox wrote it. Another tool's is never overwritten.
+pub fn check_lists(dir: &Path) -> Result<()> {
+    if let Lists::Foreign(why) = folder_lists(dir) {
+        anyhow::bail!(
+            "{} {why}: abox writes its own manifest.json and SHA256SUMS in the output folder \
+             and does not overwrite that one; choose another folder with -o",
+            dir.join("manifest.json").display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether a name from a manifest is one abox could have written in the folder: a plain file
+/// name, no control characters, not one of the lists.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains('/')
+        && !name.starts_with('.')
+        && !name.chars().any(char::is_control)
+        && name != "SHA256SUMS"
+        && name != "manifest.json"
+}
+
+/// The artifacts an earlier run listed in `out_dir` that are still there as it left them: a
+/// regular file whose sha256 (computed again, as a stream) is the one listed, not one this run
+/// writes. Each keeps the image it came from, when that is not `image`; notes say what is not
+/// kept and which artifacts come from another image.
+fn earlier_artifacts(
+    out_dir: &Path,
+    old: Option<Manifest>,
+    writing: &std::collections::HashSet<String>,
+    image: &ImageSummary,
+) -> Result<(Vec<ManifestArtifact>, Vec<String>)> {
+    let mut notes = Vec::new();
+    let Some(old) = old else {
+        return Ok((Vec::new(), notes));
     };
-    let mut kept = Vec::new();
+    let mut kept: Vec<ManifestArtifact> = Vec::new();
+    let mut others: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let hex = |h: &str| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
     for mut a in old.artifacts {
-        let plain = !a.file.is_empty()
-            && !a.file.contains('/')
-            && !a.file.starts_with('.')
-            && a.file != "SHA256SUMS"
-            && a.file != "manifest.json";
-        if !plain || writing.contains(&a.file) {
+        if !plain_name(&a.file)
+            || !hex(&a.sha256)
+            || writing.contains(&a.file)
+            || kept.iter().any(|k| k.file == a.file)
+        {
             continue;
         }
-        match std::fs::symlink_metadata(out_dir.join(&a.file)) {
-            Ok(m) if m.is_file() && m.len() == a.size => {
-                a.image = Some(a.image.take().unwrap_or_else(|| old.image.clone()));
+        let path = out_dir.join(&a.file);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() && m.len() == a.size && hash_file(&path)?.0 == a.sha256 => {
+                // The image it came from: its own entry's, else the earlier run's.
+                let from = a.image.take().unwrap_or_else(|| old.image.clone());
+                if old.image.digest != image.digest {
+                    others
+                        .entry(format!("{} ({})", from.name, from.digest))
+                        .or_default()
+                        .push(a.file.clone());
+                }
+                a.image = (from != *image).then_some(from);
+                a.kind.retain(|c| c.is_ascii_alphanumeric() || c == '-');
                 kept.push(a);
             }
             Ok(_) => notes.push(format!(
                 "{}: changed since abox wrote it: no longer listed in SHA256SUMS",
-                out_dir.join(&a.file).display()
+                path.display()
             )),
             Err(_) => {}
         }
     }
-    (kept, notes)
+    for (img, files) in others {
+        notes.push(format!(
+            "{} also holds {} from another image, {img}: each listed with its image in \
+             manifest.json",
+            out_dir.display(),
+            files.join(", ")
+        ));
+    }
+    Ok((kept, notes))
+}
+
+/// An exclusive lock on the folder itself (flock on its descriptor), held while a run reads,
+/// merges and writes its lists, so two runs into one folder never lose each other's entries.
+fn lock_folder(dir: &Path) -> Result<File> {
+    let d =
+        File::open(dir).with_context(|| format!("opening the output folder {}", dir.display()))?;
+    rustix::fs::flock(&d, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("locking the output folder {}", dir.display()))?;
+    Ok(d)
 }
 
 /// Rename every artifact into place, then write `SHA256SUMS` and `manifest.json` (atomically
-/// too), listing this run's artifacts and those of earlier runs still in the folder (with the
-/// image each came from when it is not `image`); returns the paths written and notes for the
-/// user (another image's artifacts in the folder, a listed file changed since). Nothing is
-/// renamed unless every artifact was complete.
+/// too, under a lock on the folder), listing this run's artifacts and those of earlier runs
+/// still in the folder unchanged (with the image each came from when it is not `image`);
+/// returns the paths written and notes for the user (another image's artifacts in the folder,
+/// a listed file changed since). Nothing is renamed unless every artifact was complete; a
+/// folder whose `manifest.json` another tool wrote is refused ([`check_lists`]).
 pub fn commit_all(
     out_dir: &Path,
     source: &str,
     image: &ImageSummary,
     artifacts: Vec<Artifact>,
 ) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let _lock = lock_folder(out_dir)?;
+    let old = match folder_lists(out_dir) {
+        Lists::None => None,
+        Lists::Abox(m) => Some(*m),
+        Lists::Foreign(_) => {
+            check_lists(out_dir)?;
+            None
+        }
+    };
     let writing: std::collections::HashSet<String> =
         artifacts.iter().map(|a| file_name(a.file.dest())).collect();
-    let (kept, mut notes) = earlier_artifacts(out_dir, &writing);
+    let (kept, notes) = earlier_artifacts(out_dir, old, &writing, image)?;
     let mut entries: Vec<ManifestArtifact> = artifacts
         .iter()
         .map(|a| ManifestArtifact {
@@ -357,26 +445,7 @@ pub fn commit_all(
             image: a.image.clone(),
         })
         .collect();
-    let mut others: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for mut a in kept {
-        if a.image.as_ref() == Some(image) {
-            a.image = None;
-        } else if let Some(i) = &a.image {
-            others
-                .entry(format!("{} ({})", i.name, i.digest))
-                .or_default()
-                .push(a.file.clone());
-        }
-        entries.push(a);
-    }
-    for (img, files) in others {
-        notes.push(format!(
-            "{} also holds {} from another image, {img}: each listed with its image in \
-             manifest.json",
-            out_dir.display(),
-            files.join(", ")
-        ));
-    }
+    entries.extend(kept);
     entries.sort_by(|a, b| a.file.cmp(&b.file));
     let sums: String = entries
         .iter()

@@ -1300,3 +1300,40 @@ fn sparse_disks_get_room_to_grow_into_by_default() {
         assert!(!err.contains("virtual size is"), "{file}: {err}");
     }
 }
+
+/// What the VM set-up adds below a symlink the image has (its own /etc/modules-load.d pointing
+/// elsewhere; no device manager, so the driver list is wanted) is left out and said: the disk
+/// is written, nothing through the link.
+#[test]
+fn vm_setup_never_writes_through_an_image_symlink() {
+    let _disk = needs();
+    let v = &boot::kernel().1;
+    let mut spec = common::openrc_image("");
+    spec.layers.push(common::layer(&format!(
+        "d boot 0755\nH boot/vmlinuz-{v} 0644 {}\n\
+         d lib/modules/{v}/kernel/drivers/net 0755\n\
+         f lib/modules/{v}/kernel/drivers/net/virtio_net.ko 0644 module\n\
+         l etc/modules-load.d -> /tmp\nw etc/init.d/mdev\n",
+        boot::kernel_file().display()
+    )));
+    let work = tempfile::tempdir().unwrap();
+    let lay = work.path().join("oci");
+    spec.write_oci(&lay, "t");
+    let disk = work.path().join("d.img");
+    let o = run_ok(
+        abox()
+            .args(["disk", &format!("oci:{}:t", lay.display()), "-o"])
+            .arg(&disk),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "/etc/modules-load.d/abox-vm.conf not written: /etc/modules-load.d is not a folder"
+        ),
+        "{err}"
+    );
+    let uuid_root = work.path().join("root");
+    boot::extract_partition(&disk, &uuid_root);
+    let link = boot::debugfs(&uuid_root, "stat /etc/modules-load.d");
+    assert!(link.contains("Type: symlink"), "{link}");
+}

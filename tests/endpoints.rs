@@ -444,6 +444,26 @@ fn an_engine_out_of_reach_says_what_to_do() {
         "{err}"
     );
     assert!(!err.contains("is dockerd running"), "{err}");
+    // A socket in a folder this user cannot enter, and a socket only root may use.
+    let closed = work.path().join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    let _l1 = std::os::unix::net::UnixListener::bind(closed.join("d.sock")).unwrap();
+    sh(&format!("chmod 700 {}", closed.display()));
+    let (code, err) = run(Some(&format!("unix://{}/d.sock", closed.display())), true);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("permission denied on the way to"), "{err}");
+    let open = work.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    sh(&format!(
+        "chmod 755 {} {}",
+        work.path().display(),
+        open.display()
+    ));
+    let _l2 = std::os::unix::net::UnixListener::bind(open.join("d.sock")).unwrap();
+    sh(&format!("chmod 660 {}/d.sock", open.display()));
+    let (code, err) = run(Some(&format!("unix://{}/d.sock", open.display())), true);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("only root may use it"), "{err}");
     let gone = work.path().join("no.sock");
     let (code, err) = run(Some(&format!("unix://{}", gone.display())), false);
     assert_eq!(code, 1, "{err}");

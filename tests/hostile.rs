@@ -1049,3 +1049,113 @@ fn root_password_never_lands_in_a_readable_or_shared_file() {
     assert!(err.contains("shares its file with other names"), "{err}");
     assert_nothing_left(&out, "shadow hard-linked to passwd");
 }
+
+/// An output folder is input too. Its `manifest.json` as a FIFO is refused at once (never
+/// opened); another tool's is never overwritten; an abox manifest with forged entries (a hash
+/// that is not one, a name with a newline or `../`, a duplicate, a hash that does not match the
+/// file) lists none of them; two runs into one folder at once both end up listed.
+#[test]
+fn output_folder_lists_are_never_trusted_blindly() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let src = oci(&ImageSpec::new(&["f a 0644 x"]), &w.join("img"));
+    let export = |dir: &Path, extra: &[&str]| {
+        std::process::Command::new("timeout")
+            .arg("60")
+            .arg(env!("CARGO_BIN_EXE_abox"))
+            .args(["export", &src, "--name", "r"])
+            .args(extra)
+            .arg("-o")
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    // A FIFO: an error naming it, at once.
+    let fifo = w.join("fifo");
+    std::fs::create_dir(&fifo).unwrap();
+    sh(&format!("mkfifo {}/manifest.json", fifo.display()));
+    let o = export(&fifo, &["--rootfs"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("manifest.json is not a regular file"), "{err}");
+    assert_eq!(files_in(&fifo), vec![fifo.join("manifest.json")]);
+    // Another tool's manifest: a folder export is refused, a named file is written alone.
+    let foreign = w.join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("manifest.json"), "{\"name\":\"my-web-app\"}").unwrap();
+    std::fs::write(foreign.join("SHA256SUMS"), "abc  ubuntu.iso\n").unwrap();
+    let o = export(&foreign, &["--rootfs"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not overwrite that one"), "{err}");
+    let o = export(&foreign.join("r.tar"), &["--rootfs"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("SHA256SUMS")).unwrap(),
+        "abc  ubuntu.iso\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("manifest.json")).unwrap(),
+        "{\"name\":\"my-web-app\"}"
+    );
+    // Forged entries in an abox manifest.
+    let forged = w.join("forged");
+    assert!(export(&forged, &["--rootfs"]).status.success());
+    std::fs::write(forged.join("evil\nbin"), "x").unwrap();
+    std::fs::write(forged.join("liar.bin"), "not what is listed").unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(forged.join("manifest.json")).unwrap()).unwrap();
+    let good = m["artifacts"][0].clone();
+    let zeros = "0".repeat(64);
+    let entry = |file: &str, sha: &str, size: u64| serde_json::json!({"kind": "disk", "file": file, "size": size, "sha256": sha});
+    let list = m["artifacts"].as_array_mut().unwrap();
+    list.push(entry(
+        "evil.bin",
+        &format!("{zeros}  evil.bin\n{zeros}  ../../etc/passwd"),
+        1,
+    ));
+    list.push(entry("evil\nbin", &zeros, 1));
+    list.push(entry(
+        "../r.rootfs.tar",
+        good["sha256"].as_str().unwrap(),
+        good["size"].as_u64().unwrap(),
+    ));
+    list.push(entry("liar.bin", &zeros, 18));
+    list.push(good.clone());
+    std::fs::write(
+        forged.join("manifest.json"),
+        serde_json::to_vec(&m).unwrap(),
+    )
+    .unwrap();
+    let o = export(&forged, &["--lxd"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sums = std::fs::read_to_string(forged.join("SHA256SUMS")).unwrap();
+    let names: Vec<&str> = sums
+        .lines()
+        .map(|l| l.split_once("  ").unwrap().1)
+        .collect();
+    assert_eq!(names, ["r.lxd.tar.gz", "r.rootfs.tar"], "{sums}");
+    sh(&format!(
+        "cd {} && sha256sum -c --quiet SHA256SUMS",
+        forged.display()
+    ));
+    // Two runs at once into one folder: both listed, the two lists agree.
+    for i in 0..5 {
+        let both = w.join(format!("both{i}"));
+        std::fs::create_dir(&both).unwrap();
+        let spawn = |t: &str| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_abox"))
+                .args(["--progress", "none", "export", &src, "--name", "r", t, "-o"])
+                .arg(&both)
+                .spawn()
+                .unwrap()
+        };
+        let (mut a, mut b) = (spawn("--rootfs"), spawn("--lxd"));
+        assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+        let sums = std::fs::read_to_string(both.join("SHA256SUMS")).unwrap();
+        assert_eq!(sums.lines().count(), 2, "run {i}: {sums}");
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(both.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(m["artifacts"].as_array().unwrap().len(), 2, "run {i}: {m}");
+    }
+}

@@ -918,7 +918,16 @@ pub fn write_disk(
         )
     })?;
     let mtime = crate::target::build_time(image.config.created().as_deref());
-    let listed = opts.output.is_none() || out_dir.join("manifest.json").exists();
+    // abox's folders: the default one (another tool's manifest.json there is refused), or one
+    // holding abox's lists.
+    let listed = opts.output.is_none()
+        || matches!(
+            crate::output::folder_lists(out_dir),
+            crate::output::Lists::Abox(_)
+        );
+    if listed {
+        crate::output::check_lists(out_dir)?;
+    }
     let mut target = DiskTarget::create(
         opts,
         &out_path,

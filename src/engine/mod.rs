@@ -274,19 +274,60 @@ fn chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-/// Why a Unix socket that exists cannot be used by this user (None: it is not that): the engine's
-/// socket is root's and the `docker` group's, and a user outside both gets "permission denied",
-/// which is no reason to ask whether dockerd runs.
+/// Why a Unix socket cannot be used by this user (None: it is not that): the engine's socket is
+/// root's and a group's (usually `docker`), and a user outside both gets "permission denied" —
+/// on the socket, or on a folder on its way — which is no reason to ask whether dockerd runs.
 fn socket_refused(path: &Path) -> Option<String> {
     use rustix::fs::{access, Access};
-    std::fs::metadata(path).ok()?;
+    use std::os::unix::fs::MetadataExt;
+    const ROOTLESS: &str =
+        "or use a rootless engine's socket (DOCKER_HOST=unix://$XDG_RUNTIME_DIR/docker.sock)";
+    let md = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Some(format!(
+                "permission denied on the way to {}: a folder on its path is closed to this \
+                 user; run abox with sudo, {ROOTLESS}",
+                path.display()
+            ))
+        }
+        Err(_) => return None,
+    };
     match access(path, Access::READ_OK | Access::WRITE_OK) {
-        Err(rustix::io::Errno::ACCESS) | Err(rustix::io::Errno::PERM) => Some(format!(
-            "permission denied on {0}: add yourself to the group that owns it (`sudo usermod \
-             -aG docker $USER`, then log in again), run abox with sudo, or use a rootless \
-             engine's socket (DOCKER_HOST=unix://$XDG_RUNTIME_DIR/docker.sock)",
-            path.display()
-        )),
-        _ => None,
+        Err(rustix::io::Errno::ACCESS) | Err(rustix::io::Errno::PERM) => {}
+        _ => return None,
     }
+    let group = (md.gid() != 0 && md.mode() & 0o060 == 0o060)
+        .then(|| group_name(md.gid()))
+        .flatten();
+    let fix = match group {
+        Some(g) => format!(
+            "add yourself to its group {g} (`sudo usermod -aG {g} $USER`, then log in again), \
+             run abox with sudo,"
+        ),
+        None => "only root may use it: run abox with sudo, have dockerd give it a group \
+                 (dockerd -G docker, then add yourself to that group),"
+            .to_string(),
+    };
+    Some(format!(
+        "permission denied on {}: {fix} {ROOTLESS}",
+        path.display()
+    ))
+}
+
+/// The name of group `gid` from `/etc/group` (read bounded), when it has one.
+fn group_name(gid: u32) -> Option<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open("/etc/group")
+        .ok()?
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id = f.nth(1)?.parse::<u32>().ok()?;
+        (id == gid && !name.is_empty()).then(|| name.to_string())
+    })
 }

@@ -233,9 +233,26 @@ impl SelectOptions {
     }
 }
 
-/// Whether the platform `have` (`os/arch[/variant]`, from the image's config) is `want`;
-/// a variant left out of `want` matches any (`linux/arm64` is `linux/arm64/v8`).
+/// A platform as containerd normalizes it: lowercase, no trailing `/`, the default variant
+/// made explicit where an architecture has one (`arm64` → `arm64/v8`, `arm` → `arm/v7`) and
+/// dropped where it means nothing (`amd64/v1` → `amd64`).
+fn normalize_platform(p: &str) -> String {
+    let p = p.trim().trim_end_matches('/').to_ascii_lowercase();
+    let parts: Vec<&str> = p.split('/').collect();
+    match parts.as_slice() {
+        [os, "arm64"] | [os, "aarch64"] => format!("{os}/arm64/v8"),
+        [os, "aarch64", v] => format!("{os}/arm64/{v}"),
+        [os, "arm"] => format!("{os}/arm/v7"),
+        [os, "amd64", "v1"] | [os, "x86_64"] | [os, "x86_64", "v1"] => format!("{os}/amd64"),
+        _ => p.clone(),
+    }
+}
+
+/// Whether the platform `have` (`os/arch[/variant]`, from an image's config or index) is
+/// `want`, both normalized as containerd does (`linux/arm64` is `linux/arm64/v8`); a variant
+/// left out of `want` matches any (`linux/amd64` takes `linux/amd64/v3`).
 pub fn platform_is(have: &str, want: &str) -> bool {
+    let (have, want) = (normalize_platform(have), normalize_platform(want));
     have == want || have.starts_with(&format!("{want}/"))
 }
 
@@ -433,6 +450,29 @@ mod tests {
             assert_eq!(short_name(input), want, "{input}");
         }
         assert_eq!(name_from_path(Path::new("/a/alpine.tar")), "alpine");
+    }
+
+    #[test]
+    fn platforms_compare_as_containerd_normalizes_them() {
+        for (have, want) in [
+            ("linux/arm64", "linux/arm64/v8"),
+            ("linux/arm64/v8", "linux/arm64"),
+            ("linux/arm64", "linux/arm64/"),
+            ("linux/amd64", "linux/amd64"),
+            ("linux/amd64/v3", "linux/amd64"),
+            ("linux/arm", "linux/arm/v7"),
+            ("linux/amd64/v1", "linux/amd64"),
+        ] {
+            assert!(platform_is(have, want), "{have} is {want}");
+        }
+        for (have, want) in [
+            ("linux/arm64", "linux/amd64"),
+            ("linux/arm/v6", "linux/arm/v7"),
+            ("linux/arm", "linux/arm/v6"),
+            ("linux/amd64", "linux/amd64/v3"),
+        ] {
+            assert!(!platform_is(have, want), "{have} is not {want}");
+        }
     }
 
     #[test]

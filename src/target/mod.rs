@@ -266,6 +266,9 @@ pub struct TarStream<F: Fixup, O: EntryOut = TarWriter<Out>> {
     current: Current,
     dropped: HashSet<String>,
     seen_dirs: HashSet<String>,
+    /// Paths written as something other than a folder (a symlink, a file): an entry a fix-up
+    /// adds below one of them cannot be written (its folder would replace the image's link).
+    seen_other: HashSet<String>,
 }
 
 impl<F: Fixup> TarStream<F> {
@@ -288,6 +291,7 @@ impl<F: Fixup, O: EntryOut> TarStream<F, O> {
             current: Current::Drop,
             dropped: HashSet::new(),
             seen_dirs: HashSet::new(),
+            seen_other: HashSet::new(),
         }
     }
 
@@ -314,8 +318,12 @@ impl<F: Fixup, O: EntryOut> TarStream<F, O> {
                 action = Action::Drop;
             }
         }
-        if meta.kind == Kind::Dir && !matches!(action, Action::Drop) {
-            self.seen_dirs.insert(path.to_string());
+        if !matches!(action, Action::Drop) {
+            if meta.kind == Kind::Dir {
+                self.seen_dirs.insert(path.to_string());
+            } else {
+                self.seen_other.insert(path.to_string());
+            }
         }
         self.current = match action {
             Action::Drop => {
@@ -388,6 +396,24 @@ impl<F: Fixup, O: EntryOut> TarStream<F, O> {
     pub fn finish_entries(mut self) -> Result<O> {
         let extras = self.fixup.epilogue(&self.seen_dirs)?;
         for e in extras {
+            // Below a symlink (or a file) the image has: left out, said, never written through.
+            let mut up = crate::flatten::path::parent(&e.path);
+            let mut blocked = None;
+            while !up.is_empty() {
+                if self.seen_other.contains(up) {
+                    blocked = Some(up.to_string());
+                    break;
+                }
+                up = crate::flatten::path::parent(up);
+            }
+            if let Some(b) = blocked {
+                log::warn!(
+                    "/{} not written: /{b} is not a folder in the image (a symlink or a file), \
+                     and abox never writes through one",
+                    e.path
+                );
+                continue;
+            }
             let mut parents = Vec::new();
             let mut d = crate::flatten::path::parent(&e.path);
             while !d.is_empty() && !self.seen_dirs.contains(d) {

@@ -264,47 +264,78 @@ iface lo inet loopback\n\
 auto eth0\n\
 iface eth0 inet dhcp\n";
 
-/// `/etc/network/interfaces` that brings the network up: `existing` (CRLF made LF, a final
-/// newline added) as it is when it configures an interface other than `lo` or sources other
-/// files (`source`, `source-directory`); else, `lo` when missing and eth0 on DHCP appended.
-/// Empty or comments only: [`INTERFACES`].
-pub fn interfaces(existing: &str) -> String {
-    let lines = lines_of(existing);
-    let (mut lo, mut other, mut active) = (false, false, false);
-    for l in &lines {
-        let mut w = l.split_whitespace();
-        let Some(first) = w.next().filter(|f| !f.starts_with('#')) else {
+/// `/etc/network/interfaces` that brings the network up at boot, as Alpine's networking service
+/// does (ifupdown-ng: `ifup -a` brings up the `auto` interfaces). `existing` is kept (CRLF made
+/// LF, a final newline added) when it marks an interface other than `lo` `auto`, or sources
+/// files that exist (`exists`, a path of the image); a `source` of a missing path (ifupdown-ng
+/// then fails to parse the whole file) is commented out; an `iface` that no `auto` line names
+/// gets one (eth0 first); with no interface at all, `lo` when missing and eth0 on DHCP are
+/// appended. Empty or comments only: [`INTERFACES`].
+pub fn interfaces(existing: &str, exists: &dyn Fn(&str) -> bool) -> String {
+    let mut lines = lines_of(existing);
+    let (mut lo, mut auto, mut sourced, mut active) = (false, false, false, false);
+    let mut ifaces: Vec<String> = Vec::new();
+    for l in lines.iter_mut() {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let Some(first) = words.first().filter(|f| !f.starts_with('#')) else {
             continue;
         };
         active = true;
-        match first {
-            "iface" | "interface" => match w.next() {
-                Some("lo") => lo = true,
-                Some(_) => other = true,
+        match *first {
+            "iface" | "interface" => match words.get(1) {
+                Some(&"lo") => lo = true,
+                Some(name) => ifaces.push(name.to_string()),
                 None => {}
             },
-            "source" | "source-directory" | "source-dir" => other = true,
+            "auto" | "allow-auto" => auto |= words[1..].iter().any(|n| *n != "lo"),
+            "source" | "source-directory" | "source-dir" => {
+                let Some(target) = words.get(1) else { continue };
+                // A pattern names what is in its folder.
+                let dir_of = |t: &str| {
+                    t.rsplit_once('/')
+                        .map(|(d, _)| d.to_string())
+                        .unwrap_or_default()
+                };
+                let probe = if target.contains(['*', '?', '[']) {
+                    dir_of(target)
+                } else {
+                    target.to_string()
+                };
+                if exists(&probe) {
+                    sourced = true;
+                } else if *first == "source" {
+                    *l = format!("# alpine-boxes: the image has no {target}: {l}");
+                }
+            }
             _ => {}
         }
     }
     if !active {
         return INTERFACES.to_string();
     }
-    let mut out = if lines.is_empty() {
-        String::new()
-    } else {
-        join(lines)
-    };
-    if !other {
-        if !lo {
-            out.push_str("\nauto lo\niface lo inet loopback\n");
-        }
-        out.push_str("\n# Added by alpine-boxes: no interface was configured.\nauto eth0\niface eth0 inet dhcp\n");
+    let mut out = join(lines);
+    if sourced || auto {
+        return out;
     }
+    if let Some(name) = ifaces
+        .iter()
+        .find(|n| *n == "eth0")
+        .or_else(|| ifaces.first())
+    {
+        out.push_str(&format!(
+            "\n# Added by alpine-boxes: no interface came up at boot.\nauto {name}\n"
+        ));
+        return out;
+    }
+    if !lo {
+        out.push_str("\nauto lo\niface lo inet loopback\n");
+    }
+    out.push_str("\n# Added by alpine-boxes: no interface was configured.\nauto eth0\niface eth0 inet dhcp\n");
     out
 }
 
 const RESOLV_CONF: &str = "etc/resolv.conf";
+const INTERFACES_PATH: &str = "etc/network/interfaces";
 
 /// What replaces a `/etc/resolv.conf` symlink that leads nowhere in the image (into a `/run`
 /// that is empty at boot, or a file the image lacks): the DHCP client's script writes through
@@ -540,7 +571,8 @@ impl Profile {
         Some(match path {
             "etc/rc.conf" => rc_conf(text, self.rc_conf),
             "etc/inittab" => inittab(text, self.inittab),
-            "etc/network/interfaces" => interfaces(text),
+            // Sourced files are trusted here; OpenRc::rewrite checks them against the image.
+            "etc/network/interfaces" => interfaces(text, &|_| true),
             _ => drop_keyword(text, self.localmount_drop?),
         })
     }
@@ -558,6 +590,10 @@ pub struct OpenRc {
     drivers: Vec<String>,
     /// `/etc/resolv.conf` is a symlink that leads nowhere in the image (DHCP could not write it).
     resolv_dangling: bool,
+    /// `/etc/network/interfaces` is a symlink to a regular file of the image: kept as it is.
+    interfaces_link: bool,
+    /// The paths under `etc/` (what `source` lines of interfaces may name), when the tree is known.
+    etc_paths: Option<BTreeSet<String>>,
     notes: Vec<String>,
 }
 
@@ -571,6 +607,8 @@ impl OpenRc {
             present: BTreeSet::new(),
             drivers: Vec::new(),
             resolv_dangling: false,
+            interfaces_link: false,
+            etc_paths: None,
             notes: Vec::new(),
         }
     }
@@ -597,19 +635,38 @@ impl OpenRc {
             }
         }
         if self.profile.interfaces {
-            let link = tree
-                .inode_at(RESOLV_CONF)
-                .is_some_and(|i| matches!(i.meta.kind, Kind::Symlink(_)));
-            self.resolv_dangling = link && tree.resolve(RESOLV_CONF).is_none();
+            let is_link = |p: &str| {
+                tree.inode_at(p)
+                    .is_some_and(|i| matches!(i.meta.kind, Kind::Symlink(_)))
+            };
+            // Into /run counts as nowhere: it is an empty tmpfs at boot.
+            let lands = |p: &str| {
+                tree.resolve(p)
+                    .filter(|r| !r.starts_with("run/"))
+                    .and_then(|r| tree.inode_at(&r).map(|i| i.meta.kind == Kind::File))
+                    .unwrap_or(false)
+            };
+            self.resolv_dangling = is_link(RESOLV_CONF) && !lands(RESOLV_CONF);
+            self.interfaces_link = is_link(INTERFACES_PATH) && lands(INTERFACES_PATH);
+            self.etc_paths = Some(
+                tree.entries
+                    .range("etc/".to_string().."etc0".to_string())
+                    .map(|(p, _)| p.clone())
+                    .collect(),
+            );
         }
         if self.profile.devices {
             self.drivers = drivers_in(tree);
             if self.active && self.device_manager().is_none() && !self.drivers.is_empty() {
+                let list = if tree.inode_at(VM_DRIVERS_CONF).is_some() {
+                    "the image's own list, kept".to_string()
+                } else {
+                    self.drivers.join(", ")
+                };
                 self.notes.push(format!(
                     "the image has no device manager (busybox-mdev-openrc, mdevd-openrc or \
                      eudev-openrc): the VM loads its NIC and disk drivers from \
-                     /{VM_DRIVERS_CONF} ({}) instead of hwdrivers",
-                    self.drivers.join(", ")
+                     /{VM_DRIVERS_CONF} ({list}) instead of hwdrivers"
                 ));
             }
         }
@@ -643,6 +700,10 @@ impl OpenRc {
         if path == RESOLV_CONF && self.resolv_dangling {
             return Some(Action::Drop);
         }
+        if path == INTERFACES_PATH && self.interfaces_link {
+            self.present.insert(path.to_string());
+            return None;
+        }
         let rewrites = self.profile.rewrites(path);
         // A file abox rewrites or adds counts as present only as a regular file: anything else
         // there is dropped by the stream, and the file is then written afresh.
@@ -657,6 +718,17 @@ impl OpenRc {
             return None;
         }
         let text = std::str::from_utf8(data).ok()?;
+        if path == INTERFACES_PATH && self.profile.interfaces {
+            // A path outside /etc, or an unknown tree, is trusted.
+            let exists = |p: &str| {
+                let rel = p.trim_start_matches('/').trim_end_matches('/');
+                match (&self.etc_paths, rel.starts_with("etc/")) {
+                    (Some(set), true) => set.contains(rel),
+                    _ => true,
+                }
+            };
+            return Some(interfaces(text, &exists).into_bytes());
+        }
         self.profile.rewrite(path, text).map(String::into_bytes)
     }
 
@@ -1102,8 +1174,17 @@ mod tests {
                 true,
             ),
             (
-                vec!["sbin/openrc", "etc/resolv.conf -> ../run/x", "run/x"],
+                vec![
+                    "sbin/openrc",
+                    "etc/resolv.conf -> ../var/lib/x",
+                    "var/lib/x",
+                ],
                 false,
+            ),
+            // /run is an empty tmpfs at boot: a link there leads nowhere.
+            (
+                vec!["sbin/openrc", "etc/resolv.conf -> ../run/x", "run/x"],
+                true,
             ),
             (vec!["sbin/openrc", "etc/resolv.conf"], false),
         ] {
@@ -1126,30 +1207,93 @@ mod tests {
 
     #[test]
     fn interfaces_always_bring_a_network_up() {
-        let fresh = interfaces("");
+        let all = |_: &str| true;
+        let fresh = interfaces("", &all);
         assert_eq!(fresh, INTERFACES);
-        assert_eq!(interfaces("# comments only\n\n"), INTERFACES);
-        // CRLF, no final newline, a configured eth0: kept, made LF.
+        assert_eq!(interfaces("# comments only\n\n", &all), INTERFACES);
+        // CRLF, no final newline, an auto eth0: kept, made LF.
         assert_eq!(
-            interfaces("auto eth0\r\niface eth0 inet static\r\n  address 10.0.0.2/24"),
+            interfaces(
+                "auto eth0\r\niface eth0 inet static\r\n  address 10.0.0.2/24",
+                &all
+            ),
             "auto eth0\niface eth0 inet static\n  address 10.0.0.2/24\n"
         );
         // Only lo: eth0 on DHCP added.
-        let lo_only = interfaces("auto lo\niface lo inet loopback");
+        let lo_only = interfaces("auto lo\niface lo inet loopback", &all);
         assert!(lo_only.starts_with("auto lo\niface lo inet loopback\n\n"));
         assert!(lo_only.ends_with("auto eth0\niface eth0 inet dhcp\n"));
         assert_eq!(lo_only.matches("iface lo").count(), 1);
         // Nothing configured but a stray line: lo and eth0 added.
-        let stray = interfaces("auto lo");
+        let stray = interfaces("auto lo", &all);
         assert!(stray.contains("iface lo inet loopback") && stray.contains("iface eth0 inet dhcp"));
-        // Other files sourced: left to them.
+        // Configured but never brought up by `ifup -a` (hotplug only, or no auto): auto added.
+        for text in [
+            "allow-hotplug eth0\niface eth0 inet dhcp\n",
+            "iface eth1 inet dhcp\niface eth0 inet dhcp\n",
+        ] {
+            let got = interfaces(text, &all);
+            assert!(
+                got.starts_with(text) && got.ends_with("\nauto eth0\n"),
+                "{got}"
+            );
+            assert_eq!(got.matches("iface eth0").count(), 1, "{got}");
+        }
+        let bridge = "auto br0\niface br0 inet dhcp\n  bridge-ports eth0\n";
+        assert_eq!(interfaces(bridge, &all), bridge);
+        // Other files sourced: left to them when they exist; a missing `source` (ifupdown-ng
+        // would not parse the file at all) is commented out and eth0 added.
         let sourced = "source-directory /etc/network/interfaces.d\n";
-        assert_eq!(interfaces(sourced), sourced);
+        assert_eq!(interfaces(sourced, &all), sourced);
+        let only = |p: &str| p == "/etc/network/interfaces.d";
+        let glob = "source /etc/network/interfaces.d/*\n";
+        assert_eq!(interfaces(glob, &only), glob);
+        let none = |_: &str| false;
+        let got = interfaces(glob, &none);
+        assert!(
+            got.starts_with("# alpine-boxes: the image has no /etc/network/interfaces.d/*: source")
+                && got.contains("iface eth0 inet dhcp"),
+            "{got}"
+        );
         assert_eq!(
-            interfaces(&lo_only),
+            interfaces(&lo_only, &all),
             lo_only,
             "a second pass changes nothing"
         );
+    }
+
+    /// A symlinked interfaces that lands on a file of the image is the image's decision: kept.
+    /// One that leads nowhere is replaced; a resolv.conf into /run is nowhere at boot.
+    #[test]
+    fn links_are_kept_when_they_land_on_a_file() {
+        let t = tree(&[
+            "sbin/openrc",
+            "etc/network/interfaces -> interfaces.static",
+            "etc/network/interfaces.static",
+            "etc/resolv.conf -> ../run/resolvconf/resolv.conf",
+            "run/resolvconf/resolv.conf",
+        ]);
+        let mut o = OpenRc::new(&VM);
+        o.start(&Facts::default(), Some(&t));
+        let link = Meta::new(Kind::Symlink("interfaces.static".into()), 0o777, 0, 0);
+        assert!(o.action("etc/network/interfaces", &link).is_none(), "kept");
+        let extras = o.extras(0);
+        assert!(!extras.iter().any(|e| e.path == "etc/network/interfaces"));
+        assert!(
+            extras.iter().any(|e| e.path == "etc/resolv.conf"),
+            "/run is empty at boot"
+        );
+        let t = tree(&["sbin/openrc", "etc/network/interfaces -> gone"]);
+        let mut o = OpenRc::new(&LXD);
+        o.start(&Facts::default(), Some(&t));
+        assert!(matches!(
+            o.action("etc/network/interfaces", &link),
+            Some(Action::Rewrite)
+        ));
+        assert!(o
+            .extras(0)
+            .iter()
+            .any(|e| e.path == "etc/network/interfaces"));
     }
 
     #[test]
