@@ -516,7 +516,10 @@ fn one_target_goes_to_a_named_file_or_standard_output() {
             &["--rootfs", "-o", "x.tar.gz"][..],
             "--rootfs writes a tar file",
         ),
-        (&["--lxd-split", "-o", "-"][..], "give one of --wsl"),
+        (
+            &["--lxd-split", "-o", "-"][..],
+            "--lxd-split writes two files: give a folder",
+        ),
         (
             &["--wsl", "--rootfs", "-o", "-"][..],
             "names one file, but 2 artifacts",
