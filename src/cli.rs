@@ -23,6 +23,8 @@ use crate::source::SelectOptions;
 ///   oci:DIR[:REF]              an OCI image layout folder (skopeo, umoci, buildah, buildx)
 ///   oci-archive:PATH[:REF]     a tar of an OCI image layout
 ///   docker:NAME[:TAG]          an image in the Docker engine, streamed out
+///   NAME[:TAG]                 the same, when no file or folder has that name (never pulled)
+///   PATH                       a docker save file or OCI layout, recognised from its content
 ///
 /// The Docker engine is the one the docker CLI would use: --host, --context, DOCKER_HOST,
 /// DOCKER_CONTEXT, the currentContext of ~/.docker/config.json, else the local socket;
@@ -311,8 +313,8 @@ fn factory_options(
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// The image: docker:NAME[:TAG], docker-archive:PATH[:TAG], oci:DIR[:REF] or
-    /// oci-archive:PATH[:REF] (a bare path is recognised too).
+    /// The image: NAME[:TAG] or docker:NAME[:TAG] (in the Docker engine; never pulled),
+    /// docker-archive:PATH[:TAG], oci:DIR[:REF], oci-archive:PATH[:REF], or a bare PATH.
     pub source: String,
 
     /// `<name>.rootfs.tar.gz` for `wsl --import` (gzip, archive root = filesystem root, with an
@@ -539,8 +541,8 @@ pub struct CheckArgs {
 
 #[derive(Args, Debug)]
 pub struct DiskArgs {
-    /// The image: docker:NAME[:TAG], docker-archive:PATH[:TAG], oci:DIR[:REF] or
-    /// oci-archive:PATH[:REF].
+    /// The image: NAME[:TAG] or docker:NAME[:TAG] (in the Docker engine; never pulled),
+    /// docker-archive:PATH[:TAG], oci:DIR[:REF], oci-archive:PATH[:REF], or a bare PATH.
     pub source: String,
 
     /// Output file, or an existing folder to write <name>.<format> in [default:
@@ -731,9 +733,17 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Completions { shell } => {
+            use std::io::Write;
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "abox", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "abox", &mut script);
+            // A reader that stopped early (`| head`) is not an error.
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(anyhow::Error::new(e).context("writing the completion script"))
+                }
+                _ => Ok(()),
+            }
         }
         Command::Man { output } => {
             for p in write_man_pages(&output)? {
@@ -751,9 +761,11 @@ pub fn write_man_pages(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     use std::io::Write;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create {} (choose another with -o)", dir.display()))?;
-    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    // Built: the global options are copied into every command's page.
+    cmd.build();
     let mut pages = vec![("abox".to_string(), cmd.clone())];
-    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+    for sub in cmd.get_subcommands() {
         let name = format!("abox-{}", sub.get_name());
         pages.push((name.clone(), sub.clone().name(name)));
     }

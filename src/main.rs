@@ -2,8 +2,29 @@
 
 use clap::Parser;
 
+/// Whether the command line asks for `--progress json` (read before clap has parsed it, for
+/// clap's own errors).
+fn wants_json(args: &[std::ffi::OsString]) -> bool {
+    args.iter()
+        .zip(args.iter().skip(1).map(Some).chain([None]))
+        .any(|(a, next)| {
+            a == "--progress=json" || (a == "--progress" && next.is_some_and(|n| n == "json"))
+        })
+}
+
 fn main() {
-    let cli = alpine_boxes::cli::Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match alpine_boxes::cli::Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        // A usage error is the last event too in JSON mode; help and --version print as usual.
+        Err(e) if wants_json(&args) && e.use_stderr() => {
+            let code = e.exit_code();
+            alpine_boxes::progress::Progress::new(alpine_boxes::progress::Mode::Json)
+                .error(e.render().to_string().trim_end(), code);
+            std::process::exit(code);
+        }
+        Err(e) => e.exit(),
+    };
     let level = match (cli.log_level, cli.verbose) {
         (Some(l), _) => l.as_str().to_ascii_lowercase(),
         (None, 0) => "warn".into(),

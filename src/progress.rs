@@ -64,6 +64,7 @@ impl Progress {
                 pb.set_draw_target(ProgressDrawTarget::stderr());
                 pb.set_message(phase.to_string());
                 pb.enable_steady_tick(Duration::from_millis(120));
+                active().push(pb.clone());
                 Some(pb)
             }
             Mode::Plain => {
@@ -85,12 +86,21 @@ impl Progress {
         }
     }
 
-    /// A one-off message (an artifact written, a warning).
+    /// A one-off message (an artifact written, a warning). On a terminal the bars on screen
+    /// step aside while it is printed, so none is left behind half-drawn.
     pub fn note(&self, msg: &str) {
         match self.mode {
             Mode::Json => self.event(serde_json::json!({"event": "note", "message": msg})),
             Mode::None => {}
-            _ => eprintln!("{msg}"),
+            Mode::Auto => {
+                let bars = active().clone();
+                let print = || eprintln!("{msg}");
+                match bars.last() {
+                    Some(pb) => pb.suspend(print),
+                    None => print(),
+                }
+            }
+            Mode::Plain => eprintln!("{msg}"),
         }
     }
 
@@ -166,19 +176,8 @@ pub fn next_steps(files: &[std::path::PathBuf]) -> Vec<String> {
                     rootfs.display()
                 ),
             )
-        } else if s.ends_with(".lxd-vm-meta.tar.gz") {
-            let n = name_of(f, ".lxd-vm-meta.tar.gz");
-            let Some(disk) = find(&format!("{n}.lxd-vm.qcow2")) else {
-                continue;
-            };
-            (
-                "lxd-vm",
-                format!(
-                    "LXD VM:   lxc image import {s} {} --alias {n}-vm && lxc launch {n}-vm --vm",
-                    disk.display()
-                ),
-            )
-        } else if s.ends_with(".lxd-vm.qcow2") {
+        } else if s.ends_with(".lxd-vm-meta.tar.gz") || s.ends_with(".lxd-vm.qcow2") {
+            // The run printed the import command with the fingerprint LXD will give it.
             continue;
         } else if let Some(fmt) = ["qcow2", "img", "raw", "vmdk", "vdi", "vhdx", "vhd"]
             .iter()
@@ -205,6 +204,18 @@ pub fn next_steps(files: &[std::path::PathBuf]) -> Vec<String> {
     hints
 }
 
+/// The bars on screen (terminal mode), newest last: notes print above them.
+fn active() -> std::sync::MutexGuard<'static, Vec<ProgressBar>> {
+    static BARS: std::sync::Mutex<Vec<ProgressBar>> = std::sync::Mutex::new(Vec::new());
+    BARS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Take `pb` off screen and out of the bars notes step around.
+fn retire(pb: &ProgressBar) {
+    pb.finish_and_clear();
+    active().retain(|b| !b.is_finished());
+}
+
 pub struct Task {
     progress: Progress,
     phase: String,
@@ -217,6 +228,10 @@ impl Task {
     pub fn set(&mut self, pos: u64) {
         self.pos = pos;
         if let Some(pb) = &self.pb {
+            // The total was an estimate (a compressed size, an engine's figure): never past it.
+            if pb.length().is_some_and(|l| l > 0 && pos > l) {
+                pb.set_length(pos);
+            }
             pb.set_position(pos);
         }
     }
@@ -228,7 +243,7 @@ impl Task {
     pub fn finish(self, summary: &str) {
         let secs = self.start.elapsed().as_secs_f64();
         if let Some(pb) = &self.pb {
-            pb.finish_and_clear();
+            retire(pb);
             eprintln!("{}: {summary} ({secs:.1}s)", self.phase);
         }
         match self.progress.mode {
@@ -245,7 +260,7 @@ impl Task {
 impl Drop for Task {
     fn drop(&mut self) {
         if let Some(pb) = &self.pb {
-            pb.finish_and_clear();
+            retire(pb);
         }
     }
 }
@@ -280,7 +295,6 @@ mod tests {
                 "LXD:      lxc image import out/base/base.lxd.tar.gz --alias base",
                 "LXD:      lxc image import out/base/base.lxd-meta.tar.gz out/base/base.lxd-rootfs.squashfs --alias base",
                 "VM:       qemu-system-x86_64 -m 1G -nographic -drive file=out/base/base.qcow2,format=qcow2,if=virtio",
-                "LXD VM:   lxc image import out/base/base.lxd-vm-meta.tar.gz out/base/base.lxd-vm.qcow2 --alias base-vm && lxc launch base-vm --vm",
             ]
         );
         assert!(next_steps(&[PathBuf::from("seed.iso")]).is_empty());

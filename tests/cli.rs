@@ -63,6 +63,21 @@ fn help_puts_global_options_under_their_own_heading() {
 
 #[test]
 fn completions_for_bash_zsh_and_fish() {
+    // A reader that stops early is no error (no panic, exit 0).
+    let o = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} completions zsh | head -1; echo \"exit=${{PIPESTATUS[0]}}\"",
+            env!("CARGO_BIN_EXE_abox")
+        ))
+        .output()
+        .unwrap();
+    let o = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.contains("exit=0") && !o.contains("panicked"), "{o}");
     let bash = stdout(&run_ok(abox().args(["completions", "bash"])));
     assert!(bash.contains("complete -F _abox") && bash.contains("--wsl-package"));
     let dir = tempfile::tempdir().unwrap();
@@ -104,7 +119,9 @@ fn man_pages_for_abox_and_each_command() {
     }
     let disk = std::fs::read_to_string(out.join("abox-disk.1")).unwrap();
     assert!(disk.contains("\\-\\-size"), "{disk}");
-    assert!(!out.join("abox-help.1").exists());
+    // Every page abox.1 names exists; a command's page has the global options too.
+    assert!(out.join("abox-help.1").exists());
+    assert!(disk.contains("\\-\\-progress"), "{disk}");
 }
 
 /// `--progress json`: every line on stderr is a JSON event; a success ends with the artifact
@@ -155,4 +172,18 @@ fn json_progress_reports_artifacts_and_errors_as_events() {
         last["message"].as_str().unwrap().contains("/nonexistent"),
         "{last}"
     );
+    // A usage error (clap's own) is a JSON error event too, with its exit code.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_abox"))
+        .args(["--progress", "json", "export", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let ev = events(&o);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0]["event"], "error");
+    assert_eq!(ev[0]["exit"], 2);
+    assert!(ev[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--no-such-flag"));
 }

@@ -236,7 +236,7 @@ fn docker_source_is_the_image_not_its_container() {
     );
     let said = String::from_utf8_lossy(&o.stderr);
     assert!(
-        said.contains("/etc/hosts, /etc/hostname, /etc/resolv.conf come from Docker"),
+        said.contains("/etc/hosts, /etc/hostname, /etc/resolv.conf, /etc/mtab come from Docker"),
         "{said}"
     );
     let ours = read_tar_file(&d.path().join("out/img.rootfs.tar"));

@@ -137,8 +137,9 @@ pub fn is_alpine(facts: &crate::flatten::Facts) -> bool {
 /// `out/<folder>/<name>.<format>`.
 fn output_and_format(opts: &DiskOptions, name: &str, folder: &str) -> Result<(PathBuf, Format)> {
     match &opts.output {
-        // A folder: the disk goes into it under its default name.
-        Some(dir) if dir.is_dir() => {
+        // A folder (one that exists, or a name ending in `/`, created): the disk goes into it
+        // under its default name.
+        Some(dir) if dir.is_dir() || dir.as_os_str().as_encoded_bytes().ends_with(b"/") => {
             let f = opts.format.unwrap_or_default();
             Ok((dir.join(format!("{name}.{}", f.ext())), f))
         }
@@ -997,6 +998,15 @@ mod tests {
             ..Default::default()
         };
         assert!(output_and_format(&o, "n", "n-1").is_err());
+        let o = DiskOptions {
+            output: Some("not-yet/".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            output_and_format(&o, "n", "n-1").unwrap(),
+            (PathBuf::from("not-yet/n.qcow2"), Format::Qcow2),
+            "a name ending in / is a folder"
+        );
         let o = DiskOptions::default();
         assert_eq!(
             output_and_format(&o, "n", "n-1").unwrap(),

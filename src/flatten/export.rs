@@ -143,7 +143,7 @@ pub fn filter(ops: &mut Vec<Op>, added: &EngineAdded, image_time: u64) -> usize 
 }
 
 /// The files of the image the engine's init layer replaces, which a `docker:` read cannot give.
-pub const REPLACED: &[&str] = &["etc/hosts", "etc/hostname", "etc/resolv.conf"];
+pub const REPLACED: &[&str] = &["etc/hosts", "etc/hostname", "etc/resolv.conf", "etc/mtab"];
 
 /// Copies what is read into the spool.
 struct Tee<'w, R> {

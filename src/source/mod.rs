@@ -35,7 +35,8 @@ pub enum SourceRef {
     },
 }
 
-const TRANSPORTS: &str = "docker-archive:PATH, oci:DIR[:REF], oci-archive:PATH[:REF], docker:NAME";
+const TRANSPORTS: &str =
+    "docker-archive:PATH, oci:DIR[:REF], oci-archive:PATH[:REF], docker:NAME, or an image NAME[:TAG] in the engine";
 
 /// `PATH[:REF]`: the whole string when it names an existing file, else split at the last ':'.
 fn split_ref(s: &str) -> (PathBuf, Option<String>) {
