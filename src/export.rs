@@ -35,7 +35,7 @@ impl Targets {
 }
 
 impl Targets {
-    /// The single-file tar targets asked for: (flag, default file suffix, accepted extensions).
+    /// The single-file tar targets asked for: (flag, the file endings it accepts).
     fn tar_targets(&self) -> Vec<(&'static str, &'static [&'static str])> {
         let mut v: Vec<(&'static str, &'static [&'static str])> = Vec::new();
         if self.wsl {
@@ -97,26 +97,24 @@ pub fn resolve_output(
         return Ok((None, None));
     };
     let tars = targets.tar_targets();
-    let single =
-        || -> Result<(&'static str, &'static [&'static str])> {
-            match (targets.count(), tars.first()) {
-                (1, Some(t)) => Ok(*t),
-                (1, None) => {
-                    bail!(
-                "-o {}: {} writes two files: give a folder (or one of --wsl, --wsl-package, \
-                 --lxd, --rootfs for a single file)",
-                o.display(),
-                if targets.lxd_vm { "--lxd-vm" } else { "--lxd-split" }
-            )
-                }
-                _ => bail!(
-                    "-o {} names one file, but {} artifacts were asked for: give one of --wsl, \
-                 --wsl-package, --lxd, --rootfs, or a folder",
-                    o.display(),
-                    targets.count()
-                ),
-            }
+    let single = || -> Result<(&'static str, &'static [&'static str])> {
+        let n = targets.count();
+        if let (1, Some(t)) = (n, tars.first()) {
+            return Ok(*t);
+        }
+        let why = if n == 1 {
+            let flag = if targets.lxd_vm {
+                "--lxd-vm"
+            } else {
+                "--lxd-split"
+            };
+            format!("{flag} writes two files: give a folder (or one of --wsl, --wsl-package, --lxd, --rootfs for a single file)")
+        } else {
+            format!("names one file, but {n} artifacts were asked for: give one of --wsl, --wsl-package, --lxd, --rootfs, or a folder")
         };
+        let sep = if n == 1 { ":" } else { "" };
+        bail!("-o {}{sep} {why}", o.display())
+    };
     if o == Path::new("-") {
         single()?;
         if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
