@@ -30,11 +30,9 @@ pub struct Targets {
 
 impl Targets {
     pub fn any(&self) -> bool {
-        self.wsl || self.wsl_package || self.lxd || self.lxd_split || self.lxd_vm || self.rootfs
+        self.count() > 0
     }
-}
 
-impl Targets {
     /// The single-file tar targets asked for: (flag, the file endings it accepts).
     fn tar_targets(&self) -> Vec<(&'static str, &'static [&'static str])> {
         let mut v: Vec<(&'static str, &'static [&'static str])> = Vec::new();

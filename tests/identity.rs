@@ -953,30 +953,13 @@ fn wsl_user_flag_wins_over_the_identity_user() {
             .arg(&out)
             .args(["--user", "alice", "--wsl-user", "root"]),
     );
-    let (_, _, _, conf) = entry(&out.join("w.rootfs.tar.gz"), "etc/wsl.conf");
+    let (_, _, _, conf) = tar_entry(&out.join("w.rootfs.tar.gz"), "etc/wsl.conf");
     let conf = String::from_utf8(conf).unwrap();
     assert!(conf.contains("[user]\ndefault=root\n"), "{conf}");
-    let (_, _, _, passwd) = entry(&out.join("w.rootfs.tar.gz"), "etc/passwd");
+    let (_, _, _, passwd) = tar_entry(&out.join("w.rootfs.tar.gz"), "etc/passwd");
     assert!(String::from_utf8(passwd)
         .unwrap()
         .contains("\nalice:x:1000:1000:"));
-}
-
-/// (uid, gid, mode, content) of one entry of a (gzip) tar.
-fn entry(tar: &Path, name: &str) -> (u64, u64, u32, Vec<u8>) {
-    use std::io::Read;
-    let f = std::fs::File::open(tar).unwrap();
-    let mut ar = tar::Archive::new(flate2::read::MultiGzDecoder::new(f));
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.path().unwrap().to_str() == Some(name) {
-            let h = e.header().clone();
-            let mut data = Vec::new();
-            e.read_to_end(&mut data).unwrap();
-            return (h.uid().unwrap(), h.gid().unwrap(), h.mode().unwrap(), data);
-        }
-    }
-    panic!("{name} not in {}", tar.display());
 }
 
 /// On a disk: the keymap (the image's kbd-bkeymaps map linked, loadkmap configured and in the

@@ -31,21 +31,6 @@ fn export(dir: &std::path::Path, spec: &ImageSpec, args: &[&str]) -> std::path::
     out
 }
 
-fn entry_meta(p: &std::path::Path, name: &str) -> (u32, u64, u64, Vec<u8>) {
-    let f = std::fs::File::open(p).unwrap();
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.path().unwrap().to_str() == Some(name) {
-            let h = e.header().clone();
-            let mut data = Vec::new();
-            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
-            return (h.mode().unwrap(), h.uid().unwrap(), h.gid().unwrap(), data);
-        }
-    }
-    panic!("{name} not in {}", p.display());
-}
-
 #[test]
 fn wsl_tarball_logs_in_as_the_image_user() {
     let dir = tempfile::tempdir().unwrap();
@@ -58,7 +43,7 @@ fn wsl_tarball_logs_in_as_the_image_user() {
     );
     assert!(!t.contains_key(".dockerenv"));
     assert!(t.contains_key("bin/busybox") && t.contains_key("etc/passwd"));
-    let (mode, uid, gid, conf) = entry_meta(&tgz, "etc/wsl.conf");
+    let (mode, uid, gid, conf) = tar_entry(&tgz, "etc/wsl.conf");
     assert_eq!((mode, uid, gid), (0o644, 0, 0));
     assert!(String::from_utf8(conf)
         .unwrap()
@@ -77,7 +62,7 @@ fn wsl_user_flag_and_missing_user() {
         &ImageSpec::new(IMAGE),
         &["--wsl", "--wsl-user", "root"],
     );
-    let (_, _, _, conf) = entry_meta(&out.join("base.rootfs.tar.gz"), "etc/wsl.conf");
+    let (_, _, _, conf) = tar_entry(&out.join("base.rootfs.tar.gz"), "etc/wsl.conf");
     assert!(String::from_utf8(conf).unwrap().contains("default=root"));
     let dir = tempfile::tempdir().unwrap();
     let lay = dir.path().join("l");
@@ -113,11 +98,11 @@ fn wsl_package_follows_microsofts_rules() {
             .any(|k| k.starts_with("boot/vmlinuz") || k.starts_with("boot/initramfs")),
         "no kernel"
     );
-    let (_, _, _, shadow) = entry_meta(&pkg, "etc/shadow");
+    let (_, _, _, shadow) = tar_entry(&pkg, "etc/shadow");
     let shadow = String::from_utf8(shadow).unwrap();
     assert!(!shadow.contains("$6$"), "{shadow}");
     assert!(shadow.contains("alpine:!:19000"));
-    let (mode, uid, gid, conf) = entry_meta(&pkg, "etc/wsl-distribution.conf");
+    let (mode, uid, gid, conf) = tar_entry(&pkg, "etc/wsl-distribution.conf");
     assert_eq!((mode, uid, gid), (0o644, 0, 0));
     let conf = String::from_utf8(conf).unwrap();
     assert!(
@@ -129,7 +114,7 @@ fn wsl_package_follows_microsofts_rules() {
         !conf.contains("command ="),
         "the image has a user: no OOBE needed\n{conf}"
     );
-    let (mode, uid, _, data) = entry_meta(&pkg, "usr/lib/wsl/base.ico");
+    let (mode, uid, _, data) = tar_entry(&pkg, "usr/lib/wsl/base.ico");
     assert_eq!((mode, uid), (0o644, 0));
     assert_eq!(data, ico);
 }
@@ -142,13 +127,13 @@ fn wsl_package_without_a_user_creates_one_on_first_start() {
     ]);
     let out = export(dir.path(), &spec, &["--wsl-package"]);
     let pkg = out.join("base.wsl");
-    let (_, _, _, conf) = entry_meta(&pkg, "etc/wsl-distribution.conf");
+    let (_, _, _, conf) = tar_entry(&pkg, "etc/wsl-distribution.conf");
     let conf = String::from_utf8(conf).unwrap();
     assert!(
         conf.contains("command = /usr/lib/wsl/oobe.sh\n") && conf.contains("defaultUid = 1000\n"),
         "{conf}"
     );
-    let (mode, uid, gid, script) = entry_meta(&pkg, "usr/lib/wsl/oobe.sh");
+    let (mode, uid, gid, script) = tar_entry(&pkg, "usr/lib/wsl/oobe.sh");
     assert_eq!((mode, uid, gid), (0o755, 0, 0));
     let script = String::from_utf8(script).unwrap();
     assert!(script.starts_with("#!/bin/sh") && script.contains("adduser -D -u \"$uid\""));
@@ -211,7 +196,7 @@ fn lxd_unified_image_layout() {
             || n.starts_with("rootfs/")),
         "{names:?}"
     );
-    let (_, _, _, meta) = entry_meta(&img, "metadata.yaml");
+    let (_, _, _, meta) = tar_entry(&img, "metadata.yaml");
     let meta: serde_yaml_ng::Value = serde_yaml_ng::from_slice(&meta).unwrap();
     assert_eq!(meta["architecture"], "x86_64", "{meta:?}");
     assert_eq!(
@@ -311,11 +296,11 @@ fn openrc_images_get_each_targets_setup() {
     let wsl = read_tar_file(&out.join("base.rootfs.tar.gz"));
     assert_openrc_setup(&wsl, "", "wsl", &[("default", "sshd")]);
     let (mode, uid, _, start) =
-        entry_meta(&out.join("base.rootfs.tar.gz"), "usr/lib/wsl/openrc-start");
+        tar_entry(&out.join("base.rootfs.tar.gz"), "usr/lib/wsl/openrc-start");
     assert_eq!((mode & 0o7777, uid), (0o755, 0));
     let start = String::from_utf8(start).unwrap();
     assert!(start.starts_with("#!/bin/sh") && start.contains("exec /sbin/openrc default"));
-    let (_, _, _, conf) = entry_meta(&out.join("base.rootfs.tar.gz"), "etc/wsl.conf");
+    let (_, _, _, conf) = tar_entry(&out.join("base.rootfs.tar.gz"), "etc/wsl.conf");
     assert_eq!(
         String::from_utf8(conf).unwrap(),
         "# Written by alpine-boxes.\n[user]\ndefault=alpine\n[boot]\ncommand=/usr/lib/wsl/openrc-start\n"
@@ -338,7 +323,7 @@ fn openrc_images_get_each_targets_setup() {
             ("default", "sshd"),
         ],
     );
-    let (_, _, _, ifaces) = entry_meta(
+    let (_, _, _, ifaces) = tar_entry(
         &out.join("base.lxd.tar.gz"),
         "rootfs/etc/network/interfaces",
     );
@@ -369,13 +354,13 @@ fn openrc_setup_keeps_what_the_image_decided() {
         ),
         &["--wsl", "--lxd"],
     );
-    let (_, _, _, conf) = entry_meta(&out.join("base.rootfs.tar.gz"), "etc/wsl.conf");
+    let (_, _, _, conf) = tar_entry(&out.join("base.rootfs.tar.gz"), "etc/wsl.conf");
     assert_eq!(
         String::from_utf8(conf).unwrap(),
         "[boot]\ncommand=/bin/true\n[user]\ndefault=alpine\n"
     );
     let lxd = out.join("base.lxd.tar.gz");
-    let (_, _, _, ifaces) = entry_meta(&lxd, "rootfs/etc/network/interfaces");
+    let (_, _, _, ifaces) = tar_entry(&lxd, "rootfs/etc/network/interfaces");
     assert_eq!(ifaces, b"auto br0\niface br0 inet dhcp\n");
     let names = tar_names(&lxd);
     assert_eq!(

@@ -329,7 +329,7 @@ pub fn virtual_bytes(
         return (tight, None);
     }
     let has = |paths: &[&str]| paths.iter().any(|p| tree.resolve(p).is_some());
-    let openrc = has(&["sbin/openrc", "etc/rc.conf"]);
+    let openrc = crate::target::openrc::is_openrc(tree);
     let growpart = has(&["usr/bin/growpart", "bin/growpart", "usr/sbin/growpart"]);
     let resize2fs = has(&["sbin/resize2fs", "usr/sbin/resize2fs", "usr/bin/resize2fs"]);
     if openrc && growpart && resize2fs {

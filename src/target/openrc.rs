@@ -617,8 +617,7 @@ impl OpenRc {
     /// services, runlevel links and kernel modules the image has are known before its entries
     /// go by (else they are learnt from the entries, and no driver list is written).
     pub fn start(&mut self, facts: &Facts, tree: Option<&Tree>) {
-        let has = |p: &str| tree.is_some_and(|t| t.resolve(p).is_some());
-        self.active = facts.files.contains_key("etc/rc.conf") || has("sbin/openrc");
+        self.active = facts.files.contains_key("etc/rc.conf") || tree.is_some_and(is_openrc);
         let Some(tree) = tree else {
             return;
         };
@@ -839,6 +838,13 @@ impl OpenRc {
         }
         out
     }
+}
+
+/// Whether the image runs OpenRC: it has `/etc/rc.conf` or `/sbin/openrc`.
+pub fn is_openrc(tree: &Tree) -> bool {
+    ["etc/rc.conf", "sbin/openrc"]
+        .iter()
+        .any(|p| tree.resolve(p).is_some())
 }
 
 /// The [`VM_DRIVERS`] the tree has as module files (`lib/modules/VERSION/…/NAME.ko[.gz|.xz|.zst]`,

@@ -517,6 +517,23 @@ pub fn read_tar_file(p: &Path) -> Tree {
 }
 
 /// Names of the entries of a tar, in archive order.
+/// (mode, uid, gid, content) of the entry `name` of a gzip-compressed tar (the first one of
+/// that name); panics when there is none.
+pub fn tar_entry(p: &Path, name: &str) -> (u32, u64, u64, Vec<u8>) {
+    let f = std::fs::File::open(p).unwrap();
+    let mut ar = tar::Archive::new(flate2::read::MultiGzDecoder::new(f));
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_str() == Some(name) {
+            let h = e.header().clone();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            return (h.mode().unwrap(), h.uid().unwrap(), h.gid().unwrap(), data);
+        }
+    }
+    panic!("{name} not in {}", p.display());
+}
+
 pub fn tar_names(p: &Path) -> Vec<String> {
     let f = std::fs::File::open(p).unwrap();
     let r: Box<dyn Read> =
