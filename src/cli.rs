@@ -761,8 +761,9 @@ pub fn write_man_pages(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     use std::io::Write;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create {} (choose another with -o)", dir.display()))?;
-    let mut cmd = <Cli as clap::CommandFactory>::command();
-    // Built: the global options are copied into every command's page.
+    // No `help` command page (it would name pages of `abox help <command>` that do not exist);
+    // built: the global options are copied into every command's page.
+    let mut cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
     cmd.build();
     let mut pages = vec![("abox".to_string(), cmd.clone())];
     for sub in cmd.get_subcommands() {

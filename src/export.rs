@@ -100,15 +100,21 @@ pub fn resolve_output(
         if let (1, Some(t)) = (n, tars.first()) {
             return Ok(*t);
         }
+        let stdout = o == Path::new("-");
         let why = if n == 1 {
             let flag = if targets.lxd_vm {
                 "--lxd-vm"
             } else {
                 "--lxd-split"
             };
-            format!("{flag} writes two files: give a folder (or one of --wsl, --wsl-package, --lxd, --rootfs for a single file)")
+            let to = if stdout {
+                "cannot go to standard output"
+            } else {
+                "cannot go to one file"
+            };
+            format!("{flag} writes two files and {to}: use -o FOLDER, or one of --wsl, --wsl-package, --lxd, --rootfs for a single file")
         } else {
-            format!("names one file, but {n} artifacts were asked for: give one of --wsl, --wsl-package, --lxd, --rootfs, or a folder")
+            format!("names one file, but {n} artifacts were asked for (no target flag means --wsl and --lxd): give one of --wsl, --wsl-package, --lxd, --rootfs, or a folder")
         };
         let sep = if n == 1 { ":" } else { "" };
         bail!("-o {}{sep} {why}", o.display())
@@ -535,7 +541,7 @@ pub fn commit(
     }
     if let Some((meta, disk)) = vm_pair {
         progress.note(&format!(
-            "LXD/Incus VM image: lxc image import {} {} (fingerprint {})",
+            "LXD/Incus VM image {} + {} written (fingerprint {})",
             meta.display(),
             disk.display(),
             split_fingerprint(&meta, &disk)?

@@ -176,8 +176,19 @@ pub fn next_steps(files: &[std::path::PathBuf]) -> Vec<String> {
                     rootfs.display()
                 ),
             )
-        } else if s.ends_with(".lxd-vm-meta.tar.gz") || s.ends_with(".lxd-vm.qcow2") {
-            // The run printed the import command with the fingerprint LXD will give it.
+        } else if s.ends_with(".lxd-vm-meta.tar.gz") {
+            let n = name_of(f, ".lxd-vm-meta.tar.gz");
+            let Some(disk) = find(&format!("{n}.lxd-vm.qcow2")) else {
+                continue;
+            };
+            (
+                "lxd-vm",
+                format!(
+                    "LXD VM:   lxc image import {s} {} --alias {n}-vm && lxc launch {n}-vm --vm",
+                    disk.display()
+                ),
+            )
+        } else if s.ends_with(".lxd-vm.qcow2") {
             continue;
         } else if let Some(fmt) = ["qcow2", "img", "raw", "vmdk", "vdi", "vhdx", "vhd"]
             .iter()
@@ -295,6 +306,7 @@ mod tests {
                 "LXD:      lxc image import out/base/base.lxd.tar.gz --alias base",
                 "LXD:      lxc image import out/base/base.lxd-meta.tar.gz out/base/base.lxd-rootfs.squashfs --alias base",
                 "VM:       qemu-system-x86_64 -m 1G -nographic -drive file=out/base/base.qcow2,format=qcow2,if=virtio",
+                "LXD VM:   lxc image import out/base/base.lxd-vm-meta.tar.gz out/base/base.lxd-vm.qcow2 --alias base-vm && lxc launch base-vm --vm",
             ]
         );
         assert!(next_steps(&[PathBuf::from("seed.iso")]).is_empty());

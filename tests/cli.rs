@@ -119,8 +119,17 @@ fn man_pages_for_abox_and_each_command() {
     }
     let disk = std::fs::read_to_string(out.join("abox-disk.1")).unwrap();
     assert!(disk.contains("\\-\\-size"), "{disk}");
-    // Every page abox.1 names exists; a command's page has the global options too.
-    assert!(out.join("abox-help.1").exists());
+    // Every page abox.1 names exists (no abox-help(1)); a command's page has the global
+    // options too.
+    let top = std::fs::read_to_string(out.join("abox.1")).unwrap();
+    for named in top.split("\\fBabox\\-").skip(1) {
+        let page = named.split("\\fR").next().unwrap().replace("\\-", "-");
+        assert!(
+            out.join(format!("abox-{page}.1")).exists(),
+            "abox.1 names abox-{page}"
+        );
+    }
+    assert!(!out.join("abox-help.1").exists());
     assert!(disk.contains("\\-\\-progress"), "{disk}");
 }
 

@@ -503,7 +503,7 @@ fn one_target_goes_to_a_named_file_or_standard_output() {
         ),
         (
             &["--lxd-split", "-o", "-"][..],
-            "--lxd-split writes two files: give a folder",
+            "--lxd-split writes two files and cannot go to standard output",
         ),
         (
             &["--wsl", "--rootfs", "-o", "-"][..],

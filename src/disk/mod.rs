@@ -156,8 +156,9 @@ fn output_and_format(opts: &DiskOptions, name: &str, folder: &str) -> Result<(Pa
                 // A name abox does not write (`.vhd`-like but not, `.ova`, `.box`, `.iso`, none):
                 // refused rather than a qcow2 under a misleading name.
                 (None, None) => bail!(
-                    "{}: abox writes {} disks; name the file with one of these extensions, or \
-                     give --format to write that format under this name",
+                    "{}: abox writes {} disks; name the file with one of these extensions, \
+                     give --format to write that format under this name, or end the name with \
+                     / for a folder",
                     p.display(),
                     Format::EXTENSIONS
                 ),
